@@ -1,0 +1,23 @@
+"""vaelab: autoencoder-family generative models on MNIST-like images.
+
+The public API, re-exported in one place:
+
+    from vaelab import load, build_model, make_config, train, TrainConfig, load_run
+"""
+
+__version__ = "0.1.0"
+
+from .checkpoint import Run, load_run  # noqa: E402
+from .data import DATASETS, ImageData, fetch, load  # noqa: E402
+from .errors import (  # noqa: E402
+    CheckpointError, ConfigError, DataError, DivergenceError, RunExistsError, VaelabError,
+)
+from .models import MODELS, GenerativeModel, ModelOutput, build_model, make_config  # noqa: E402
+from .train import TrainConfig, train  # noqa: E402
+
+__all__ = [
+    "__version__", "Run", "load_run", "DATASETS", "ImageData", "fetch", "load",
+    "CheckpointError", "ConfigError", "DataError", "DivergenceError", "RunExistsError",
+    "VaelabError", "MODELS", "GenerativeModel", "ModelOutput", "build_model", "make_config",
+    "TrainConfig", "train",
+]

@@ -1,0 +1,259 @@
+"""The run folder: config.json + safetensors, versioned, written atomically, loaded without
+executing anything from a file.
+
+    RUN/config.json               model name, model config, training config, versions
+    RUN/model.safetensors         the weights (what `load_run` needs to rebuild the model)
+    RUN/checkpoint.safetensors    everything to resume: weights, optimizers, RNG states, history
+    RUN/history.csv, steps.csv    derived from the checkpoint after each save
+    RUN/figures/                  PNGs
+
+A checkpoint is one file renamed into place, so a kill at any instant leaves either the previous
+or the new one, both complete.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+
+from . import __version__
+from .atomic import atomic_write
+from .config import config_from_dict, config_to_dict
+from .errors import CheckpointError, VaelabError
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+MODEL_FILE = "model.safetensors"
+CHECKPOINT_FILE = "checkpoint.safetensors"
+# A safetensors header larger than this is refused before it is read (the format's own cap).
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON files
+# ---------------------------------------------------------------------------------------------
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable or not JSON ({e})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Nested state <-> (JSON, tensors)
+# ---------------------------------------------------------------------------------------------
+
+
+def flatten_state(obj: Any, prefix: str = "") -> tuple[Any, dict[str, torch.Tensor]]:
+    """Split a nested structure (optimizer state, RNG states...) into JSON and named tensors.
+
+    Tensors become {"__tensor__": key}; dicts with non-string keys become {"__items__": [...]}
+    so optimizer states (keyed by int) come back with int keys.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(o: Any, path: str) -> Any:
+        if isinstance(o, np.ndarray):
+            o = torch.from_numpy(o.copy())
+        if isinstance(o, torch.Tensor):
+            tensors[path] = o.detach().cpu().contiguous()
+            return {"__tensor__": path}
+        if isinstance(o, dict):
+            if all(isinstance(k, str) for k in o):
+                return {k: walk(v, f"{path}/{k}") for k, v in o.items()}
+            return {"__items__": [[k, walk(v, f"{path}/{k}")] for k, v in o.items()]}
+        if isinstance(o, tuple):
+            return {"__tuple__": [walk(v, f"{path}/{i}") for i, v in enumerate(o)]}
+        if isinstance(o, list):
+            return [walk(v, f"{path}/{i}") for i, v in enumerate(o)]
+        if o is None or isinstance(o, (bool, int, float, str)):
+            return o
+        raise TypeError(f"cannot store {type(o).__name__} at {path}")
+
+    return walk(obj, prefix), tensors
+
+
+def unflatten_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            key = obj["__tensor__"]
+            if key not in tensors:
+                raise CheckpointError(f"checkpoint lacks tensor {key}")
+            return tensors[key]
+        if "__items__" in obj:
+            return {k: unflatten_state(v, tensors) for k, v in obj["__items__"]}
+        if "__tuple__" in obj:
+            return tuple(unflatten_state(v, tensors) for v in obj["__tuple__"])
+        return {k: unflatten_state(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [unflatten_state(v, tensors) for v in obj]
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors files with JSON metadata
+# ---------------------------------------------------------------------------------------------
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    data = save_safetensors_bytes(tensors, metadata={"vaelab": json.dumps(meta)})
+    atomic_write(path, data)
+
+
+def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a safetensors file written by `save_tensors`; any damage is a CheckpointError."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+    if len(data) < 8:
+        raise CheckpointError(f"{path}: truncated (not a safetensors file)")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > min(MAX_HEADER_BYTES, len(data) - 8):
+        raise CheckpointError(f"{path}: truncated or corrupt safetensors header")
+    try:
+        header = json.loads(data[8 : 8 + header_len])
+        meta = json.loads(header["__metadata__"]["vaelab"])
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{path}: not a vaelab safetensors file (metadata missing or corrupt)") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: corrupt vaelab metadata")
+    try:
+        tensors = load_safetensors_bytes(data)
+    except Exception as e:  # the safetensors parser's errors are not one public type
+        raise CheckpointError(f"{path}: corrupt safetensors data ({str(e).splitlines()[0][:120]})") from None
+    return tensors, meta
+
+
+def check_format(meta: dict, path: Path) -> None:
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format version {version!r} is not supported by vaelab {__version__} "
+            f"(expects {FORMAT_VERSION})"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """A loaded run folder: the rebuilt model (eval mode) and its stored configuration."""
+
+    path: Path
+    model: Any
+    train_config: Any
+    meta: dict
+
+
+def write_run_config(run_dir: Path, model, train_config) -> None:
+    write_json(Path(run_dir) / CONFIG_FILE, {
+        "format_version": FORMAT_VERSION,
+        "vaelab_version": __version__,
+        "model": model.name,
+        "model_config": config_to_dict(model.config),
+        "train": config_to_dict(train_config),
+    })
+
+
+def save_model(run_dir: Path, model) -> None:
+    save_tensors(Path(run_dir) / MODEL_FILE, dict(model.state_dict()),
+                 {"format_version": FORMAT_VERSION, "model": model.name})
+
+
+def read_run_config(run_dir: Path) -> dict:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir}: no such run folder")
+    path = run_dir / CONFIG_FILE
+    if not path.exists():
+        raise CheckpointError(f"{run_dir}: not a vaelab run folder (no {CONFIG_FILE})")
+    cfg = read_json(path)
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: not a vaelab run config")
+    check_format(cfg, path)
+    for key in ("model", "model_config", "train"):
+        if key not in cfg:
+            raise CheckpointError(f"{path}: missing {key!r}")
+    return cfg
+
+
+def build_from_config(cfg: dict, path: Path):
+    from .models import build_model  # the registry imports every model; only needed here
+    from .train import TrainConfig
+
+    try:
+        model = build_model(cfg["model"], cfg["model_config"])
+        train_config = config_from_dict(TrainConfig, cfg["train"], where="train")
+    except VaelabError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return model, train_config
+
+
+def load_state_into(model, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Load weights strictly; a mismatch names the file and the first differing keys."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: weights do not fit a {model.name} with this config "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    for k, v in tensors.items():
+        if own[k].shape != v.shape or own[k].dtype != v.dtype:
+            raise CheckpointError(f"{path}: {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
+    model.load_state_dict(tensors)
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Run:
+    """Rebuild a trained model from its run folder; nothing but config.json and weights are read."""
+    run_dir = Path(run_dir)
+    cfg = read_run_config(run_dir)
+    model, train_config = build_from_config(cfg, run_dir / CONFIG_FILE)
+    weights_path = run_dir / MODEL_FILE
+    tensors, meta = load_tensors(weights_path)
+    check_format(meta, weights_path)
+    if meta.get("model") != cfg["model"]:
+        raise CheckpointError(f"{weights_path}: holds a {meta.get('model')!r} model, config says {cfg['model']!r}")
+    load_state_into(model, tensors, weights_path)
+    model.to(device).eval()
+    return Run(run_dir, model, train_config, cfg)
+
+
+def save_checkpoint(run_dir: Path, state: dict) -> None:
+    """Write the full training state as one safetensors file (tensors) with JSON metadata."""
+    meta, tensors = flatten_state(state)
+    save_tensors(Path(run_dir) / CHECKPOINT_FILE, tensors, {"format_version": FORMAT_VERSION, "state": meta})
+
+
+def load_checkpoint(run_dir: Path) -> dict:
+    path = Path(run_dir) / CHECKPOINT_FILE
+    tensors, meta = load_tensors(path)
+    check_format(meta, path)
+    if "state" not in meta:
+        raise CheckpointError(f"{path}: not a training checkpoint")
+    return unflatten_state(meta["state"], tensors)

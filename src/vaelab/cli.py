@@ -1,0 +1,239 @@
+"""The command line: `main(argv=None)`, one small function per subcommand.
+
+Errors a user can fix are one line on stderr and a non-zero exit; nothing runs at import time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse prints usage plus the error; we print the error alone, with a pointer to --help."""
+
+    def error(self, message: str):
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a model into a run folder",
+                       description="Train MODEL (see `vaelab models`) and write a run folder with "
+                                   "config.json, model.safetensors, history.csv, steps.csv and figures/.")
+    p.add_argument("model", nargs="?", help="registered model name, e.g. vae")
+    p.add_argument("--dataset", default=None, help="mnist (default) or fashion-mnist")
+    p.add_argument("--epochs", type=int, default=None, help="epochs to train (default 10)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 128")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 1e-3)")
+    p.add_argument("--latent-dim", type=int, default=None, help="latent size (model default if omitted)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    p.add_argument("--device", default=None, help="auto (default), cpu or cuda")
+    p.add_argument("--val-size", type=int, default=None, help="training images held out as validation")
+    p.add_argument("--binarize", default=None, help="none (default), dynamic or static")
+    p.add_argument("--precision", default=None, help="fp32 (default) or bf16 autocast")
+    p.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this value")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="set a field of the model's config, e.g. --set 'hidden_dims=[400]'")
+    p.add_argument("--out", type=Path, default=None, help="run folder (default runs/MODEL-DATASET)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    p.add_argument("--resume", type=Path, metavar="RUN", help="continue RUN from its last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> int:
+    from .checkpoint import load_run
+    from .config import config_from_dict
+    from .errors import ConfigError
+    from .figures import write_training_figures
+    from .models import make_config
+    from .train import TrainConfig, resume, train
+
+    progress = not args.quiet
+    if args.resume is not None:
+        ignored = [flag for flag, value in (("MODEL", args.model), ("--out", args.out), ("--set", args.overrides),
+                                            ("--dataset", args.dataset), ("--lr", args.lr))
+                   if value]
+        if ignored:
+            raise ConfigError(f"--resume uses the run's stored configuration; drop {', '.join(ignored)}")
+        trainer = resume(args.resume, epochs=args.epochs, device=args.device, progress=progress)
+        run_dir = args.resume
+    else:
+        if args.model is None:
+            raise ConfigError("name a model to train (see `vaelab models`) or pass --resume RUN")
+        fields = {"dataset": args.dataset, "epochs": args.epochs, "batch_size": args.batch_size,
+                  "lr": args.lr, "seed": args.seed, "device": args.device, "val_size": args.val_size,
+                  "binarize": args.binarize, "precision": args.precision, "clip_grad": args.clip_grad}
+        config = config_from_dict(TrainConfig, {k: v for k, v in fields.items() if v is not None}, where="train")
+        from .data import get_spec
+
+        get_spec(config.dataset)  # an unknown dataset fails before anything is written
+        model_config = make_config(args.model, args.overrides, latent_dim=args.latent_dim)
+        run_dir = args.out or Path("runs") / f"{args.model}-{config.dataset}"
+        trainer = train(args.model, model_config, config, run_dir, overwrite=args.overwrite, progress=progress)
+    run = load_run(run_dir, device=trainer.device)
+    written = write_training_figures(run_dir, run.model, trainer.data.test_x, seed=trainer.config.seed)
+    _print_summary(run_dir, written)
+    return 0
+
+
+def _print_summary(run_dir: Path, figures: list[Path]) -> None:
+    run_dir = Path(run_dir)
+    print(f"wrote {run_dir}/")
+    for name, what in (("config.json", "model and training configuration"),
+                       ("model.safetensors", "trained weights"),
+                       ("checkpoint.safetensors", "full training state (for --resume)"),
+                       ("history.csv", "per-epoch loss terms, train and test"),
+                       ("steps.csv", "per-iteration training loss terms")):
+        print(f"  {name:<24} {what}")
+    for path in figures:
+        print(f"  {str(Path(path).relative_to(run_dir)):<24} figure")
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="decode n samples from the prior into a PNG grid (and .npy)")
+    p.add_argument("run", type=Path)
+    p.add_argument("-n", type=_positive_int, default=100, help="number of samples (default 100)")
+    p.add_argument("--out", type=Path, default=None, help="PNG grid (default RUN/figures/generated.png)")
+    p.add_argument("--npy", type=Path, default=None, help="also write a float32 array (n, 28, 28) in [0, 1]")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args) -> int:
+    import numpy as np
+    import torch
+
+    from .checkpoint import load_run
+    from .plots import save_image_grid
+    from .train import resolve_device
+
+    run = load_run(args.run, device=resolve_device(args.device))
+    g = torch.Generator(device=run.model.device).manual_seed(args.seed)
+    chunks = [run.model.sample(min(1000, args.n - i), generator=g).cpu() for i in range(0, args.n, 1000)]
+    images = torch.cat(chunks)  # (n, 1, 28, 28)
+    out = args.out or Path(args.run) / "figures" / "generated.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    nrow = max(1, round(args.n ** 0.5))
+    save_image_grid(images, out, nrow=nrow, scale=2 if args.n <= 400 else 1)
+    print(f"wrote {out}: {args.n} samples from {args.run}")
+    if args.npy is not None:
+        args.npy.parent.mkdir(parents=True, exist_ok=True)
+        np.save(args.npy, images[:, 0].numpy().astype(np.float32))
+        print(f"wrote {args.npy}: float32 array {tuple(images[:, 0].shape)} in [0, 1]")
+    return 0
+
+
+def _add_reconstruct(sub) -> None:
+    p = sub.add_parser("reconstruct", help="random test images above their reconstructions")
+    p.add_argument("run", type=Path)
+    p.add_argument("-n", type=_positive_int, default=10, help="number of test images (default 10)")
+    p.add_argument("--out", type=Path, default=None, help="PNG (default RUN/figures/reconstructed.png)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_reconstruct)
+
+
+def cmd_reconstruct(args) -> int:
+    from .checkpoint import load_run
+    from .data import load
+    from .figures import random_test_images
+    from .plots import plot_image_rows
+    from .train import resolve_device
+
+    run = load_run(args.run, device=resolve_device(args.device))
+    data = load(run.train_config.dataset, quiet=True)
+    x = random_test_images(data.test_x, args.n, args.seed, run.model.device)
+    out = args.out or Path(args.run) / "figures" / "reconstructed.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot_image_rows([x, run.model.reconstruct(x)], ["original", "reconstruction"], out,
+                    title=f"{run.model.name}: {args.n} random test images and their reconstructions")
+    print(f"wrote {out}: {args.n} test images of {data.name} and their reconstructions")
+    return 0
+
+
+def _add_models(sub) -> None:
+    p = sub.add_parser("models", help="list the registered models")
+    p.set_defaults(func=cmd_models)
+
+
+def cmd_models(args) -> int:
+    import dataclasses
+
+    from .models import MODELS
+
+    for name, cls in sorted(MODELS.items()):
+        print(f"{name:<10} {cls.description}")
+        fields = ", ".join(f"{f.name}={getattr(cls.config_class(), f.name)!r}"
+                           for f in dataclasses.fields(cls.config_class))
+        print(f"{'':<10} --set fields: {fields}")
+    return 0
+
+
+def _add_data(sub) -> None:
+    p = sub.add_parser("data", help="fetch and verify datasets")
+    data_sub = p.add_subparsers(dest="data_command", required=True, parser_class=OneLineParser)
+    f = data_sub.add_parser("fetch", help="download (or copy) and verify a dataset into the cache")
+    f.add_argument("dataset", help="mnist or fashion-mnist")
+    f.add_argument("--from", dest="from_dir", type=Path, default=None,
+                   help="use only the four files in this folder (raw or .gz)")
+    f.set_defaults(func=cmd_data_fetch)
+
+
+def cmd_data_fetch(args) -> int:
+    from .data import fetch, get_spec
+
+    get_spec(args.dataset)
+    if args.from_dir is not None and not args.from_dir.is_dir():
+        from .errors import DataError
+
+        raise DataError(f"--from {args.from_dir}: no such folder")
+    path = fetch(args.dataset, from_dir=args.from_dir)
+    print(f"{args.dataset}: 4 files verified in {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="vaelab", description="Autoencoder-family generative models on MNIST-like images.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"vaelab {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    for add in (_add_train, _add_generate, _add_reconstruct, _add_models, _add_data):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import VaelabError
+    from .train import TrainingInterrupted
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except TrainingInterrupted as e:
+        print(f"vaelab: {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except VaelabError as e:
+        print(f"vaelab: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("vaelab: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Typed dataclass configs: from/to JSON dicts and `--set key=value` overrides, type-checked."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import types
+import typing
+from typing import Any, Literal, Union
+
+from .errors import ConfigError
+
+
+def config_to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(cls: type, values: dict, where: str = "config") -> Any:
+    """Build `cls` from a dict, refusing unknown keys and values of the wrong type."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected an object, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)} for {cls.__name__}")
+    hints = typing.get_type_hints(cls)
+    checked = {k: check_type(v, hints[k], f"{where}.{k}") for k, v in values.items()}
+    try:
+        config = cls(**checked)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+    validate = getattr(config, "validate", None)
+    if validate is not None:
+        validate()
+    return config
+
+
+def apply_overrides(config: Any, overrides: list[str]) -> Any:
+    """Return a copy of `config` with each "key=value" applied; values are Python literals."""
+    values = config_to_dict(config)
+    names = [f.name for f in dataclasses.fields(config)]
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        if key not in names:
+            raise ConfigError(
+                f"--set {key}: unknown field of {type(config).__name__}; fields: {', '.join(names)}"
+            )
+        values[key] = parse_literal(text.strip(), key)
+    return config_from_dict(type(config), values, where="--set")
+
+
+def parse_literal(text: str, key: str = "value") -> Any:
+    """'[400]' -> [400], '0.5' -> 0.5, 'true' -> True; anything else is taken as a string."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def check_type(value: Any, hint: Any, where: str) -> Any:
+    """Return `value` (ints widened to float, lists to tuples where asked) or raise ConfigError."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        for arg in args:
+            try:
+                return check_type(value, arg, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: {value!r} is not {_describe(hint)}")
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
+    if hint is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{where}: expected none, got {value!r}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif origin in (list, tuple):
+        if isinstance(value, (list, tuple)):
+            item_hint = args[0] if args else Any
+            items = [check_type(v, item_hint, f"{where}[{i}]") for i, v in enumerate(value)]
+            return items if origin is list else tuple(items)
+    else:
+        raise ConfigError(f"{where}: unsupported field type {hint!r}")
+    raise ConfigError(f"{where}: expected {_describe(hint)}, got {value!r}")
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (list, tuple):
+        (item,) = typing.get_args(hint)[:1] or (Any,)
+        return f"a list of {_describe(item)}"
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "none"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
+        hint, getattr(hint, "__name__", str(hint))
+    )
+
+
+def require(condition: bool, message: str) -> None:
+    """Config validation helper: raise ConfigError(message) unless condition holds."""
+    if not condition:
+        raise ConfigError(message)

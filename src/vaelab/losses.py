@@ -1,0 +1,78 @@
+"""Pure loss functions. Each returns one value per example (shape (B,)) unless it says otherwise;
+callers average over the batch, so the reduction is stated once, here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def bce_from_logits(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Bernoulli negative log-likelihood -log p(x|z), summed over pixels: (B, ...) -> (B,).
+
+    From logits rather than probabilities: log(sigmoid) is evaluated stably, so a confident
+    wrong pixel costs a large finite amount instead of log(0).
+    """
+    per_pixel = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    return per_pixel.flatten(1).sum(1)
+
+
+def kl_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, diag(exp(logvar))) || N(0, I)) in closed form, summed over latents: (B, D) -> (B,).
+
+    Kingma & Welling 2014, Appendix B: -1/2 * sum(1 + log sigma^2 - mu^2 - sigma^2).
+    """
+    return kl_normal_per_dim(mu, logvar).sum(1)
+
+
+def kl_normal_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """The per-dimension terms of `kl_normal`: (B, D) -> (B, D)."""
+    return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
+
+
+def mse(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error per image, averaged over pixels: (B, ...) -> (B,)."""
+    return (recon - target).pow(2).flatten(1).mean(1)
+
+
+def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """z = mu + eps * sigma with eps ~ N(0, I): a sample that stays differentiable in mu, sigma."""
+    return mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+
+
+def log_normal(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """log N(z; mu, diag(exp(logvar))), summed over the last dimension."""
+    return -0.5 * (math.log(2 * math.pi) + logvar + (z - mu).pow(2) / logvar.exp()).sum(-1)
+
+
+def log_standard_normal(z: torch.Tensor) -> torch.Tensor:
+    """log N(z; 0, I), summed over the last dimension."""
+    return -0.5 * (math.log(2 * math.pi) + z.pow(2)).sum(-1)
+
+
+def iwae_log_likelihood(log_weights: torch.Tensor) -> torch.Tensor:
+    """Importance-weighted bound log (1/K) sum_k w_k from log w of shape (K, B) -> (B,).
+
+    Burda et al. 2016, eq. 8, evaluated with logsumexp for stability.
+    """
+    k = log_weights.shape[0]
+    return torch.logsumexp(log_weights, dim=0) - math.log(k)
+
+
+# GAN losses (Goodfellow et al. 2014), written on discriminator logits. The non-saturating
+# generator loss is used, as in Larsen et al. 2016 and nearly every practical GAN.
+
+
+def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """-[log D(x) + log(1 - D(x_fake))] per example, averaged over each set; returns a scalar."""
+    real = F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
+    fake = F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
+    return real + fake
+
+
+def generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """Non-saturating generator loss -log D(x_fake), averaged; returns a scalar."""
+    return F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))

@@ -1,0 +1,127 @@
+"""The contract every model keeps: encode / decode / sample / reconstruct / interpolate, a forward
+that returns a `ModelOutput`, and its own training step.
+
+Images are float tensors (B, 1, 28, 28) in [0, 1]; decoders produce logits of the same shape and
+`decode` turns them into intensities.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..losses import reparameterize
+
+
+@dataclass
+class ModelOutput:
+    """What a forward pass or training step returns.
+
+    `loss` is the scalar being minimised (a batch mean); `terms` holds named scalar parts
+    (batch means, detached where they are only reported). `terms` always has the same keys, in
+    the order of the model's `term_names`, so histories line up.
+    """
+
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Posterior:
+    """The encoder's output: mean and log-variance of q(z|x); `logvar` is None for a plain AE."""
+
+    mu: torch.Tensor
+    logvar: torch.Tensor | None = None
+
+
+class GenerativeModel(nn.Module):
+    """Base class. Subclasses set `name`, `config_class`, `term_names` and implement
+    `encode`, `decode_logits` and `forward`."""
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type] = object
+    term_names: ClassVar[tuple[str, ...]] = ()
+    # The name of the term shown as "regularisation" in loss-curve figures (KL for VAEs).
+    regularizer_term: ClassVar[str | None] = None
+    description: ClassVar[str] = ""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+
+    @property
+    def latent_dim(self) -> int:
+        return self.config.latent_dim
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # --- the contract --------------------------------------------------------------------------
+
+    def encode(self, x: torch.Tensor) -> Posterior:
+        raise NotImplementedError
+
+    def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        raise NotImplementedError
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, D) -> (B, 1, 28, 28) intensities in [0, 1]."""
+        return torch.sigmoid(self.decode_logits(z))
+
+    def latent(self, x: torch.Tensor, sample: bool = True) -> torch.Tensor:
+        """Codes of x: reparameterized samples z ~ q(z|x), or the means with sample=False."""
+        post = self.encode(x)
+        if sample and post.logvar is not None:
+            return reparameterize(post.mu, post.logvar)
+        return post.mu
+
+    def prior_sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n latent vectors from the model's generative prior; N(0, I) unless overridden."""
+        return torch.randn(n, self.latent_dim, generator=generator, device=self.device)
+
+    @torch.inference_mode()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n images decoded from the prior: (n, 1, 28, 28) in [0, 1]."""
+        return self.decode(self.prior_sample(n, generator))
+
+    @torch.inference_mode()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Decode the posterior mean of each image: the model's best reconstruction."""
+        return self.decode(self.encode(x).mu)
+
+    @torch.inference_mode()
+    def interpolate(self, x_a: torch.Tensor, x_b: torch.Tensor, steps: int = 10) -> torch.Tensor:
+        """Decode `steps` points on the line between the codes of two images: (steps, 1, 28, 28)."""
+        z_a = self.encode(x_a[:1]).mu
+        z_b = self.encode(x_b[:1]).mu
+        t = torch.linspace(0, 1, steps, device=z_a.device).unsqueeze(1)
+        return self.decode((1 - t) * z_a + t * z_b)
+
+    # --- training -------------------------------------------------------------------------------
+
+    def configure_optimizers(self, lr: float) -> dict[str, torch.optim.Optimizer]:
+        """Named optimizers; the trainer saves and restores them by name."""
+        return {"model": torch.optim.Adam(self.parameters(), lr=lr, foreach=True)}
+
+    def training_step(self, x: torch.Tensor, optimizers: dict[str, torch.optim.Optimizer],
+                      clip_grad: float | None = None) -> ModelOutput:
+        """One update on batch x. Models with several networks override this."""
+        opt = optimizers["model"]
+        opt.zero_grad(set_to_none=True)
+        out = self(x)
+        out.loss.backward()
+        if clip_grad is not None:
+            torch.nn.utils.clip_grad_norm_(self.parameters(), clip_grad, foreach=True)
+        opt.step()
+        return out
+
+    def end_of_training(self, train_images: torch.Tensor) -> None:
+        """Hook run once after the last epoch with the training images (uint8, on the device);
+        the autoencoder records where its codes lie here."""

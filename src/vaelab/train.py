@@ -1,0 +1,445 @@
+"""The generic training loop: epochs, logging, evaluation, checkpoints, resume, interruption.
+
+Nothing here knows which model it trains: a model brings its optimizers and its update step
+(`GenerativeModel.training_step`), and reports named loss terms that become history columns.
+
+Speed notes (see benchmarks/): batches are indexed out of a uint8 tensor on the device, the
+per-step loss terms stay on the device and are copied to the host once every `log_every` steps,
+and evaluation runs in large batches under inference mode.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import random
+import shutil
+import signal
+import sys
+import threading
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from .config import config_from_dict, config_to_dict, require
+from .data import BINARIZE_CHOICES, Batcher, ImageData, load
+from .errors import ConfigError, DivergenceError, RunExistsError, VaelabError
+
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    """How a model is trained and on what data (the model's own config is separate)."""
+
+    dataset: str = "mnist"
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    val_size: int = 0  # training images held out as a validation split
+    binarize: str = "none"  # none | dynamic | static
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    clip_grad: float | None = None  # max gradient norm, none = no clipping
+    eval_batch_size: int = 1000
+    log_every: int = 50  # steps between host syncs (progress bar, divergence check)
+
+    def validate(self) -> None:
+        require(self.epochs >= 1, "epochs must be at least 1")
+        require(self.batch_size >= 1, "batch size must be at least 1")
+        require(self.lr > 0, "learning rate must be positive")
+        require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+                f"device must be auto, cpu or cuda, not {self.device!r}")
+        require(self.val_size >= 0, "val size must be non-negative")
+        require(self.binarize in BINARIZE_CHOICES, f"binarize must be one of {', '.join(BINARIZE_CHOICES)}")
+        require(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}")
+        require(self.clip_grad is None or self.clip_grad > 0, "clip-grad must be positive")
+        require(self.eval_batch_size >= 1 and self.log_every >= 1, "batch sizes must be positive")
+
+
+class TrainingInterrupted(VaelabError):
+    """Ctrl-C or SIGTERM: the state was saved; the message says how to resume."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Runtime
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+def configure_runtime() -> None:
+    # Denormals appear in the tails of trained weights and slow CPU matmuls by orders of magnitude.
+    torch.set_flush_denormal(True)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # seeds CUDA too
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(legacy=False),  # its key array is stored as a tensor
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_state = dict(state["numpy"])
+    np_state["state"] = {k: (v.numpy() if isinstance(v, torch.Tensor) else v)
+                         for k, v in np_state["state"].items()}
+    np.random.set_state(np_state)
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextmanager
+def stop_on_signals():
+    """Turn SIGINT/SIGTERM into a flag checked between steps, so a step is never cut in half.
+    A second Ctrl-C interrupts at once."""
+    flag = {"stop": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag["stop"] is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag["stop"] = signal.Signals(signum).name
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation of the loss terms
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def evaluate_terms(model, images: torch.Tensor, config: TrainConfig, device: torch.device,
+                   seed: int = 1234) -> dict[str, float]:
+    """Mean loss and terms over a whole split. Own RNG stream, so evaluating neither depends on
+    nor disturbs the training randomness, and every epoch is scored on the same noise."""
+    was_training = model.training
+    model.eval()
+    batches = Batcher(images, config.eval_batch_size, device, shuffle=False,
+                      binarize="dynamic" if config.binarize == "dynamic" else "none", seed=seed)
+    names = ("loss", *model.term_names)
+    totals = torch.zeros(len(names), dtype=torch.float64, device=device)
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for x in batches:
+            with autocast(device, config.precision):
+                out = model(x)
+            row = torch.stack([out.loss.detach(), *(out.terms[n] for n in model.term_names)])
+            totals += row.double() * len(x)
+    model.train(was_training)
+    return dict(zip(names, (totals / len(images)).tolist()))
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
+# ---------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Trains `model` into `run_dir`, saving a full checkpoint after each epoch and on a signal."""
+
+    def __init__(self, run_dir: Path, model, data: ImageData, config: TrainConfig, progress: bool = True):
+        self.run_dir = Path(run_dir)
+        self.config = config
+        self.progress = progress
+        self.device = resolve_device(config.device)
+        self.model = model.to(self.device)
+        self.data = data
+        self.optimizers = model.configure_optimizers(config.lr)
+        self.batches = Batcher(data.train_x, config.batch_size, self.device, shuffle=True,
+                               binarize="dynamic" if config.binarize == "dynamic" else "none",
+                               seed=config.seed)
+        self.eval_splits = {"test": data.test_x}
+        if data.val_x is not None:
+            self.eval_splits["val"] = data.val_x
+        self.term_names = ("loss", *model.term_names)
+        self.epoch = 0  # completed epochs
+        self.step = 0  # completed optimizer steps
+        self.history: list[dict] = []
+        self.steps = torch.zeros(0, len(self.term_names) + 2)  # step, epoch, loss, terms...
+        self.partial: dict | None = None  # progress inside an interrupted epoch
+
+    # --- state --------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "model": dict(self.model.state_dict()),
+            "optimizers": {k: opt.state_dict() for k, opt in self.optimizers.items()},
+            "batches": self.batches.state_dict(),
+            "rng": rng_state(),
+            "history": self.history,
+            "steps": self.steps,
+            "partial": self.partial,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        ckpt.load_state_into(self.model, state["model"], self.run_dir / ckpt.CHECKPOINT_FILE)
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state["optimizers"][name])
+        self.batches.load_state_dict(state["batches"])
+        set_rng_state(state["rng"])
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.history, self.steps, self.partial = state["history"], state["steps"], state["partial"]
+
+    def save(self) -> None:
+        ckpt.save_checkpoint(self.run_dir, self.state_dict())
+        ckpt.save_model(self.run_dir, self.model)
+        self.write_history_files()
+
+    def write_history_files(self) -> None:
+        """history.csv and steps.csv, rewritten from the checkpointed state: they only ever hold
+        rows of epochs that are complete and saved."""
+        columns = ["epoch", "split", *self.term_names, "seconds"]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.history)
+        ckpt.atomic_write(self.run_dir / "history.csv", buf.getvalue().encode())
+
+        buf = io.StringIO()
+        buf.write(",".join(["step", "epoch", *self.term_names]) + "\n")
+        for row in self.steps.tolist():
+            buf.write(f"{int(row[0])},{int(row[1])}," + ",".join(f"{v:.6g}" for v in row[2:]) + "\n")
+        ckpt.atomic_write(self.run_dir / "steps.csv", buf.getvalue().encode())
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    def fit(self) -> list[dict]:
+        configure_runtime()
+        self.model.train()
+        with stop_on_signals() as signals:
+            while self.epoch < self.config.epochs:
+                self._run_epoch(self.epoch + 1, signals)
+        return self.history
+
+    def _run_epoch(self, epoch: int, signals: dict) -> None:
+        cfg, model = self.config, self.model
+        partial = self.partial or {}
+        done = partial.get("batches_done", 0)
+        if done:
+            self.batches.load_state_dict(partial["batches_at_start"])
+        batches_at_start = self.batches.state_dict()
+        sums = partial.get("sums", torch.zeros(len(self.term_names), dtype=torch.float64)).to(self.device)
+        seen = partial.get("seen", 0)
+        seconds = partial.get("seconds", 0.0)
+        rows: list[torch.Tensor] = []  # per-step (loss, terms...) kept on the device
+        checked = 0
+        start = time.perf_counter()
+        bar = tqdm(total=len(self.batches), initial=done, desc=f"epoch {epoch}/{cfg.epochs}",
+                   disable=not self.progress, leave=False, unit="batch", file=sys.stderr)
+
+        for i, x in enumerate(self.batches):
+            if i < done:
+                continue  # replaying the interrupted epoch's batches up to where it stopped
+            with autocast(self.device, cfg.precision):
+                out = model.training_step(x, self.optimizers, clip_grad=cfg.clip_grad)
+            row = torch.stack([out.loss.detach(), *(out.terms[n] for n in model.term_names)]).float()
+            rows.append(row)
+            sums += row.double() * len(x)
+            seen += len(x)
+            last = i + 1 == len(self.batches)
+            if len(rows) - checked >= cfg.log_every or last or signals["stop"]:
+                recent = torch.stack(rows[checked:]).cpu()  # the only host sync in the loop
+                self._check_finite(recent, epoch, self.step + checked + 1)
+                checked = len(rows)
+                bar.set_postfix(loss=f"{recent[-1, 0]:.2f}")
+                bar.update(len(recent))
+            if signals["stop"] and not last:
+                seconds += time.perf_counter() - start
+                self._save_interrupted(epoch, i + 1, batches_at_start, sums, seen, seconds, rows)
+                bar.close()
+                raise TrainingInterrupted(
+                    f"{signals['stop']}: saved {self.run_dir} in epoch {epoch} after "
+                    f"{i + 1}/{len(self.batches)} batches; continue with "
+                    f"`vaelab train --resume {self.run_dir}`"
+                )
+        bar.close()
+        seconds += time.perf_counter() - start
+        self._finish_epoch(epoch, rows, sums, seen, seconds)
+        if signals["stop"]:
+            raise TrainingInterrupted(
+                f"{signals['stop']}: saved {self.run_dir} after epoch {epoch}; continue with "
+                f"`vaelab train --resume {self.run_dir}`"
+            )
+
+    def _step_rows(self, epoch: int, rows: list[torch.Tensor]) -> torch.Tensor:
+        if not rows:
+            return torch.zeros(0, self.steps.shape[1])
+        values = torch.stack(rows).cpu()
+        index = torch.arange(self.step + 1, self.step + 1 + len(values), dtype=torch.float32)
+        return torch.cat([index[:, None], torch.full_like(index, epoch)[:, None], values], dim=1)
+
+    def _finish_epoch(self, epoch, rows, sums, seen, seconds) -> None:
+        partial_steps = self.partial["steps"] if self.partial else torch.zeros(0, self.steps.shape[1])
+        new_steps = self._step_rows(epoch, rows)
+        self.steps = torch.cat([self.steps, partial_steps, new_steps])
+        self.step += len(new_steps)
+        self.partial = None
+        train_terms = dict(zip(self.term_names, (sums / seen).tolist()))
+        self.history.append({"epoch": epoch, "split": "train", **train_terms, "seconds": round(seconds, 3)})
+        eval_start = time.perf_counter()
+        for split, images in self.eval_splits.items():
+            terms = evaluate_terms(self.model, images, self.config, self.device)
+            self.history.append({"epoch": epoch, "split": split, **terms,
+                                 "seconds": round(time.perf_counter() - eval_start, 3)})
+        self.epoch = epoch
+        if epoch == self.config.epochs:
+            self.model.end_of_training(self.batches.images)
+        self.save()
+        if self.progress:
+            print(self._summary_line(epoch), file=sys.stderr, flush=True)
+
+    def _save_interrupted(self, epoch, batches_done, batches_at_start, sums, seen, seconds, rows) -> None:
+        new_steps = self._step_rows(epoch, rows)
+        old = self.partial["steps"] if self.partial else torch.zeros(0, self.steps.shape[1])
+        self.step += len(new_steps)
+        self.partial = {
+            "batches_done": batches_done,
+            "batches_at_start": batches_at_start,
+            "sums": sums.cpu(),
+            "seen": seen,
+            "seconds": seconds,
+            "steps": torch.cat([old, new_steps]),
+        }
+        # Steps of the unfinished epoch live only in the checkpoint until the epoch completes.
+        ckpt.save_checkpoint(self.run_dir, self.state_dict())
+
+    def _check_finite(self, recent: torch.Tensor, epoch: int, first_step: int) -> None:
+        bad = ~torch.isfinite(recent)
+        if bad.any():
+            row, col = (int(v) for v in bad.nonzero()[0])
+            saved = f"epoch {self.epoch}" if self.epoch else "none yet"
+            raise DivergenceError(
+                f"training diverged: non-finite {self.term_names[col]} at epoch {epoch}, step "
+                f"{first_step + row}; the last good checkpoint ({saved}) is intact in {self.run_dir}. "
+                f"Try a lower --lr or --clip-grad"
+            )
+
+    def _summary_line(self, epoch: int) -> str:
+        rows = [r for r in self.history if r["epoch"] == epoch]
+        parts = []
+        for r in rows:
+            terms = " ".join(f"{n} {r[n]:.3f}" for n in self.term_names if isinstance(r[n], float) and math.isfinite(r[n]))
+            parts.append(f"{r['split']}: {terms}")
+        return f"epoch {epoch}/{self.config.epochs}  " + "  |  ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points used by the CLI and the recipes
+# ---------------------------------------------------------------------------------------------
+
+
+def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Create an empty run folder; refuse to touch a non-empty one unless told to, and even then
+    only if it is a vaelab run (so `--out ~ --overwrite` cannot delete a home folder)."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunExistsError(f"{run_dir} exists and is not a folder")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise RunExistsError(f"{run_dir} already exists and is not empty (use --overwrite to replace it, "
+                                 f"or --resume to continue it)")
+        if not (run_dir / ckpt.CONFIG_FILE).exists():
+            raise RunExistsError(f"{run_dir} is not a vaelab run folder; refusing to overwrite it")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "figures").mkdir(exist_ok=True)
+
+
+def load_training_data(config: TrainConfig, quiet: bool = False) -> ImageData:
+    return load(config.dataset, val_size=config.val_size,
+                binarize="static" if config.binarize == "static" else "none",
+                seed=config.seed, quiet=quiet)
+
+
+def train(model_name: str, model_config, config: TrainConfig, run_dir: str | Path,
+          overwrite: bool = False, progress: bool = True, data: ImageData | None = None):
+    """Train a new model into `run_dir`; returns the Trainer (its model and history)."""
+    from .models import build_model
+
+    run_dir = Path(run_dir)
+    config.validate()
+    if data is None:
+        data = load_training_data(config, quiet=not progress)
+    prepare_run_dir(run_dir, overwrite)
+    seed_everything(config.seed)
+    model = build_model(model_name, model_config)
+    ckpt.write_run_config(run_dir, model, config)
+    trainer = Trainer(run_dir, model, data, config, progress=progress)
+    trainer.fit()
+    return trainer
+
+
+def resume(run_dir: str | Path, epochs: int | None = None, device: str | None = None,
+           progress: bool = True, data: ImageData | None = None):
+    """Continue a run from its last checkpoint with its stored configuration (`epochs` may
+    extend it)."""
+    run_dir = Path(run_dir)
+    cfg = ckpt.read_run_config(run_dir)
+    model, config = ckpt.build_from_config(cfg, run_dir / ckpt.CONFIG_FILE)
+    state = ckpt.load_checkpoint(run_dir)
+    changes = {}
+    if epochs is not None:
+        if epochs < state["epoch"] or (epochs == state["epoch"] and not state.get("partial")):
+            raise ConfigError(f"--epochs {epochs}: the run already has {state['epoch']} epochs")
+        changes["epochs"] = epochs
+    if device is not None:
+        changes["device"] = device
+    if changes:
+        config = config_from_dict(TrainConfig, {**config_to_dict(config), **changes}, where="train")
+        ckpt.write_run_config(run_dir, model, config)
+    if data is None:
+        data = load_training_data(config, quiet=not progress)
+    trainer = Trainer(run_dir, model, data, config, progress=progress)
+    try:
+        trainer.load_state_dict(state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ckpt.CheckpointError(f"{run_dir / ckpt.CHECKPOINT_FILE}: inconsistent training state ({e})") from None
+    if trainer.epoch >= config.epochs and not trainer.partial:
+        raise ConfigError(f"{run_dir} already finished its {config.epochs} epochs; pass --epochs N to extend it")
+    trainer.fit()
+    return trainer

@@ -1,0 +1,96 @@
+"""The CLI through main([...]) into temp folders, error paths included."""
+
+import numpy as np
+import pytest
+
+from vaelab.cli import main
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(capsys, *argv, code=2):
+    with pytest.raises(SystemExit) as e:
+        main(list(argv))
+    assert e.value.code == code
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.fixture
+def trained_run(tmp_path, synthetic_mnist, capsys):
+    run = tmp_path / "run"
+    code, out, _ = run_cli(capsys, "train", "vae", "--epochs", "1", "--batch-size", "64", "--out", str(run),
+                           "--device", "cpu", "--set", "hidden_dims=[32]", "--latent-dim", "2", "--quiet")
+    assert code == 0
+    return run, out
+
+
+def test_train_writes_run_and_summary(trained_run):
+    run, out = trained_run
+    assert "wrote" in out and "model.safetensors" in out
+    for f in ("config.json", "model.safetensors", "history.csv", "steps.csv",
+              "figures/loss_curves.png", "figures/samples.png", "figures/reconstructions.png"):
+        assert (run / f).is_file(), f
+
+
+def test_generate_png_and_npy(trained_run, tmp_path, capsys):
+    run, _ = trained_run
+    code, out, _ = run_cli(capsys, "generate", str(run), "-n", "30", "--out", str(tmp_path / "s.png"),
+                           "--npy", str(tmp_path / "s.npy"), "--device", "cpu")
+    assert code == 0 and (tmp_path / "s.png").is_file()
+    arr = np.load(tmp_path / "s.npy")
+    assert arr.shape == (30, 28, 28) and arr.dtype == np.float32 and 0 <= arr.min() and arr.max() <= 1
+    run_cli(capsys, "generate", str(run), "-n", "30", "--npy", str(tmp_path / "t.npy"), "--device", "cpu")
+    np.testing.assert_array_equal(arr, np.load(tmp_path / "t.npy"))  # same seed, same samples
+
+
+def test_reconstruct(trained_run, tmp_path, capsys):
+    run, _ = trained_run
+    code, _, _ = run_cli(capsys, "reconstruct", str(run), "-n", "10", "--out", str(tmp_path / "r.png"))
+    assert code == 0 and (tmp_path / "r.png").is_file()
+
+
+def test_models_lists_vae(capsys):
+    code, out, _ = run_cli(capsys, "models")
+    assert code == 0 and out.startswith("vae")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "nope", "--epochs", "1"], "unknown model"),
+    (["train", "vae", "--dataset", "cifar"], "unknown dataset"),
+    (["train", "vae", "--epochs", "0"], "epochs must be at least 1"),
+    (["train", "vae", "--latent-dim", "0"], "latent_dim must be at least 1"),
+    (["train", "vae", "--set", "nope=1"], "unknown field"),
+    (["train", "vae", "--set", "latent_dim=2.5"], "expected an integer"),
+    (["train", "vae", "--device", "tpu"], "device must be"),
+    (["train"], "name a model"),
+    (["generate", "/nonexistent/run"], "no such run folder"),
+    (["data", "fetch", "cifar"], "unknown dataset"),
+])
+def test_user_errors_are_one_line(capsys, argv, message, synthetic_mnist):
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_argparse_errors_are_one_line(capsys):
+    err = one_line_error(capsys, "train", "vae", "--epochs", "x")
+    assert "invalid int value" in err
+    one_line_error(capsys, "frobnicate")
+
+
+def test_existing_out_is_refused_and_kept(trained_run, capsys):
+    run, _ = trained_run
+    before = (run / "model.safetensors").read_bytes()
+    code, _, err = run_cli(capsys, "train", "vae", "--epochs", "1", "--out", str(run), "--quiet")
+    assert code == 2 and "already exists" in err
+    assert (run / "model.safetensors").read_bytes() == before
+
+
+def test_a_folder_that_is_not_a_run(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "generate", str(tmp_path))
+    assert code == 2 and "not a vaelab run folder" in err

@@ -1,0 +1,61 @@
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.distributions import Normal, kl_divergence
+
+from vaelab.losses import (
+    bce_from_logits, discriminator_loss, generator_loss, iwae_log_likelihood, kl_normal, log_normal,
+    log_standard_normal, mse,
+)
+
+
+def test_kl_matches_torch_distributions():
+    torch.manual_seed(0)
+    mu, logvar = torch.randn(16, 5), torch.randn(16, 5)
+    q = Normal(mu, torch.exp(0.5 * logvar))
+    p = Normal(torch.zeros_like(mu), torch.ones_like(mu))
+    expected = kl_divergence(q, p).sum(1)
+    torch.testing.assert_close(kl_normal(mu, logvar), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_kl_is_zero_at_the_prior():
+    assert torch.allclose(kl_normal(torch.zeros(3, 4), torch.zeros(3, 4)), torch.zeros(3))
+
+
+def test_bce_from_logits_matches_probability_bce_summed_per_image():
+    torch.manual_seed(0)
+    logits, target = torch.randn(4, 1, 28, 28), torch.rand(4, 1, 28, 28)
+    expected = F.binary_cross_entropy(torch.sigmoid(logits), target, reduction="none").flatten(1).sum(1)
+    torch.testing.assert_close(bce_from_logits(logits, target), expected, rtol=1e-4, atol=1e-3)
+
+
+def test_bce_from_logits_is_finite_for_confident_wrong_pixels():
+    logits = torch.full((1, 784), 200.0)
+    assert torch.isfinite(bce_from_logits(logits, torch.zeros(1, 784))).all()
+
+
+def test_log_densities_match_torch_distributions():
+    torch.manual_seed(0)
+    z, mu, logvar = torch.randn(6, 3), torch.randn(6, 3), torch.randn(6, 3)
+    expected = Normal(mu, torch.exp(0.5 * logvar)).log_prob(z).sum(-1)
+    torch.testing.assert_close(log_normal(z, mu, logvar), expected)
+    torch.testing.assert_close(log_standard_normal(z), Normal(0.0, 1.0).log_prob(z).sum(-1))
+
+
+def test_iwae_of_equal_weights_is_the_weight():
+    lw = torch.full((7, 3), -2.5)
+    torch.testing.assert_close(iwae_log_likelihood(lw), torch.full((3,), -2.5))
+    lw = torch.log(torch.tensor([[1.0], [3.0]]))
+    assert math.isclose(iwae_log_likelihood(lw).item(), math.log(2.0), rel_tol=1e-6)
+
+
+def test_mse_per_image():
+    a, b = torch.zeros(2, 1, 28, 28), torch.ones(2, 1, 28, 28)
+    torch.testing.assert_close(mse(a, b), torch.ones(2))
+
+
+def test_gan_losses_at_chance():
+    zero = torch.zeros(8, 1)
+    assert math.isclose(discriminator_loss(zero, zero).item(), 2 * math.log(2), rel_tol=1e-6)
+    assert math.isclose(generator_loss(zero).item(), math.log(2), rel_tol=1e-6)

@@ -1,0 +1,97 @@
+import csv
+
+import pytest
+import torch
+
+from vaelab import checkpoint as ckpt
+from vaelab.errors import CheckpointError, ConfigError, DivergenceError, RunExistsError
+from vaelab.models import make_config
+from vaelab.train import TrainConfig, resume, train
+
+
+def quick_config(**kw):
+    base = dict(epochs=2, batch_size=64, eval_batch_size=50, device="cpu", log_every=2)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_train_writes_a_complete_run_folder(tmp_path, tiny_data):
+    run = tmp_path / "run"
+    trainer = train("vae", make_config("vae", hidden_dims=[32]), quick_config(), run,
+                    progress=False, data=tiny_data)
+    for name in ("config.json", "model.safetensors", "checkpoint.safetensors", "history.csv", "steps.csv"):
+        assert (run / name).is_file(), name
+    rows = list(csv.DictReader((run / "history.csv").open()))
+    assert [(r["epoch"], r["split"]) for r in rows] == [("1", "train"), ("1", "test"), ("2", "train"), ("2", "test")]
+    assert list(rows[0]) == ["epoch", "split", "loss", "recon", "kl", "seconds"]
+    steps = (run / "steps.csv").read_text().splitlines()
+    assert steps[0] == "step,epoch,loss,recon,kl" and len(steps) == 1 + 2 * 4
+    assert trainer.step == 8
+
+
+def test_run_folder_reloads_to_identical_outputs(tmp_path, tiny_data):
+    run = tmp_path / "run"
+    trainer = train("vae", make_config("vae", hidden_dims=[32], latent_dim=4), quick_config(epochs=1), run,
+                    progress=False, data=tiny_data)
+    loaded = ckpt.load_run(run).model
+    live = trainer.model.eval()
+    x = tiny_data.test_x[:10].unsqueeze(1).float() / 255
+    z = torch.randn(6, 4)
+    torch.testing.assert_close(loaded.decode(z), live.decode(z), rtol=0, atol=0)
+    torch.testing.assert_close(loaded.encode(x).logvar, live.encode(x).logvar, rtol=0, atol=0)
+
+
+def test_same_seed_same_numbers(tmp_path, tiny_data):
+    cfg = make_config("vae", hidden_dims=[32])
+    a = train("vae", cfg, quick_config(seed=7), tmp_path / "a", progress=False, data=tiny_data)
+    b = train("vae", cfg, quick_config(seed=7), tmp_path / "b", progress=False, data=tiny_data)
+    c = train("vae", cfg, quick_config(seed=8), tmp_path / "c", progress=False, data=tiny_data)
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    assert strip(a.history) == strip(b.history)
+    assert strip(a.history) != strip(c.history)
+
+
+def test_existing_run_folder_is_never_overwritten_silently(tmp_path, tiny_data):
+    run = tmp_path / "run"
+    train("vae", make_config("vae", hidden_dims=[16]), quick_config(epochs=1), run, progress=False, data=tiny_data)
+    before = (run / "model.safetensors").read_bytes()
+    with pytest.raises(RunExistsError, match="already exists"):
+        train("vae", make_config("vae", hidden_dims=[16]), quick_config(epochs=1), run, progress=False, data=tiny_data)
+    assert (run / "model.safetensors").read_bytes() == before
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "thesis.txt").write_text("precious")
+    with pytest.raises(RunExistsError, match="not a vaelab run folder"):
+        train("vae", make_config("vae"), quick_config(epochs=1), other, overwrite=True, progress=False, data=tiny_data)
+    assert (other / "thesis.txt").read_text() == "precious"
+
+
+def test_resume_extends_a_finished_run(tmp_path, tiny_data):
+    cfg = make_config("vae", hidden_dims=[32])
+    straight = train("vae", cfg, quick_config(epochs=3), tmp_path / "straight", progress=False, data=tiny_data)
+    train("vae", cfg, quick_config(epochs=2), tmp_path / "split", progress=False, data=tiny_data)
+    resumed = resume(tmp_path / "split", epochs=3, progress=False, data=tiny_data)
+    for k, v in straight.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+    assert (tmp_path / "split" / "steps.csv").read_text() == (tmp_path / "straight" / "steps.csv").read_text()
+    with pytest.raises(ConfigError, match="already finished"):
+        resume(tmp_path / "split", progress=False, data=tiny_data)
+
+
+def test_divergence_stops_with_epoch_and_step(tmp_path, tiny_data):
+    with pytest.raises(DivergenceError, match=r"non-finite loss at epoch 1, step \d+"):
+        train("vae", make_config("vae", hidden_dims=[32]), quick_config(lr=1e12), tmp_path / "run",
+              progress=False, data=tiny_data)
+
+
+def test_load_run_errors_are_one_line(tmp_path, tiny_data):
+    with pytest.raises(CheckpointError, match="no such run folder"):
+        ckpt.load_run(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="not a vaelab run folder"):
+        ckpt.load_run(tmp_path / "empty")
+    run = tmp_path / "run"
+    train("vae", make_config("vae", hidden_dims=[16]), quick_config(epochs=1), run, progress=False, data=tiny_data)
+    weights = run / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        ckpt.load_run(run)
