@@ -285,6 +285,7 @@ class Trainer:
             if len(rows) - checked >= cfg.log_every or last or signals["stop"]:
                 recent = torch.stack(rows[checked:]).cpu()  # the only host sync in the loop
                 self._check_finite(recent, epoch, self.step + checked + 1)
+                self._check_weights(epoch, self.step + len(rows))
                 checked = len(rows)
                 bar.set_postfix(loss=f"{recent[-1, 0]:.2f}")
                 bar.update(len(recent))
@@ -351,13 +352,29 @@ class Trainer:
     def _check_finite(self, recent: torch.Tensor, epoch: int, first_step: int) -> None:
         bad = ~torch.isfinite(recent)
         if bad.any():
-            row, col = (int(v) for v in bad.nonzero()[0])
-            saved = f"epoch {self.epoch}" if self.epoch else "none yet"
-            raise DivergenceError(
-                f"training diverged: non-finite {self.term_names[col]} at epoch {epoch}, step "
-                f"{first_step + row}; the last good checkpoint ({saved}) is intact in {self.run_dir}. "
-                f"Try a lower --lr or --clip-grad"
-            )
+            row = int(bad.any(dim=1).nonzero()[0])
+            cols = bad[row].nonzero()[:, 0].tolist()
+            if len(cols) > 1 and cols[0] == 0:
+                cols = cols[1:]  # the named terms say which part (for a GAN: which network) diverged
+            what = ", ".join(f"{self.term_names[c]} is {recent[row, c].item()}" for c in cols)
+            self._diverged(epoch, first_step + row, what)
+
+    def _check_weights(self, epoch: int, step: int) -> None:
+        """A non-finite gradient with a finite loss shows up here: the update made weights
+        non-finite. Checked at the loop's host syncs only, so no step waits for it, and always
+        before a save, so non-finite weights are never checkpointed."""
+        flags = torch.stack([torch.stack([p.isfinite().all() for g in opt.param_groups for p in g["params"]]).all()
+                             for opt in self.optimizers.values()]).tolist()
+        for name, ok in zip(self.optimizers, flags):
+            if not ok:
+                whose = "the weights" if len(self.optimizers) == 1 else f"the {name} weights"
+                self._diverged(epoch, step, f"{whose} became non-finite (a non-finite gradient)")
+
+    def _diverged(self, epoch: int, step: int, what: str):
+        kept = (f"the last good checkpoint (epoch {self.epoch}) is intact in {self.run_dir}" if self.epoch
+                else "no epoch had completed, so nothing was saved")
+        raise DivergenceError(f"training diverged at epoch {epoch}, step {step}: {what}; {kept}. "
+                              f"Try a lower --lr or --clip-grad")
 
     def _summary_line(self, epoch: int) -> str:
         rows = [r for r in self.history if r["epoch"] == epoch]
@@ -439,6 +456,12 @@ def resume(run_dir: str | Path, epochs: int | None = None, device: str | None = 
         trainer.load_state_dict(state)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise ckpt.CheckpointError(f"{run_dir / ckpt.CHECKPOINT_FILE}: inconsistent training state ({e})") from None
+    for stale in run_dir.glob(".*.tmp"):  # temp files of a save that a kill cut short
+        stale.unlink(missing_ok=True)
+    if not trainer.partial:
+        # A kill between the checkpoint's rename and theirs leaves these an epoch behind it.
+        ckpt.save_model(run_dir, trainer.model)
+        trainer.write_history_files()
     if trainer.epoch >= config.epochs and not trainer.partial:
         raise ConfigError(f"{run_dir} already finished its {config.epochs} epochs; pass --epochs N to extend it")
     trainer.fit()

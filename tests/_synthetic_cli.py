@@ -1,0 +1,119 @@
+"""Test-only entry point: `vaelab` on a synthetic "mnist", with optional pause points.
+
+    python tests/_synthetic_cli.py --data DIR [--pause-at-step K] [--pause-before-replace NAME:N]
+                                   [--marker FILE] [--no-figures] -- <vaelab arguments>
+
+The four IDX files in DIR (written on first use) become "mnist": the spec's checksums are set to
+theirs in this process only, the same way the `synthetic_mnist` fixture does in-process, so the
+production code has no test backdoor. VAELAB_DATA must point at a scratch cache.
+
+A pause point makes a kill land at an exact place: on reaching it the process writes FILE and
+waits (at most 60 s) until FILE is deleted; the test meanwhile sends its signal. Python runs a
+signal handler in the main thread between bytecodes, so SIGINT/SIGTERM set the trainer's flag
+during the wait, and SIGKILL ends the process there.
+  --pause-at-step K            after the K-th optimizer step of this process
+  --pause-before-replace N:I   just before the I-th rename of a temp file onto a file named N
+                               (the temp file is complete, the rename has not happened)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import os
+import sys
+import time
+import types
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from conftest import write_dataset_files  # noqa: E402  (tests/ is sys.path[0] when run as a script)
+
+from vaelab import data as data_mod  # noqa: E402
+from vaelab.cli import main  # noqa: E402
+
+
+def pause(marker: Path) -> None:
+    marker.write_text(str(os.getpid()))
+    deadline = time.monotonic() + 60
+    while marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def use_synthetic_mnist(folder: Path, n_train: int, n_test: int) -> None:
+    if not all((folder / stem).is_file() for stem in data_mod.MNIST.stems.values()):
+        write_dataset_files(folder, n_train=n_train, n_test=n_test)
+    sums = {role: data_mod.sha256((folder / stem).read_bytes()) for role, stem in data_mod.MNIST.stems.items()}
+    data_mod.DATASETS["mnist"] = dataclasses.replace(data_mod.MNIST, sha256=sums, mirrors=(),
+                                                     registry_source=_no_registry)
+    data_mod.fetch("mnist", from_dir=folder, quiet=True)
+
+
+def _no_registry(spec, workdir):
+    raise data_mod.DataError("registry disabled in tests")
+
+
+def pause_at_step(step: int, marker: Path) -> None:
+    from vaelab.models import MODELS
+
+    count = {"n": 0}
+    for cls in MODELS.values():
+        original = cls.training_step
+
+        @functools.wraps(original)
+        def training_step(self, *args, _original=original, **kwargs):
+            out = _original(self, *args, **kwargs)
+            count["n"] += 1
+            if count["n"] == step:
+                pause(marker)
+            return out
+
+        cls.training_step = training_step
+
+
+def pause_before_replace(spec: str, marker: Path) -> None:
+    name, index = spec.rsplit(":", 1)
+    original, count = os.replace, {"n": 0}
+
+    def replace(src, dst, *args, **kwargs):
+        if Path(dst).name == name:
+            count["n"] += 1
+            if count["n"] == int(index):
+                pause(marker)
+        return original(src, dst, *args, **kwargs)
+
+    os.replace = replace
+
+
+def no_figures() -> None:
+    # A stand-in module: importing the real one would import matplotlib, a second per process.
+    stub = types.ModuleType("vaelab.figures")
+    stub.write_training_figures = lambda *args, **kwargs: []
+    sys.modules["vaelab.figures"] = stub
+
+
+def run(argv: list[str]) -> int:
+    split = argv.index("--")
+    p = argparse.ArgumentParser()
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--n-train", type=int, default=192)
+    p.add_argument("--n-test", type=int, default=32)
+    p.add_argument("--pause-at-step", type=int)
+    p.add_argument("--pause-before-replace")
+    p.add_argument("--marker", type=Path)
+    p.add_argument("--no-figures", action="store_true")
+    opts = p.parse_args(argv[:split])
+    use_synthetic_mnist(opts.data, opts.n_train, opts.n_test)
+    if opts.pause_at_step:
+        pause_at_step(opts.pause_at_step, opts.marker)
+    if opts.pause_before_replace:
+        pause_before_replace(opts.pause_before_replace, opts.marker)
+    if opts.no_figures:
+        no_figures()
+    return main(argv[split + 1:])
+
+
+if __name__ == "__main__":
+    sys.exit(run(sys.argv[1:]))
