@@ -13,6 +13,7 @@ or the new one, both complete.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from . import __version__
-from .atomic import atomic_write
+from .atomic import atomic_write as _atomic_write
 from .config import config_from_dict, config_to_dict
 from .errors import CheckpointError, VaelabError
 
@@ -40,6 +41,15 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 # ---------------------------------------------------------------------------------------------
 # JSON files
 # ---------------------------------------------------------------------------------------------
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """`atomic.atomic_write` for run-folder files: a full disk or a refused write becomes one line
+    naming the file (which keeps its previous content)."""
+    try:
+        _atomic_write(path, data)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot write ({e.strerror or e}); its previous version is unchanged") from None
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -111,8 +121,22 @@ def unflatten_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
+def content_digest(meta_json: str, tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the metadata and every tensor's name, dtype, shape and bytes: a flipped bit
+    anywhere in a file is caught on load instead of silently changing weights or RNG states."""
+    h = hashlib.sha256(meta_json.encode())
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    # One metadata key: safetensors writes several in no fixed order, and equal states should
+    # give equal files. The digest covers the metadata as serialised without it.
+    meta = {**meta, "sha256": content_digest(json.dumps(meta), tensors)}
     data = save_safetensors_bytes(tensors, metadata={"vaelab": json.dumps(meta)})
     atomic_write(path, data)
 
@@ -138,10 +162,13 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise CheckpointError(f"{path}: not a vaelab safetensors file (metadata missing or corrupt)") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: corrupt vaelab metadata")
+    digest = meta.pop("sha256", None)  # absent in files of the first release
     try:
         tensors = load_safetensors_bytes(data)
     except Exception as e:  # the safetensors parser's errors are not one public type
-        raise CheckpointError(f"{path}: corrupt safetensors data ({str(e).splitlines()[0][:120]})") from None
+        raise CheckpointError(f"{path}: corrupt safetensors data ({(str(e).splitlines() or [''])[0][:120]})") from None
+    if digest is not None and digest != content_digest(json.dumps(meta), tensors):
+        raise CheckpointError(f"{path}: corrupt (content does not match its SHA-256)")
     return tensors, meta
 
 
@@ -225,7 +252,8 @@ def load_state_into(model, tensors: dict[str, torch.Tensor], path: Path) -> None
         )
     for k, v in tensors.items():
         if own[k].shape != v.shape or own[k].dtype != v.dtype:
-            raise CheckpointError(f"{path}: {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
+            raise CheckpointError(f"{path}: weights do not fit a {model.name} with this config ({k} has shape "
+                                  f"{tuple(v.shape)} {v.dtype}, expected {tuple(own[k].shape)} {own[k].dtype})")
     model.load_state_dict(tensors)
 
 
@@ -256,4 +284,10 @@ def load_checkpoint(run_dir: Path) -> dict:
     check_format(meta, path)
     if "state" not in meta:
         raise CheckpointError(f"{path}: not a training checkpoint")
-    return unflatten_state(meta["state"], tensors)
+    try:
+        state = unflatten_state(meta["state"], tensors)
+    except (TypeError, ValueError, KeyError) as e:  # malformed "__items__" / "__tensor__" entries
+        raise CheckpointError(f"{path}: corrupt training state ({e})") from None
+    if not (isinstance(state, dict) and type(state.get("epoch")) is int and type(state.get("step")) is int):
+        raise CheckpointError(f"{path}: corrupt training state (no epoch and step)")
+    return state

@@ -16,6 +16,7 @@ import sys
 import tarfile
 import tempfile
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -104,7 +105,7 @@ def decompress_if_gzip(data: bytes, name: str) -> bytes:
     try:
         with gzip.GzipFile(fileobj=_BytesReader(data)) as f:
             out = f.read(MAX_IDX_BYTES + 1)
-    except (OSError, EOFError, ValueError) as e:
+    except (OSError, EOFError, ValueError, zlib.error) as e:  # zlib.error: damaged deflate blocks
         raise DataError(f"{name}: corrupt gzip data ({e})") from None
     if len(out) > MAX_IDX_BYTES:
         raise DataError(f"{name}: decompresses to more than {MAX_IDX_BYTES} bytes")
