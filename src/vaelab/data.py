@@ -32,6 +32,7 @@ ROLES = ("train-images", "train-labels", "test-images", "test-labels")
 # or broken .gz from filling memory.
 MAX_IDX_BYTES = 128 * 1024 * 1024
 IDX_DTYPE_UINT8 = 0x08
+GZIP_CHUNK_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -102,14 +103,18 @@ def decompress_if_gzip(data: bytes, name: str) -> bytes:
     """Return the decompressed bytes of gzip data (bounded), or the data itself if not gzip."""
     if data[:2] != b"\x1f\x8b":
         return data
+    # In chunks: read(MAX_IDX_BYTES + 1) would allocate the whole bound for any tiny .gz.
+    chunks, total = [], 0
     try:
         with gzip.GzipFile(fileobj=_BytesReader(data)) as f:
-            out = f.read(MAX_IDX_BYTES + 1)
+            while chunk := f.read(GZIP_CHUNK_BYTES):
+                total += len(chunk)
+                if total > MAX_IDX_BYTES:
+                    raise DataError(f"{name}: decompresses to more than {MAX_IDX_BYTES} bytes")
+                chunks.append(chunk)
     except (OSError, EOFError, ValueError, zlib.error) as e:  # zlib.error: damaged deflate blocks
         raise DataError(f"{name}: corrupt gzip data ({e})") from None
-    if len(out) > MAX_IDX_BYTES:
-        raise DataError(f"{name}: decompresses to more than {MAX_IDX_BYTES} bytes")
-    return out
+    return b"".join(chunks)
 
 
 class _BytesReader:
