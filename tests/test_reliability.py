@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -215,9 +216,17 @@ def test_clip_grad_from_the_cli(tmp_path, synthetic_mnist, capsys):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory):
+    from conftest import synthetic_data
+
+    return one_epoch_run(tmp_path_factory.mktemp("trained"), synthetic_data())
+
+
 @pytest.fixture
-def finished_run(tmp_path, tiny_data):
-    return one_epoch_run(tmp_path, tiny_data)
+def finished_run(trained_once, tmp_path):
+    """A fresh copy of a finished one-epoch run, free to damage."""
+    return Path(shutil.copytree(trained_once, tmp_path / "run"))
 
 
 def flip_byte(path, offset):
