@@ -6,8 +6,9 @@ Nothing here knows which model it trains: a model brings its optimizers and its 
 Speed notes (see benchmarks/): batches are indexed out of a uint8 tensor on the device, the
 per-step loss terms stay on the device and are copied to the host once every `log_every` steps,
 and evaluation runs in large batches under inference mode. One intra-op thread per physical core,
-denormals flushed, fused Adam (models/base.py), channels-last weights for convolutional models and
-an optional `compile` (torch.compile of the model's forward and backward).
+denormals flushed, fused Adam (models/base.py), fp32 linear layers through oneDNN on the CPU
+(fastpath.py), channels-last weights for convolutional models, and an optional `compile`
+(torch.compile of the model's forward and backward).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from . import checkpoint as ckpt
 from .config import config_from_dict, config_to_dict, require
 from .data import BINARIZE_CHOICES, Batcher, ImageData, load
 from .errors import ConfigError, DivergenceError, RunExistsError, VaelabError
+from .fastpath import onednn_linear
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -289,7 +291,10 @@ class Trainer:
     def fit(self) -> list[dict]:
         configure_runtime()
         self.model.train()
-        with stop_on_signals() as signals:
+        # fp32 linear layers through oneDNN while training on the CPU (see fastpath.py); inductor
+        # has its own kernels, so not with compile.
+        fast = self.device.type == "cpu" and not self.config.compile
+        with stop_on_signals() as signals, onednn_linear(self.model, enabled=fast):
             while self.epoch < self.config.epochs:
                 self._run_epoch(self.epoch + 1, signals)
         return self.history
