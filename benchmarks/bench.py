@@ -130,24 +130,37 @@ def gemm_flops(gemms) -> int:
     return sum(2 * m * k * n for m, k, n, _ in gemms)
 
 
+def step_operands(gemms, dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(a, b_t) per GEMM, a @ b_t.T, laid out as a training step has them: forward x (B, in) and
+    W (out, in); weight grad g.T and x.T (views); input grad g and W.T (a view)."""
+    ops = []
+    for m, k, n, what in gemms:
+        if what == "weight grad":  # (out, B) @ (B, in): both operands are transposed views
+            ops.append((torch.randn(k, m, dtype=dtype).t(), torch.randn(k, n, dtype=dtype).t()))
+        elif what == "input grad":  # (B, out) @ (out, in): W stored (out, in), used as W.T.T
+            ops.append((torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype).t()))
+        else:  # forward and the square reference: x (m, k), W (n, k)
+            ops.append((torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)))
+    return ops
+
+
 def time_gemms(gemms, dtype=torch.float32, seconds: float = 1.0, repeats: int = 5, backend: str = "aten") -> float:
-    """Best-of-`repeats` GFLOP/s of running `gemms` back to back: `aten` is torch.mm into
-    preallocated outputs (MKL for fp32, oneDNN for bf16), `onednn` the oneDNN call vaelab's
-    fp32 linear layers make (vaelab.fastpath)."""
+    """Best-of-`repeats` GFLOP/s of running `gemms` back to back with a step's operand layouts:
+    `aten` is torch.mm (MKL for fp32, oneDNN for bf16), `onednn` the oneDNN call vaelab's fp32
+    linear layers make (vaelab.fastpath)."""
     from vaelab.fastpath import _onednn_mm
 
-    ops = [(torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype), torch.empty(m, n, dtype=dtype))
-           for m, k, n, _ in gemms]
+    ops = step_operands(gemms, dtype)
     flops = gemm_flops(gemms)
 
     def run(n: int) -> float:
         start = time.perf_counter()
         for _ in range(n):
-            for a, b, out in ops:
+            for a, b_t in ops:
                 if backend == "onednn":
-                    _onednn_mm(a, b.t())
+                    _onednn_mm(a, b_t)
                 else:
-                    torch.mm(a, b, out=out)
+                    torch.mm(a, b_t.t())
         return time.perf_counter() - start
 
     run(3)
