@@ -148,7 +148,7 @@ def time_gemms(gemms, dtype=torch.float32, seconds: float = 1.0, repeats: int = 
     """Best-of-`repeats` GFLOP/s of running `gemms` back to back with a step's operand layouts:
     `aten` is torch.mm (MKL for fp32, oneDNN for bf16), `onednn` the oneDNN call vaelab's fp32
     linear layers make (vaelab.fastpath)."""
-    from vaelab.fastpath import _onednn_mm
+    from vaelab.fastpath import onednn_mm
 
     ops = step_operands(gemms, dtype)
     flops = gemm_flops(gemms)
@@ -158,7 +158,7 @@ def time_gemms(gemms, dtype=torch.float32, seconds: float = 1.0, repeats: int = 
         for _ in range(n):
             for a, b_t in ops:
                 if backend == "onednn":
-                    _onednn_mm(a, b_t)
+                    onednn_mm(a, b_t)
                 else:
                     torch.mm(a, b_t.t())
         return time.perf_counter() - start

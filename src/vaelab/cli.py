@@ -44,7 +44,7 @@ def _add_train(sub) -> None:
     p.add_argument("--precision", default=None, help="fp32 (default) or bf16 autocast")
     p.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this value")
     p.add_argument("--compile", action="store_true", default=None,
-                   help="torch.compile the model: faster steps after a slow first epoch (see benchmarks/)")
+                   help="torch.compile the model (opt-in; benchmarks/RESULTS.md says when it pays)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="set a field of the model's config, e.g. --set 'hidden_dims=[400]'")
     p.add_argument("--out", type=Path, default=None, help="run folder (default runs/MODEL-DATASET)")

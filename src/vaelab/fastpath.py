@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _onednn_mm(a: torch.Tensor, b_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def onednn_mm(a: torch.Tensor, b_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """a @ b_t.T (+ bias) with oneDNN: (M, K), (N, K) -> (M, N). Strided views are fine."""
     return torch.ops.mkldnn._linear_pointwise(a, b_t, bias, "none", [], "")
 
@@ -30,16 +30,16 @@ class OneDNNLinearFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return _onednn_mm(x, weight, bias)  # (B, in), (out, in) -> (B, out)
+        return onednn_mm(x, weight, bias)  # (B, in), (out, in) -> (B, out)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            dx = _onednn_mm(grad, weight.t())  # (B, out) @ (out, in) -> (B, in)
+            dx = onednn_mm(grad, weight.t())  # (B, out) @ (out, in) -> (B, in)
         if ctx.needs_input_grad[1]:
-            dw = _onednn_mm(grad.t(), x.t())  # (out, B) @ (B, in) -> (out, in)
+            dw = onednn_mm(grad.t(), x.t())  # (out, B) @ (B, in) -> (out, in)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = grad.sum(0)
         return dx, dw, db
