@@ -43,6 +43,8 @@ def _add_train(sub) -> None:
     p.add_argument("--binarize", default=None, help="none (default), dynamic or static")
     p.add_argument("--precision", default=None, help="fp32 (default) or bf16 autocast")
     p.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this value")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the model (opt-in; benchmarks/RESULTS.md says when it pays)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="set a field of the model's config, e.g. --set 'hidden_dims=[400]'")
     p.add_argument("--out", type=Path, default=None, help="run folder (default runs/MODEL-DATASET)")
@@ -74,7 +76,8 @@ def cmd_train(args) -> int:
             raise ConfigError("name a model to train (see `vaelab models`) or pass --resume RUN")
         fields = {"dataset": args.dataset, "epochs": args.epochs, "batch_size": args.batch_size,
                   "lr": args.lr, "seed": args.seed, "device": args.device, "val_size": args.val_size,
-                  "binarize": args.binarize, "precision": args.precision, "clip_grad": args.clip_grad}
+                  "binarize": args.binarize, "precision": args.precision, "clip_grad": args.clip_grad,
+                  "compile": args.compile}
         config = config_from_dict(TrainConfig, {k: v for k, v in fields.items() if v is not None}, where="train")
         from .data import get_spec
 

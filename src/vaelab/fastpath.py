@@ -1,0 +1,86 @@
+"""Faster kernels for the same math, applied to a built model without touching its code.
+
+fp32 linear layers on the CPU: PyTorch sends `nn.Linear` to MKL's sgemm, which on AMD CPUs takes
+its AVX2 path; oneDNN (bundled with PyTorch, and what PyTorch already uses for convolutions and
+bf16 matmuls) picks its kernels by instruction set and runs AVX-512 there — about twice the GFLOP/s
+at batch-128 shapes on the AMD EPYC of benchmarks/RESULTS.md, and on par with MKL on Intel.
+Same IEEE fp32 arithmetic; only the order of the additions inside a dot product differs, as it
+does between any two BLAS libraries.
+"""
+
+from __future__ import annotations
+
+import types
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def onednn_mm(a: torch.Tensor, b_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b_t.T (+ bias) with oneDNN: (M, K), (N, K) -> (M, N). Strided views are fine."""
+    return torch.ops.mkldnn._linear_pointwise(a, b_t, bias, "none", [], "")
+
+
+class OneDNNLinearFunction(torch.autograd.Function):
+    """y = x W^T + b on 2-D fp32 CPU tensors, forward and backward through oneDNN."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return onednn_mm(x, weight, bias)  # (B, in), (out, in) -> (B, out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = onednn_mm(grad, weight.t())  # (B, out) @ (out, in) -> (B, in)
+        if ctx.needs_input_grad[1]:
+            dw = onednn_mm(grad.t(), x.t())  # (out, B) @ (B, in) -> (out, in)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = grad.sum(0)
+        return dx, dw, db
+
+
+def _fast_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or self.weight.dtype != torch.float32
+            or torch.is_autocast_enabled("cpu") or x.dim() < 2):
+        return F.linear(x, self.weight, self.bias)  # autocast, other dtypes: PyTorch's own path
+    lead = x.shape[:-1]
+    y = OneDNNLinearFunction.apply(x.reshape(-1, x.shape[-1]), self.weight, self.bias)
+    return y.view(*lead, y.shape[-1])  # (..., in) -> (N, in) -> (N, out) -> (..., out)
+
+
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def use_onednn_linear(model: nn.Module) -> list[nn.Linear]:
+    """Route every `nn.Linear` of `model` through oneDNN on the CPU (fp32; other dtypes, autocast
+    and CUDA keep PyTorch's path). Parameters and state_dict are untouched. Returns the layers
+    changed, for `restore_linear`."""
+    if not onednn_available():
+        return []
+    changed = [m for m in model.modules() if type(m) is nn.Linear and "forward" not in vars(m)]
+    for module in changed:
+        module.forward = types.MethodType(_fast_linear_forward, module)
+    return changed
+
+
+def restore_linear(layers: list[nn.Linear]) -> None:
+    for module in layers:
+        vars(module).pop("forward", None)
+
+
+@contextmanager
+def onednn_linear(model: nn.Module, enabled: bool = True):
+    """oneDNN linear layers inside the block only: a model handed back to the caller computes
+    exactly as one rebuilt from its run folder (the two libraries differ in the last bit)."""
+    layers = use_onednn_linear(model) if enabled else []
+    try:
+        yield layers
+    finally:
+        restore_linear(layers)
