@@ -291,3 +291,11 @@ def test_short_real_run(name, cfg, check, tmp_path):
     assert check(test, data), test
     s = trainer.model.eval().sample(16)
     assert s.std(0).mean() > 0.02  # the samples differ from one another
+
+
+def test_vae_gan_divergence_stops_training(tmp_path, tiny_data):
+    from vaelab.errors import DivergenceError
+
+    with pytest.raises(DivergenceError, match=r"non-finite \w+ at epoch 1"):
+        train("vae-gan", make_config("vae-gan", **CASES["vae-gan-mlp"][1]), quick_config(lr=1e12),
+              tmp_path / "run", progress=False, data=tiny_data)
