@@ -282,7 +282,7 @@ def mean_image_mse(data):
     ("lstm-vae", {"latent_dim": 16}, lambda r, d: r["loss"] < 250),
     ("vae-gan", {}, lambda r, d: r["recon"] < 220 and 0 < r["dis_acc_real"] <= 1),
     ("vae-gan", {"arch": "mlp"}, lambda r, d: r["recon"] < 220 and 0 < r["dis_acc_real"] <= 1),
-])
+], ids=["ae", "ae-normalized", "lstm-vae", "vae-gan-conv", "vae-gan-mlp"])
 def test_short_real_run(name, cfg, check, tmp_path):
     data = real_subset()
     trainer = train(name, make_config(name, **cfg), TrainConfig(epochs=2, batch_size=64, device="cpu"),
