@@ -9,11 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from ..config import require
 from . import register
-from .base import Posterior
 from .blocks import ConvDecoder, GaussianHeads, LSTMEncoderTrunk, check_transposed_layers
 from .vae import GaussianVAE
 
@@ -54,10 +51,3 @@ class LSTMVAE(GaussianVAE):
         self.heads = GaussianHeads(self.trunk.out_features, config.latent_dim)
         self.decoder = ConvDecoder(config.latent_dim, config.channels, config.kernels, config.strides,
                                    config.start_size, config.batch_norm, config.dropout)
-
-    def encode(self, x: torch.Tensor) -> Posterior:
-        mu, logvar = self.heads(self.trunk(x))
-        return Posterior(mu, logvar)
-
-    def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(z)
