@@ -57,7 +57,8 @@ def test_reconstruct(trained_run, tmp_path, capsys):
 
 def test_models_lists_vae(capsys):
     code, out, _ = run_cli(capsys, "models")
-    assert code == 0 and out.startswith("vae")
+    names = [line.split()[0] for line in out.splitlines() if line[:1].strip()]
+    assert code == 0 and "vae" in names and names == sorted(names)
 
 
 @pytest.mark.parametrize("argv, message", [

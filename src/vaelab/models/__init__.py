@@ -51,7 +51,7 @@ def build_model(name: str, config: Any | dict | None = None) -> GenerativeModel:
 
 
 # Importing registers. Keep this list in sync with the files in this folder.
-from . import vae  # noqa: E402,F401
+from . import ae, lstm_vae, vae, vae_gan  # noqa: E402,F401
 
 __all__ = ["MODELS", "register", "get_model_class", "make_config", "build_model",
            "GenerativeModel", "ModelOutput", "Posterior"]

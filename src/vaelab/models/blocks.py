@@ -51,3 +51,131 @@ class MLPDecoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z).view(-1, 1, 28, 28)
+
+
+def transposed_padding(kernel: int, stride: int) -> tuple[int, int]:
+    """(padding, output_padding) that make ConvTranspose2d multiply the size by `stride` exactly.
+
+    The output size is (n - 1) * s - 2p + k + op; it equals n * s when 2p - op = k - s.
+    """
+    p = (kernel - stride + 1) // 2
+    return p, 2 * p - (kernel - stride)
+
+
+def check_transposed_layers(channels: list[int], kernels: list[int], strides: list[int],
+                            start_size: int) -> str | None:
+    """Why a ConvDecoder with these settings cannot produce 28x28 images, or None if it can."""
+    if not channels or not (len(channels) == len(kernels) == len(strides)):
+        return "channels, kernels and strides must be non-empty lists of the same length"
+    if min(channels) < 1 or min(strides) < 1 or start_size < 1:
+        return "channels, strides and start size must be positive"
+    for k, s in zip(kernels, strides):
+        if k < s or (s == 1 and (k - s) % 2):
+            return f"kernel {k} with stride {s} cannot scale a map exactly (need kernel >= stride, odd with stride 1)"
+    size = start_size
+    for s in strides:
+        size *= s
+    if size != 28:
+        return f"start size {start_size} times the strides {strides} gives {size}, not 28"
+    return None
+
+
+class ConvDecoder(nn.Module):
+    """(B, D) -> (B, 1, 28, 28) logits: a linear projection to a (channels[0], S, S) map, then one
+    transposed convolution per entry of `channels`, each scaling the map by its stride; the last
+    one outputs the single image channel."""
+
+    def __init__(self, latent_dim: int, channels: list[int], kernels: list[int], strides: list[int],
+                 start_size: int = 7, batch_norm: bool = False, dropout: float = 0.0):
+        super().__init__()
+        problem = check_transposed_layers(channels, kernels, strides, start_size)
+        if problem:
+            raise ValueError(problem)
+        self.start_shape = (channels[0], start_size, start_size)
+        self.project = nn.Sequential(nn.Linear(latent_dim, channels[0] * start_size * start_size), nn.ReLU())
+        layers: list[nn.Module] = []
+        outs = [*channels[1:], 1]
+        for i, (c_in, c_out, k, s) in enumerate(zip(channels, outs, kernels, strides)):
+            p, op = transposed_padding(k, s)
+            layers.append(nn.ConvTranspose2d(c_in, c_out, k, s, p, output_padding=op))
+            if i < len(channels) - 1:
+                if batch_norm:
+                    layers.append(nn.BatchNorm2d(c_out))
+                layers.append(nn.ReLU())
+                if dropout > 0:
+                    layers.append(nn.Dropout(dropout))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.project(z).view(-1, *self.start_shape)  # (B, D) -> (B, C, S, S)
+        return self.net(h)  # -> (B, 1, 28, 28)
+
+
+class LSTMEncoderTrunk(nn.Module):
+    """Reads the 28 rows of an image as a sequence of 28-dim vectors: (B, 1, 28, 28) -> (B, H),
+    the last hidden state."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.lstm = nn.LSTM(input_size=28, hidden_size=hidden, batch_first=True)
+        self.out_features = hidden
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, (h, _) = self.lstm(x[:, 0])  # (B, 1, 28, 28) -> rows (B, 28, 28); h: (1, B, H)
+        return h[-1]
+
+
+class ConvEncoderTrunk(nn.Module):
+    """(B, 1, 28, 28) -> (B, fc) features: 4x4 stride-2 convolutions (28 -> 14 -> 7 ...), then a
+    fully connected layer."""
+
+    def __init__(self, channels: list[int], fc: int, batch_norm: bool = False):
+        super().__init__()
+        layers: list[nn.Module] = []
+        size = 28
+        for c_in, c_out in zip([1, *channels[:-1]], channels):
+            layers.append(nn.Conv2d(c_in, c_out, 4, 2, 1))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(c_out))
+            layers.append(nn.ReLU())
+            size //= 2
+        self.convs = nn.Sequential(*layers)
+        self.fc = nn.Sequential(nn.Linear(channels[-1] * size * size, fc), nn.ReLU())
+        self.out_features = fc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.convs(x).flatten(1))  # (B, C, s, s) -> (B, C*s*s) -> (B, fc)
+
+
+class Discriminator(nn.Module):
+    """Image -> (hidden activations, real/fake logit). `conv` selects 4x4 stride-2 convolutions
+    (the widths in `conv_channels`) before the fully connected layers `fc_dims`; without them it
+    is an MLP on the 784 pixels. LeakyReLU throughout and no batch norm, so a real image's score
+    does not depend on the fakes it is batched with.
+
+    The hidden activations are what the feature-wise reconstruction loss compares (Larsen et al.
+    2016, Dis_l): one entry per hidden layer, convolutions first."""
+
+    def __init__(self, fc_dims: list[int], conv_channels: list[int] | None = None):
+        super().__init__()
+        self.layers = nn.ModuleList()
+        size, c_prev = 28, 1
+        for c in conv_channels or []:
+            self.layers.append(nn.Sequential(nn.Conv2d(c_prev, c, 4, 2, 1), nn.LeakyReLU(0.2)))
+            size, c_prev = size // 2, c
+        self.n_conv = len(conv_channels or [])
+        d_prev = c_prev * size * size
+        for d in fc_dims:
+            self.layers.append(nn.Sequential(nn.Linear(d_prev, d), nn.LeakyReLU(0.2)))
+            d_prev = d
+        self.out = nn.Linear(d_prev, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        features = []
+        h = x if self.n_conv else x.flatten(1)
+        for i, layer in enumerate(self.layers):
+            if i == self.n_conv and self.n_conv:
+                h = h.flatten(1)  # (B, C, s, s) -> (B, C*s*s)
+            h = layer(h)
+            features.append(h)
+        return features, self.out(h).squeeze(1)  # logits (B,)

@@ -28,10 +28,18 @@ class VAEConfig:
 
 
 class GaussianVAE(GenerativeModel):
-    """Shared by every VAE here: BCE + beta * KL from an encoder that yields a `Posterior`."""
+    """Shared by every VAE here: BCE + beta * KL. Subclasses build `trunk` (image -> features),
+    `heads` (features -> mu, log sigma^2) and `decoder` (z -> logits)."""
 
     term_names = ("recon", "kl")
     regularizer_term = "kl"
+
+    def encode(self, x: torch.Tensor) -> Posterior:
+        mu, logvar = self.heads(self.trunk(x))
+        return Posterior(mu, logvar)
+
+    def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z)
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         post = self.encode(x)
@@ -52,10 +60,3 @@ class VAE(GaussianVAE):
         self.trunk = MLPEncoderTrunk(config.hidden_dims)
         self.heads = GaussianHeads(self.trunk.out_features, config.latent_dim)
         self.decoder = MLPDecoder(config.latent_dim, config.hidden_dims)
-
-    def encode(self, x: torch.Tensor) -> Posterior:
-        mu, logvar = self.heads(self.trunk(x))
-        return Posterior(mu, logvar)
-
-    def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(z)

@@ -1,0 +1,53 @@
+"""The LSTM-encoder VAE: an LSTM reads the image row by row, transposed convolutions draw it.
+
+Encoder: one LSTM layer over the 28 rows (each a 28-dim vector); its last hidden state feeds the
+mu and log sigma^2 heads. Decoder: z -> linear -> (64, 7, 7) -> ConvTranspose 4x4/2 -> (32, 14, 14)
+-> ConvTranspose 4x4/2 -> (1, 28, 28) logits by default. Loss: BCE + KL as in the MLP VAE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..config import require
+from . import register
+from .blocks import ConvDecoder, GaussianHeads, LSTMEncoderTrunk, check_transposed_layers
+from .vae import GaussianVAE
+
+
+@dataclass
+class LSTMVAEConfig:
+    """LSTM encoder, transposed-convolution decoder, Bernoulli likelihood."""
+
+    latent_dim: int = 2
+    lstm_hidden: int = 128
+    # Decoder: feature-map channels after the projection and after each upsampling but the last;
+    # one transposed convolution per entry, the last one producing the image.
+    channels: list[int] = field(default_factory=lambda: [64, 32])
+    kernels: list[int] = field(default_factory=lambda: [4, 4])
+    strides: list[int] = field(default_factory=lambda: [2, 2])
+    start_size: int = 7  # side of the projected map; start_size * prod(strides) must be 28
+    batch_norm: bool = False  # BatchNorm2d after each hidden transposed convolution
+    dropout: float = 0.0  # dropout after each hidden transposed convolution
+    beta: float = 1.0  # weight of the KL term (1 = the true ELBO)
+
+    def validate(self) -> None:
+        require(self.latent_dim >= 1, "latent_dim must be at least 1")
+        require(self.lstm_hidden >= 1, "lstm_hidden must be at least 1")
+        problem = check_transposed_layers(self.channels, self.kernels, self.strides, self.start_size)
+        require(problem is None, f"decoder: {problem}")
+        require(0 <= self.dropout < 1, "dropout must be in [0, 1)")
+        require(self.beta >= 0, "beta must be non-negative")
+
+
+@register("lstm-vae")
+class LSTMVAE(GaussianVAE):
+    config_class = LSTMVAEConfig
+    description = "LSTM encoder over the 28 rows, transposed-convolution decoder: BCE + KL"
+
+    def __init__(self, config: LSTMVAEConfig):
+        super().__init__(config)
+        self.trunk = LSTMEncoderTrunk(config.lstm_hidden)
+        self.heads = GaussianHeads(self.trunk.out_features, config.latent_dim)
+        self.decoder = ConvDecoder(config.latent_dim, config.channels, config.kernels, config.strides,
+                                   config.start_size, config.batch_norm, config.dropout)
