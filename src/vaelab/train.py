@@ -121,6 +121,22 @@ def wants_channels_last(model: torch.nn.Module) -> bool:
     return any(isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)) for m in model.modules())
 
 
+@contextmanager
+def channels_last(model: torch.nn.Module, enabled: bool = True):
+    """Channels-last weights inside the block only. A (B, 1, 28, 28) batch is already
+    channels-last (one channel), so the layout then carries through every convolution. Restored
+    afterwards: a model handed back computes exactly as one rebuilt from its run folder (the two
+    layouts differ in the last bit)."""
+    if not enabled:
+        yield
+        return
+    model.to(memory_format=torch.channels_last)  # in place: optimizers keep their parameters
+    try:
+        yield
+    finally:
+        model.to(memory_format=torch.contiguous_format)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -220,10 +236,6 @@ class Trainer:
         self.progress = progress
         self.device = resolve_device(config.device)
         self.model = model.to(self.device)
-        if wants_channels_last(model):
-            # Weights only: a (B, 1, 28, 28) batch is already channels-last (one channel), and
-            # the layout then carries through every convolution's output.
-            self.model.to(memory_format=torch.channels_last)
         if config.compile:
             self.model.compile()  # in place: state_dict keys and checkpoints are unchanged
         self.data = data
@@ -294,7 +306,8 @@ class Trainer:
         # fp32 linear layers through oneDNN while training on the CPU (see fastpath.py); inductor
         # has its own kernels, so not with compile.
         fast = self.device.type == "cpu" and not self.config.compile
-        with stop_on_signals() as signals, onednn_linear(self.model, enabled=fast):
+        with (stop_on_signals() as signals, onednn_linear(self.model, enabled=fast),
+              channels_last(self.model, enabled=wants_channels_last(self.model))):
             while self.epoch < self.config.epochs:
                 self._run_epoch(self.epoch + 1, signals)
         return self.history
