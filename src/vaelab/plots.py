@@ -165,8 +165,9 @@ TERM_LABELS = {"loss": "total loss", "kl": "KL divergence (nats)", "recon": "rec
 def plot_loss_curves(history: Sequence[dict], steps: np.ndarray | None, step_columns: Sequence[str],
                      path: str | Path, regularizer: str | None = "kl", title: str = "Training curves",
                      terms: Sequence[str] | None = None) -> Path:
-    """One column per loss term (the total first, then the regularizer, then the rest): the top
-    row per epoch for each split, the bottom row per training iteration.
+    """One column per loss term (the total first, then the regularizer, then the rest), in bands
+    of at most 4 columns: in each band the top row per epoch for each split, the bottom row per
+    training iteration.
 
     `history` rows have keys epoch, split, loss, <terms>; `steps` is an array whose columns are
     named by `step_columns` (step, epoch, loss, ...). `terms` defaults to every term in `history`.
@@ -176,14 +177,19 @@ def plot_loss_curves(history: Sequence[dict], steps: np.ndarray | None, step_col
     order = ["loss"] + ([regularizer] if regularizer in terms else [])
     panels = order + [t for t in terms if t not in order]
     has_steps = steps is not None and len(steps) > 0
-    nrows = 2 if has_steps else 1
-    width = 4.2 if len(panels) <= 3 else 3.4
-    fig, axes = plt.subplots(nrows, len(panels), figsize=(width * len(panels), 3.3 * nrows + 0.5),
+    per_term = 2 if has_steps else 1  # rows per band of terms: per epoch, per iteration
+    ncols = min(len(panels), 4)  # wrap many terms (the VAE-GAN's) into bands of 4 columns
+    bands = math.ceil(len(panels) / ncols)
+    width = 4.2 if ncols <= 3 else 3.5
+    fig, axes = plt.subplots(bands * per_term, ncols, figsize=(width * ncols, 3.1 * bands * per_term + 0.5),
                              squeeze=False)
+    for ax in axes[:, len(panels) % ncols or ncols:][-per_term:].flat:
+        ax.axis("off")  # unused cells of the last band
     splits = list(dict.fromkeys(r["split"] for r in history))
-    for c, term in enumerate(panels):
+    for i, term in enumerate(panels):
+        band, c = divmod(i, ncols)
         label = TERM_LABELS.get(term, term)
-        ax = axes[0, c]
+        ax = axes[band * per_term, c]
         for split in splits:
             rows = [r for r in history if r["split"] == split and r.get(term) not in (None, "")]
             ax.plot([r["epoch"] for r in rows], [float(r[term]) for r in rows], marker="o", ms=3,
@@ -194,7 +200,7 @@ def plot_loss_curves(history: Sequence[dict], steps: np.ndarray | None, step_col
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         if has_steps:
-            ax = axes[1, c]
+            ax = axes[band * per_term + 1, c]
             cols = list(step_columns)
             if term in cols:
                 x = steps[:, cols.index("step")]
