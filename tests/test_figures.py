@@ -88,3 +88,22 @@ def test_write_run_figures_on_a_tiny_run(tmp_path, tiny_data, latent_dim):
     assert set(written) == expected
     for path in written.values():
         png_size(path)
+
+
+def test_recipe_folder_rules(tmp_path):
+    from vaelab.errors import ConfigError, RunExistsError
+    from vaelab.recipes import RECIPES, estimate_seconds, get_recipe, prepare_out
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me")
+    with pytest.raises(RunExistsError, match="already exists"):
+        prepare_out(notes, overwrite=False)
+    with pytest.raises(RunExistsError, match="refusing"):
+        prepare_out(notes, overwrite=True)
+    assert (notes / "todo.txt").read_text() == "keep me"
+    with pytest.raises(ConfigError, match="unknown recipe"):
+        get_recipe("nope")
+    assert set(RECIPES) == {"vae-2d-mnist", "lstm-vae-mnist", "fashion-generative"}
+    # The demo's budget: quick vae-2d-mnist estimated well under 2.5 minutes.
+    assert estimate_seconds(RECIPES["vae-2d-mnist"], quick=True) < 150

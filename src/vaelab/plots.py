@@ -182,7 +182,7 @@ def plot_loss_curves(history: Sequence[dict], steps: np.ndarray | None, step_col
     bands = math.ceil(len(panels) / ncols)
     width = 4.2 if ncols <= 3 else 3.5
     fig, axes = plt.subplots(bands * per_term, ncols, figsize=(width * ncols, 3.1 * bands * per_term + 0.5),
-                             squeeze=False)
+                             squeeze=False, layout="constrained")  # leaves room for the suptitle
     for ax in axes[:, len(panels) % ncols or ncols:][-per_term:].flat:
         ax.axis("off")  # unused cells of the last band
     splits = list(dict.fromkeys(r["split"] for r in history))
@@ -215,7 +215,6 @@ def plot_loss_curves(history: Sequence[dict], steps: np.ndarray | None, step_col
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
     return save_figure(fig, path)
 
 

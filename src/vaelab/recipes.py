@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Callable
 
 from . import plots
-from .checkpoint import load_run, write_json
+from .checkpoint import CONFIG_FILE, load_run, write_json
 from .data import load
 from .errors import ConfigError, RunExistsError
 from .evaluate import EvalSettings, evaluate_run, generate, summary_rows
-from .figures import random_test_images, write_run_figures
+from .figures import random_test_images, read_history, write_run_figures
 from .models import MODELS, make_config
 from .report import Report
 from .train import TrainConfig, train
@@ -209,7 +209,7 @@ def _fashion_discussion(result: RecipeResult, report: Report) -> None:
 
 def _lstm_discussion(result: RecipeResult, report: Report) -> None:
     r = result.steps[0]
-    hist = [h for h in _history(r.run_dir) if h["split"] == "train"]
+    hist = [h for h in read_history(r.run_dir) if h["split"] == "train"]
     if len(hist) >= 2:
         first, last = hist[0], hist[-1]
         report.heading("How the loss and the regularization term behave")
@@ -221,12 +221,6 @@ def _lstm_discussion(result: RecipeResult, report: Report) -> None:
             f"q(z|x) is close to the prior, so the KL starts small; as the decoder learns to use "
             f"the code, the encoder spends more nats on it (KL rises) in exchange for a larger "
             f"fall in reconstruction error.", css_class="answer")
-
-
-def _history(run_dir: Path) -> list[dict]:
-    from .figures import read_history
-
-    return read_history(run_dir)
 
 
 VAE_2D = Step("vae-2d", "MLP VAE 784-512-2", "vae", "mnist", (12, 50),
@@ -301,14 +295,15 @@ def estimate_seconds(recipe: Recipe, quick: bool) -> float:
 
 def prepare_out(out: Path, overwrite: bool) -> None:
     """The rules of `train.prepare_run_dir` for a recipe folder: a non-empty DIR needs
-    --overwrite, and is only ever replaced if it holds a recipe's output."""
+    --overwrite, and is only ever replaced if it holds a recipe's output (or a vaelab run, such
+    as an older `make demo` folder)."""
     if out.exists() and not out.is_dir():
         raise RunExistsError(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise RunExistsError(f"{out} already exists and is not empty (use --overwrite to replace it)")
-        if not (out / RECIPE_FILE).exists():
-            raise RunExistsError(f"{out} is not a vaelab recipe folder; refusing to overwrite it")
+        if not ((out / RECIPE_FILE).exists() or (out / CONFIG_FILE).exists()):
+            raise RunExistsError(f"{out} is neither a vaelab recipe folder nor a run; refusing to overwrite it")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
 
