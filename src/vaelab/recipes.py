@@ -19,7 +19,7 @@ from typing import Callable
 
 from . import plots
 from .checkpoint import CONFIG_FILE, load_run, write_json
-from .data import load
+from .data import ImageData, load
 from .errors import ConfigError, RunExistsError
 from .evaluate import EvalSettings, evaluate_run, generate, summary_rows
 from .figures import random_test_images, read_history, write_run_figures
@@ -72,6 +72,7 @@ class RecipeResult:
     out: Path
     quick: bool
     steps: list[StepResult]
+    datasets: dict[str, ImageData] = field(default_factory=dict)  # dataset name -> data used
     seconds: float = 0.0
 
 
@@ -132,14 +133,14 @@ def _fashion_discussion(result: RecipeResult, report: Report) -> None:
         q = r.metrics.get("sample_quality", {}).get("samples", {})
         iw = r.metrics.get("iwae")
         rows.append([r.step.title, r.step.model, r.metrics["latent_dim"],
-                     q.get("frechet_distance", float("nan")), q.get("confident_share", float("nan")),
+                     q.get("frechet_distance", float("nan")), f"{q.get('confident_share', float('nan')):.1%}",
                      r.metrics["recon_mse"],
                      r.metrics["elbo"]["neg_elbo"] if "elbo" in r.metrics else "—",
                      f"{iw['nll']:.1f} ± {iw['se']:.1f}" if iw else "—"])
     floor = result.steps[0].metrics.get("sample_quality", {}).get("real_train", {})
     if floor:
         rows.append(["real training images (the floor)", "—", "—", floor["frechet_distance"],
-                     floor["confident_share"], "—", "—", "—"])
+                     f"{floor['confident_share']:.1%}", "—", "—", "—"])
     report.table(["model", "name", "latent dim", "Fréchet distance ↓", "share confident > 0.9 ↑",
                   "recon MSE ↓", "neg. ELBO (nats)", "IWAE NLL (nats)"], rows,
                  caption="Every model measured the same way: samples from its generator scored by the "
@@ -160,7 +161,7 @@ def _fashion_discussion(result: RecipeResult, report: Report) -> None:
     report.figure(path, "10 generated images per model, one model per row.",
                   "the naive autoencoder's samples against the normalized one's, and the VAE and "
                   "VAE-GANs against both: recognizable garments, sharpness, variety.")
-    data = load(result.steps[0].step.dataset, quiet=True)
+    data = result.datasets[result.steps[0].step.dataset]
     x = random_test_images(data.test_x, 10, 0, "cpu")
     rows = [x] + [m.reconstruct(x.to(m.device)).cpu() for m in models.values()]
     path = plots.plot_image_rows(rows, ["original"] + titles, fig_dir / "reconstructions_side_by_side.png",
@@ -340,9 +341,9 @@ def run_recipe(name: str, out: str | Path, quick: bool = False, overwrite: bool 
     datasets: dict = {}
     results = []
     for step, model_config, train_config in configs:
-        data = data_override or datasets.get(step.dataset)
-        if data is None:
-            data = datasets[step.dataset] = load(step.dataset, quiet=not progress)
+        if step.dataset not in datasets:
+            datasets[step.dataset] = data_override or load(step.dataset, quiet=not progress)
+        data = datasets[step.dataset]
         _log(f"[{step.key}] training {step.model} for {train_config.epochs} epoch(s) on {data.name}", progress)
         t0 = time.perf_counter()
         train(step.model, model_config, train_config, out / step.key, progress=progress, data=data)
@@ -352,7 +353,7 @@ def run_recipe(name: str, out: str | Path, quick: bool = False, overwrite: bool 
         _log(f"[{step.key}] measuring", progress)
         metrics = evaluate_run(run, data, settings, progress=progress)
         results.append(StepResult(step, run.path, metrics, figures, train_s))
-    result = RecipeResult(recipe, out, quick, results, time.perf_counter() - start)
+    result = RecipeResult(recipe, out, quick, results, datasets, time.perf_counter() - start)
     write_report(result)
     return result
 
