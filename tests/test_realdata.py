@@ -22,3 +22,26 @@ def test_one_epoch_of_the_mlp_vae_on_real_mnist(tmp_path):
     test = [r for r in trainer.history if r["split"] == "test"][0]
     # A 2-D latent VAE reaches ~165 nats after one epoch; an untrained one scores ~540.
     assert test["loss"] < 180 and test["kl"] > 1
+
+
+def test_quick_recipe_end_to_end_writes_a_filled_report(tmp_path, monkeypatch):
+    """vae-2d-mnist --quick through the library, with one epoch instead of twelve so the test
+    stays short: every figure and table of the report is filled."""
+    import dataclasses
+    import re
+
+    from vaelab import recipes
+
+    recipe = recipes.RECIPES["vae-2d-mnist"]
+    step = dataclasses.replace(recipe.steps[0], epochs=(1, 1))
+    monkeypatch.setitem(recipes.RECIPES, "vae-2d-mnist", dataclasses.replace(recipe, steps=(step,)))
+    result = recipes.run_recipe("vae-2d-mnist", tmp_path / "out", quick=True, progress=False, device="cpu")
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert len(re.findall(r'<img alt="[^"]+" src="data:image/png;base64,[A-Za-z0-9+/=]{1000,}"', html)) == 7
+    assert html.count("<figcaption>") == 7 and "What to look for" in html
+    assert "nan" not in html.lower().replace("nans", "")
+    m = result.steps[0].metrics
+    assert m["classifier"]["test_accuracy"] > 0.97
+    assert m["sample_quality"]["real_train"]["frechet_distance"] < m["sample_quality"]["samples"]["frechet_distance"]
+    assert m["iwae"]["nll"] < m["elbo"]["neg_elbo"]
+    assert (tmp_path / "out" / "vae-2d" / "model.safetensors").is_file()

@@ -167,6 +167,96 @@ def cmd_reconstruct(args) -> int:
     return 0
 
 
+def _add_plot(sub) -> None:
+    p = sub.add_parser("plot", help="draw every figure of a run into RUN/figures/",
+                       description="Loss curves, latent scatter, manifold (2-D latents), per-class grid, "
+                                   "samples, reconstructions and interpolations, as PNGs in RUN/figures/.")
+    p.add_argument("run", type=Path)
+    p.add_argument("--grid", type=_positive_int, default=15, help="manifold grid side (default 15)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_plot)
+
+
+def cmd_plot(args) -> int:
+    from .checkpoint import load_run
+    from .data import load
+    from .figures import write_run_figures
+    from .train import resolve_device
+
+    run = load_run(args.run, device=resolve_device(args.device))
+    data = load(run.train_config.dataset, quiet=True)
+    written = write_run_figures(args.run, run.model, data, seed=args.seed, grid_size=args.grid)
+    print(f"wrote {len(written)} figures into {Path(args.run) / 'figures'}/")
+    for name, path in written.items():
+        print(f"  {path.name:<24} {name.replace('_', ' ')}")
+    return 0
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="measure a run: loss terms, IWAE NLL, sample quality -> RUN/metrics.json",
+                       description="Test loss terms, the importance-weighted NLL with its standard error, "
+                                   "sample quality with a domain classifier (trained once per dataset and "
+                                   "cached beside the data), active units and KL per latent dimension.")
+    p.add_argument("run", type=Path)
+    p.add_argument("--iw-samples", type=int, default=5000, metavar="K",
+                   help="importance samples per image for the IWAE NLL (default 5000; 0 skips it)")
+    p.add_argument("--iw-images", type=_positive_int, default=2000, metavar="N",
+                   help="test images the NLL is averaged over (default the first 2000; 10000 = all)")
+    p.add_argument("--samples", type=int, default=10000, metavar="N",
+                   help="generated and real images for the sample-quality figures (default 10000; 0 skips)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_evaluate(args) -> int:
+    from .checkpoint import load_run
+    from .data import load
+    from .errors import ConfigError
+    from .evaluate import METRICS_FILE, EvalSettings, evaluate_run, format_table
+    from .train import resolve_device
+
+    if args.iw_samples < 0 or args.samples < 0:
+        raise ConfigError("--iw-samples and --samples must be non-negative")
+    run = load_run(args.run, device=resolve_device(args.device))
+    data = load(run.train_config.dataset, quiet=True)
+    settings = EvalSettings(iw_samples=args.iw_samples, iw_images=args.iw_images,
+                            n_samples=args.samples, seed=args.seed)
+    metrics = evaluate_run(run, data, settings, progress=not args.quiet)
+    print(format_table(metrics))
+    print(f"wrote {Path(args.run) / METRICS_FILE}")
+    return 0
+
+
+def _add_recipe(sub) -> None:
+    from .recipes import describe_recipes
+
+    p = sub.add_parser("recipe", help="reproduce a whole assignment and write report.html",
+                       description="Train, draw and measure every model of an assignment, then write one "
+                                   "self-contained DIR/report.html.",
+                       epilog="recipes:\n" + describe_recipes(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("name", help="a recipe from the list below")
+    p.add_argument("--out", type=Path, required=True, help="output folder (run folders and report.html)")
+    p.add_argument("--quick", action="store_true", help="minutes on 2 cores: short training, cheap metrics")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing recipe folder")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_recipe)
+
+
+def cmd_recipe(args) -> int:
+    from .recipes import run_recipe
+
+    result = run_recipe(args.name, args.out, quick=args.quick, overwrite=args.overwrite,
+                        progress=not args.quiet, device=args.device)
+    print(f"wrote {result.out / 'report.html'} ({result.seconds / 60:.1f} min); run folders: "
+          + ", ".join(f"{r.run_dir.name}/" for r in result.steps))
+    return 0
+
+
 def _add_models(sub) -> None:
     p = sub.add_parser("models", help="list the registered models")
     p.set_defaults(func=cmd_models)
@@ -214,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"vaelab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
-    for add in (_add_train, _add_generate, _add_reconstruct, _add_models, _add_data):
+    for add in (_add_train, _add_generate, _add_reconstruct, _add_plot, _add_evaluate, _add_recipe,
+                _add_models, _add_data):
         add(sub)
     return parser
 

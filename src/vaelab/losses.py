@@ -20,6 +20,17 @@ def bce_from_logits(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return per_pixel.flatten(1).sum(1)
 
 
+def bce_from_logits_shared_target(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """`bce_from_logits` of K decodes per image against their one image: logits (K, B, ...) and
+    target (B, ...) -> (K, B), without materializing K copies of the target.
+
+    Uses BCE(l, x) = softplus(l) - x * l, whose second term is one contraction over pixels.
+    """
+    k, b = logits.shape[:2]
+    flat = logits.reshape(k, b, -1)
+    return F.softplus(flat).sum(-1) - torch.einsum("kbp,bp->kb", flat, target.reshape(b, -1))
+
+
 def kl_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, diag(exp(logvar))) || N(0, I)) in closed form, summed over latents: (B, D) -> (B,).
 

@@ -59,10 +59,12 @@ def save_figure(fig, path: str | Path) -> Path:
 
 
 def plot_image_rows(rows: Sequence[torch.Tensor], row_labels: Sequence[str], path: str | Path,
-                    title: str) -> Path:
-    """Rows of images (each (N, 1, 28, 28)) with a label per row: originals above reconstructions."""
+                    title: str, col_labels: Sequence[str] | None = None) -> Path:
+    """Rows of images (each (N, 1, 28, 28)) with a label per row (originals above
+    reconstructions, one class per row, one model per row) and optional column labels."""
     ncol = max(len(r) for r in rows)
-    fig, axes = plt.subplots(len(rows), ncol, figsize=(ncol * 0.9, len(rows) * 1.0 + 0.4), squeeze=False)
+    fig, axes = plt.subplots(len(rows), ncol, figsize=(ncol * 0.9 + 0.8, len(rows) * 0.95 + 0.7),
+                             squeeze=False)
     for r, (images, label) in enumerate(zip(rows, row_labels)):
         arr = _as_uint8_images(images)
         for c in range(ncol):
@@ -74,49 +76,145 @@ def plot_image_rows(rows: Sequence[torch.Tensor], row_labels: Sequence[str], pat
             else:
                 ax.axis("off")
         axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
+    for c, label in enumerate(col_labels or []):
+        axes[0, c].set_title(label, fontsize=8)
     fig.suptitle(title)
     return save_figure(fig, path)
 
 
+def plot_image_grid(images, path: str | Path, title: str, nrow: int = 10) -> Path:
+    """A grid of images (e.g. 100 samples) as one picture with a title, no axes."""
+    arr = grid_array(images, nrow, padding=1)
+    size = max(3.0, 0.42 * nrow)
+    fig, ax = plt.subplots(figsize=(size, size * arr.shape[0] / arr.shape[1] + 0.4))
+    ax.imshow(arr, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=10)
+    return save_figure(fig, path)
+
+
+# The fixed colour map for classes: class k is always colour k, in every figure.
+CLASS_COLORS = plt.get_cmap("tab10").colors
+
+
+def plot_latent_scatter(points: torch.Tensor | np.ndarray, labels, class_names: Sequence[str],
+                        path: str | Path, title: str, axis_labels: tuple[str, str] = ("z1", "z2"),
+                        note: str | None = None) -> Path:
+    """2-D points (N, 2) coloured by integer label, with a legend of class names; `note` is
+    printed in the corner (e.g. that the points are a PCA projection)."""
+    pts = np.asarray(points.detach().cpu() if isinstance(points, torch.Tensor) else points, dtype=float)
+    labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
+    fig, ax = plt.subplots(figsize=(7.6, 6.2))
+    for k, name in enumerate(class_names):
+        sel = labels == k
+        ax.scatter(pts[sel, 0], pts[sel, 1], s=4, alpha=0.6, color=CLASS_COLORS[k % 10],
+                   label=f"{k}: {name}" if name != str(k) else name, rasterized=True)
+    ax.set_xlabel(axis_labels[0])
+    ax.set_ylabel(axis_labels[1])
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    legend = ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), markerscale=3, frameon=False,
+                       title="class")
+    for handle in legend.legend_handles:
+        handle.set_alpha(1)
+    if note:
+        ax.text(0.01, 0.01, note, transform=ax.transAxes, fontsize=8, va="bottom",
+                bbox=dict(facecolor="white", alpha=0.8, edgecolor="none"))
+    return save_figure(fig, path)
+
+
+def plot_manifold(images, x_values: Sequence[float], y_values: Sequence[float], path: str | Path,
+                  title: str, axis_labels: tuple[str, str] = ("z1", "z2")) -> Path:
+    """An n x n grid of decoded images in row-major order, row 0 at the top; the axes carry the
+    latent values each column (`x_values`) and row (`y_values`, top to bottom) was decoded at."""
+    ny, nx = len(y_values), len(x_values)
+    arr = grid_array(images, nx, padding=0)  # (ny*28, nx*28)
+    h, w = arr.shape[0] / ny, arr.shape[1] / nx
+    fig, ax = plt.subplots(figsize=(0.5 * nx + 1.4, 0.5 * ny + 1.2))
+    ax.imshow(arr, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    ax.set_xticks((np.arange(nx) + 0.5) * w, [f"{v:.2f}" for v in x_values], rotation=90, fontsize=7)
+    ax.set_yticks((np.arange(ny) + 0.5) * h, [f"{v:.2f}" for v in y_values], fontsize=7)
+    ax.set_xlabel(axis_labels[0])
+    ax.set_ylabel(axis_labels[1])
+    ax.set_title(title)
+    return save_figure(fig, path)
+
+
+def plot_class_histogram(shares: dict[str, Sequence[float]], class_names: Sequence[str], path: str | Path,
+                         title: str) -> Path:
+    """Grouped bars: for each named set of images (samples, real images), the share classified
+    as each class."""
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * len(class_names) + 2), 3.6))
+    width = 0.8 / max(1, len(shares))
+    x = np.arange(len(class_names))
+    for i, (name, values) in enumerate(shares.items()):
+        ax.bar(x + (i - (len(shares) - 1) / 2) * width, values, width, label=name)
+    ax.axhline(1 / len(class_names), color="gray", lw=0.8, ls="--", label="uniform")
+    ax.set_xticks(x, class_names, rotation=30, ha="right")
+    ax.set_ylabel("share of images")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    return save_figure(fig, path)
+
+
+TERM_LABELS = {"loss": "total loss", "kl": "KL divergence (nats)", "recon": "reconstruction"}
+
+
 def plot_loss_curves(history: Sequence[dict], steps: np.ndarray | None, step_columns: Sequence[str],
-                     path: str | Path, regularizer: str | None = "kl", title: str = "Training curves") -> Path:
-    """Per-epoch total loss (and the regularization term) per split, plus the per-iteration
-    training loss.
+                     path: str | Path, regularizer: str | None = "kl", title: str = "Training curves",
+                     terms: Sequence[str] | None = None) -> Path:
+    """One column per loss term (the total first, then the regularizer, then the rest), in bands
+    of at most 4 columns: in each band the top row per epoch for each split, the bottom row per
+    training iteration.
 
     `history` rows have keys epoch, split, loss, <terms>; `steps` is an array whose columns are
-    named by `step_columns` (step, epoch, loss, ...).
+    named by `step_columns` (step, epoch, loss, ...). `terms` defaults to every term in `history`.
     """
-    panels = ["loss"] + ([regularizer] if regularizer else [])
-    ncols = len(panels) + (1 if steps is not None and len(steps) else 0)
-    fig, axes = plt.subplots(1, ncols, figsize=(4.6 * ncols, 3.6), squeeze=False)
-    axes = axes[0]
-    for ax, term in zip(axes, panels):
-        for split in dict.fromkeys(r["split"] for r in history):
-            rows = [r for r in history if r["split"] == split]
+    if terms is None:
+        terms = [k for k in history[0] if k not in ("epoch", "split", "seconds")] if history else ["loss"]
+    order = ["loss"] + ([regularizer] if regularizer in terms else [])
+    panels = order + [t for t in terms if t not in order]
+    has_steps = steps is not None and len(steps) > 0
+    per_term = 2 if has_steps else 1  # rows per band of terms: per epoch, per iteration
+    ncols = min(len(panels), 4)  # wrap many terms (the VAE-GAN's) into bands of 4 columns
+    bands = math.ceil(len(panels) / ncols)
+    width = 4.2 if ncols <= 3 else 3.5
+    fig, axes = plt.subplots(bands * per_term, ncols, figsize=(width * ncols, 3.1 * bands * per_term + 0.5),
+                             squeeze=False, layout="constrained")  # leaves room for the suptitle
+    for ax in axes[:, len(panels) % ncols or ncols:][-per_term:].flat:
+        ax.axis("off")  # unused cells of the last band
+    splits = list(dict.fromkeys(r["split"] for r in history))
+    for i, term in enumerate(panels):
+        band, c = divmod(i, ncols)
+        label = TERM_LABELS.get(term, term)
+        ax = axes[band * per_term, c]
+        for split in splits:
+            rows = [r for r in history if r["split"] == split and r.get(term) not in (None, "")]
             ax.plot([r["epoch"] for r in rows], [float(r[term]) for r in rows], marker="o", ms=3,
                     label=split, **SPLIT_STYLES.get(split, {}))
         ax.set_xlabel("epoch")
-        ax.set_ylabel("KL divergence (nats)" if term == "kl" else ("total loss" if term == "loss" else term))
-        ax.set_title("total loss per epoch" if term == "loss" else f"{term} term per epoch")
+        ax.set_ylabel(label)
+        ax.set_title(f"{label} per epoch", fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend()
-    if ncols > len(panels):
-        ax = axes[-1]
-        cols = list(step_columns)
-        x = steps[:, cols.index("step")]
-        for term, style in (("loss", dict(color="tab:blue")), (regularizer, dict(color="tab:red"))):
-            if term and term in cols:
+        ax.legend(fontsize=8)
+        if has_steps:
+            ax = axes[band * per_term + 1, c]
+            cols = list(step_columns)
+            if term in cols:
+                x = steps[:, cols.index("step")]
                 y = steps[:, cols.index(term)]
-                ax.plot(x, y, lw=0.6, alpha=0.35, **style)
-                ax.plot(x, _smooth(y), lw=1.4, label=f"{term} (smoothed)", **style)
-        ax.set_xlabel("iteration")
-        ax.set_ylabel("training loss")
-        ax.set_title("per iteration")
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        ax.legend()
+                ax.plot(x, y, lw=0.6, alpha=0.3, color="tab:blue", label="per iteration")
+                ax.plot(x, _smooth(y), lw=1.4, color="tab:blue", label="smoothed (25 steps)")
+                if np.all(y > 0) and y.max() / y.min() > 20:
+                    ax.set_yscale("log")  # the first steps are often orders of magnitude higher
+            ax.set_xlabel("iteration")
+            ax.set_ylabel(f"training {label}")
+            ax.set_title(f"{label} per iteration (train)", fontsize=10)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
     return save_figure(fig, path)
 
 

@@ -1,0 +1,77 @@
+"""One self-contained HTML report: headings, text, tables and PNG figures embedded as base64, so
+the single file can be mailed or opened anywhere without its run folders."""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+from typing import Sequence
+
+from .atomic import atomic_write
+
+STYLE = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; max-width: 1100px;
+       margin: 2em auto; padding: 0 1em; color: #222; line-height: 1.45; }
+h1 { border-bottom: 2px solid #444; padding-bottom: .2em; }
+h2 { margin-top: 2em; border-bottom: 1px solid #bbb; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.92em; }
+th, td { border: 1px solid #ccc; padding: .3em .6em; text-align: left; vertical-align: top; }
+th { background: #f0f0f0; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+figure { margin: 1.2em 0; }
+figure img { max-width: 100%; border: 1px solid #ddd; }
+figcaption { font-size: 0.92em; color: #444; margin-top: .3em; }
+figcaption b { color: #222; }
+.note { background: #fff8e0; border-left: 4px solid #e0b000; padding: .5em .8em; }
+.answer { background: #eef5ff; border-left: 4px solid #3a78c2; padding: .5em .8em; }
+"""
+
+
+class Report:
+    """Build a report block by block; `write` renders it. Text arguments are plain text (escaped);
+    `raw` takes HTML."""
+
+    def __init__(self, title: str):
+        self.title = title
+        self.blocks: list[str] = []
+
+    def heading(self, text: str, level: int = 2) -> None:
+        self.blocks.append(f"<h{level}>{html.escape(text)}</h{level}>")
+
+    def paragraph(self, text: str, css_class: str | None = None) -> None:
+        cls = f' class="{css_class}"' if css_class else ""
+        self.blocks.append(f"<p{cls}>{html.escape(text)}</p>")
+
+    def raw(self, markup: str) -> None:
+        self.blocks.append(markup)
+
+    def table(self, headers: Sequence[str], rows: Sequence[Sequence[object]], caption: str | None = None) -> None:
+        def cell(v: object) -> str:
+            if isinstance(v, float):
+                return f'<td class="num">{v:.4g}</td>'
+            return f"<td>{html.escape(str(v))}</td>"
+
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+        body = "".join("<tr>" + "".join(cell(v) for v in row) + "</tr>" for row in rows)
+        cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
+        self.blocks.append(f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+
+    def figure(self, path: str | Path, what: str, look_for: str | None = None) -> None:
+        """Embed a PNG with a caption saying what it shows and what to look for."""
+        data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+        caption = f"<b>{html.escape(what)}</b>"
+        if look_for:
+            caption += f" What to look for: {html.escape(look_for)}"
+        self.blocks.append(f'<figure><img alt="{html.escape(what)}" src="data:image/png;base64,{data}">'
+                           f"<figcaption>{caption}</figcaption></figure>")
+
+    def render(self) -> str:
+        return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+                f"<title>{html.escape(self.title)}</title><style>{STYLE}</style></head><body>"
+                f"<h1>{html.escape(self.title)}</h1>\n" + "\n".join(self.blocks) + "\n</body></html>\n")
+
+    def write(self, path: str | Path) -> Path:
+        path = Path(path)
+        atomic_write(path, self.render().encode("utf-8"))
+        return path

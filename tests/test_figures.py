@@ -1,0 +1,109 @@
+"""Every figure function writes a valid PNG of the expected size, on synthetic tensors."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vaelab import plots
+from vaelab.figures import FIGURE_FILES, class_samples, pca_2d, write_run_figures
+from vaelab.models import make_config
+from vaelab.train import TrainConfig, train
+
+
+def png_size(path):
+    with Image.open(path) as img:
+        img.verify()  # raises on a damaged file
+    with Image.open(path) as img:
+        assert img.format == "PNG"
+        return img.size
+
+
+def images(n, seed=0):
+    return torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
+
+
+def test_image_grid_png_has_exact_pixel_size(tmp_path):
+    w, h = png_size(plots.save_image_grid(images(100), tmp_path / "g.png", nrow=10, scale=2))
+    assert (w, h) == (2 * (10 * 30 + 2), 2 * (10 * 30 + 2))
+
+
+@pytest.mark.parametrize("draw, size", [
+    (lambda p: plots.plot_image_grid(images(100), p, title="samples"), (200, 200)),
+    (lambda p: plots.plot_image_rows([images(10), images(10, 1)], ["a", "b"], p, title="t",
+                                     col_labels=[str(i) for i in range(10)]), (500, 150)),
+    (lambda p: plots.plot_latent_scatter(torch.randn(500, 2), torch.randint(0, 10, (500,)),
+                                         [f"class {i}" for i in range(10)], p, title="t",
+                                         note="PCA projection"), (500, 400)),
+    (lambda p: plots.plot_manifold(images(15 * 15), np.linspace(-2, 2, 15), np.linspace(2, -2, 15), p,
+                                   title="t"), (450, 450)),
+    (lambda p: plots.plot_class_histogram({"samples": np.full(10, 0.1), "real": np.full(10, 0.1)},
+                                          [str(i) for i in range(10)], p, title="t"), (400, 200)),
+])
+def test_each_plot_writes_a_png_at_least_this_big(tmp_path, draw, size):
+    w, h = png_size(draw(tmp_path / "f.png"))
+    assert w >= size[0] and h >= size[1]
+    assert w < 4000 and h < 4000
+
+
+@pytest.mark.parametrize("terms", [("recon", "kl"), ("enc_loss", "dec_loss", "dis_loss", "dis_acc_real", "kl")])
+def test_loss_curves_draw_every_term_in_bands(tmp_path, terms):
+    history = [{"epoch": e, "split": s, "loss": 10.0 / e, **{t: 1.0 / e for t in terms}}
+               for e in (1, 2, 3) for s in ("train", "test")]
+    cols = ["step", "epoch", "loss", *terms]
+    steps = np.array([[i, 1 + i // 10, 5.0, *([0.5] * len(terms))] for i in range(1, 31)])
+    w, h = png_size(plots.plot_loss_curves(history, steps, cols, tmp_path / "l.png", regularizer="kl",
+                                           terms=["loss", *terms]))
+    n = 1 + len(terms)
+    assert w < 1600  # wrapped into bands of at most 4 columns
+    assert h > 600 * ((n + 3) // 4) * 0.9  # two rows (epoch, iteration) per band
+
+
+def test_pca_projection_keeps_the_main_axes():
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randn(1000, 5, generator=g) * torch.tensor([5.0, 2.0, 0.1, 0.1, 0.1])
+    points, share = pca_2d(codes)
+    assert points.shape == (1000, 2)
+    assert share[0] > 0.8 and share[0] + share[1] > 0.99
+
+
+def test_class_samples_stay_in_their_class_region():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[-4.0, 0.0], [4.0, 0.0], [0.0, 4.0]])
+    labels = torch.arange(3).repeat_interleave(200)
+    codes = centres[labels] + torch.randn(600, 2, generator=g)
+    z = class_samples(codes, labels, 3, k=5)
+    assert z.shape == (15, 2)
+    nearest = torch.cdist(z, centres).argmin(1)
+    assert nearest.tolist() == labels[::40].tolist()  # 5 per class, in class order
+
+
+@pytest.mark.parametrize("latent_dim", [2, 3])
+def test_write_run_figures_on_a_tiny_run(tmp_path, tiny_data, latent_dim):
+    cfg = TrainConfig(epochs=1, batch_size=64, device="cpu", log_every=2)
+    trainer = train("vae", make_config("vae", hidden_dims=[16], latent_dim=latent_dim), cfg, tmp_path / "run",
+                    progress=False, data=tiny_data)
+    written = write_run_figures(tmp_path / "run", trainer.model, tiny_data, n_scatter=64, grid_size=5)
+    expected = set(FIGURE_FILES) - ({"manifold"} if latent_dim != 2 else set())
+    assert set(written) == expected
+    for path in written.values():
+        png_size(path)
+
+
+def test_recipe_folder_rules(tmp_path):
+    from vaelab.errors import ConfigError, RunExistsError
+    from vaelab.recipes import RECIPES, estimate_seconds, get_recipe, prepare_out
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me")
+    with pytest.raises(RunExistsError, match="already exists"):
+        prepare_out(notes, overwrite=False)
+    with pytest.raises(RunExistsError, match="refusing"):
+        prepare_out(notes, overwrite=True)
+    assert (notes / "todo.txt").read_text() == "keep me"
+    with pytest.raises(ConfigError, match="unknown recipe"):
+        get_recipe("nope")
+    assert set(RECIPES) == {"vae-2d-mnist", "lstm-vae-mnist", "fashion-generative"}
+    # The demo's budget: quick vae-2d-mnist estimated well under 2.5 minutes.
+    assert estimate_seconds(RECIPES["vae-2d-mnist"], quick=True) < 150
