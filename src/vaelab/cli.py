@@ -201,8 +201,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("run", type=Path)
     p.add_argument("--iw-samples", type=int, default=5000, metavar="K",
                    help="importance samples per image for the IWAE NLL (default 5000; 0 skips it)")
-    p.add_argument("--iw-images", type=_positive_int, default=2000, metavar="N",
-                   help="test images the NLL is averaged over (default the first 2000; 10000 = all)")
+    p.add_argument("--iw-images", type=_positive_int, default=10000, metavar="N",
+                   help="the first N test images the NLL is averaged over (default 10000 = all)")
     p.add_argument("--samples", type=int, default=10000, metavar="N",
                    help="generated and real images for the sample-quality figures (default 10000; 0 skips)")
     p.add_argument("--seed", type=int, default=0)
