@@ -95,3 +95,18 @@ def test_existing_out_is_refused_and_kept(trained_run, capsys):
 def test_a_folder_that_is_not_a_run(tmp_path, capsys):
     code, _, err = run_cli(capsys, "generate", str(tmp_path))
     assert code == 2 and "not a vaelab run folder" in err
+
+
+def test_a_folder_holding_one_run_stands_for_it(trained_run, tmp_path, capsys):
+    """`vaelab generate runs/demo` works on a one-model recipe folder; several runs are listed."""
+    run, _ = trained_run
+    recipe = tmp_path / "recipe"
+    recipe.mkdir()
+    run.rename(recipe / "only")
+    code, out, _ = run_cli(capsys, "generate", str(recipe), "-n", "4", "--npy", str(tmp_path / "g.npy"))
+    assert code == 0 and str(recipe / "only") in out and np.load(tmp_path / "g.npy").shape == (4, 28, 28)
+    import shutil
+
+    shutil.copytree(recipe / "only", recipe / "second")
+    code, _, err = run_cli(capsys, "generate", str(recipe), "-n", "4")
+    assert code == 2 and "holds 2 runs (only/, second/)" in err

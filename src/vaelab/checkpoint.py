@@ -257,9 +257,23 @@ def load_state_into(model, tensors: dict[str, torch.Tensor], path: Path) -> None
     model.load_state_dict(tensors)
 
 
+def resolve_run_dir(path: str | Path) -> Path:
+    """A run folder, or a folder holding exactly one (a one-model recipe such as `runs/demo`):
+    the run folder itself. A folder holding several runs is an error that lists them."""
+    path = Path(path)
+    if (path / CONFIG_FILE).exists() or not path.is_dir():
+        return path
+    runs = sorted(p for p in path.iterdir() if (p / CONFIG_FILE).is_file())
+    if len(runs) > 1:
+        raise CheckpointError(f"{path} holds {len(runs)} runs ({', '.join(p.name + '/' for p in runs)}); "
+                              f"name one, e.g. {runs[0]}")
+    return runs[0] if runs else path
+
+
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Run:
-    """Rebuild a trained model from its run folder; nothing but config.json and weights are read."""
-    run_dir = Path(run_dir)
+    """Rebuild a trained model from its run folder (or a folder holding exactly one run);
+    nothing but config.json and weights are read."""
+    run_dir = resolve_run_dir(run_dir)
     cfg = read_run_config(run_dir)
     model, train_config = build_from_config(cfg, run_dir / CONFIG_FILE)
     weights_path = run_dir / MODEL_FILE

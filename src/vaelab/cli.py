@@ -127,11 +127,11 @@ def cmd_generate(args) -> int:
     g = torch.Generator(device=run.model.device).manual_seed(args.seed)
     chunks = [run.model.sample(min(1000, args.n - i), generator=g).cpu() for i in range(0, args.n, 1000)]
     images = torch.cat(chunks)  # (n, 1, 28, 28)
-    out = args.out or Path(args.run) / "figures" / "generated.png"
+    out = args.out or run.path / "figures" / "generated.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     nrow = max(1, round(args.n ** 0.5))
     save_image_grid(images, out, nrow=nrow, scale=2 if args.n <= 400 else 1)
-    print(f"wrote {out}: {args.n} samples from {args.run}")
+    print(f"wrote {out}: {args.n} samples from {run.path}")
     if args.npy is not None:
         args.npy.parent.mkdir(parents=True, exist_ok=True)
         np.save(args.npy, images[:, 0].numpy().astype(np.float32))
@@ -159,7 +159,7 @@ def cmd_reconstruct(args) -> int:
     run = load_run(args.run, device=resolve_device(args.device))
     data = load(run.train_config.dataset, quiet=True)
     x = random_test_images(data.test_x, args.n, args.seed, run.model.device)
-    out = args.out or Path(args.run) / "figures" / "reconstructed.png"
+    out = args.out or run.path / "figures" / "reconstructed.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     plot_image_rows([x, run.model.reconstruct(x)], ["original", "reconstruction"], out,
                     title=f"{run.model.name}: {args.n} random test images and their reconstructions")
@@ -186,8 +186,8 @@ def cmd_plot(args) -> int:
 
     run = load_run(args.run, device=resolve_device(args.device))
     data = load(run.train_config.dataset, quiet=True)
-    written = write_run_figures(args.run, run.model, data, seed=args.seed, grid_size=args.grid)
-    print(f"wrote {len(written)} figures into {Path(args.run) / 'figures'}/")
+    written = write_run_figures(run.path, run.model, data, seed=args.seed, grid_size=args.grid)
+    print(f"wrote {len(written)} figures into {run.path / 'figures'}/")
     for name, path in written.items():
         print(f"  {path.name:<24} {name.replace('_', ' ')}")
     return 0
@@ -226,7 +226,7 @@ def cmd_evaluate(args) -> int:
                             n_samples=args.samples, seed=args.seed)
     metrics = evaluate_run(run, data, settings, progress=not args.quiet)
     print(format_table(metrics))
-    print(f"wrote {Path(args.run) / METRICS_FILE}")
+    print(f"wrote {run.path / METRICS_FILE}")
     return 0
 
 
