@@ -117,16 +117,14 @@ def _add_generate(sub) -> None:
 
 def cmd_generate(args) -> int:
     import numpy as np
-    import torch
 
     from .checkpoint import load_run
+    from .evaluate import generate
     from .plots import save_image_grid
     from .train import resolve_device
 
     run = load_run(args.run, device=resolve_device(args.device))
-    g = torch.Generator(device=run.model.device).manual_seed(args.seed)
-    chunks = [run.model.sample(min(1000, args.n - i), generator=g).cpu() for i in range(0, args.n, 1000)]
-    images = torch.cat(chunks)  # (n, 1, 28, 28)
+    images = generate(run.model, args.n, seed=args.seed)  # (n, 1, 28, 28)
     out = args.out or run.path / "figures" / "generated.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     nrow = max(1, round(args.n ** 0.5))
