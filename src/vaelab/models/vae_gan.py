@@ -210,7 +210,7 @@ class VAEGAN(GenerativeModel):
 
     def configure_optimizers(self, lr: float) -> dict[str, torch.optim.Optimizer]:
         # beta1 = 0.5, the usual choice for adversarial training (Radford et al. 2016)
-        return {name: torch.optim.Adam(net.parameters(), lr=lr, betas=(0.5, 0.999), foreach=True)
+        return {name: torch.optim.Adam(net.parameters(), lr=lr, betas=(0.5, 0.999), fused=True)
                 for name, net in self.networks().items()}
 
     def training_step(self, x: torch.Tensor, optimizers: dict[str, torch.optim.Optimizer],
