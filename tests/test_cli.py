@@ -110,3 +110,68 @@ def test_a_folder_holding_one_run_stands_for_it(trained_run, tmp_path, capsys):
     shutil.copytree(recipe / "only", recipe / "second")
     code, _, err = run_cli(capsys, "generate", str(recipe), "-n", "4")
     assert code == 2 and "holds 2 runs (only/, second/)" in err
+
+
+def test_overwrite_never_deletes_a_folder_that_only_looks_like_a_run(tmp_path, synthetic_mnist, capsys):
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "config.json").write_text("{}")
+    (fake / "notes.txt").write_text("precious")
+    code, _, err = run_cli(capsys, "train", "vae", "--epochs", "1", "--out", str(fake), "--overwrite", "--quiet")
+    assert code == 2 and "not a vaelab run folder" in err
+    assert (fake / "notes.txt").read_text() == "precious"
+
+
+@pytest.mark.parametrize("bad", [["--device", "cuda"], ["--set", "hidden_dims=[0]"]])
+def test_a_bad_option_leaves_no_folder_and_keeps_the_run_it_would_replace(trained_run, tmp_path, capsys, bad):
+    import torch
+
+    if bad[0] == "--device" and torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    code, _, _ = run_cli(capsys, "train", "vae", "--epochs", "1", "--out", str(tmp_path / "new"), "--quiet", *bad)
+    assert code == 2 and not (tmp_path / "new").exists()
+    run, _ = trained_run
+    before = (run / "model.safetensors").read_bytes()
+    code, _, _ = run_cli(capsys, "train", "vae", "--epochs", "1", "--out", str(run), "--overwrite", "--quiet", *bad)
+    assert code == 2 and (run / "model.safetensors").read_bytes() == before
+
+
+def test_unwritable_outputs_are_one_line(trained_run, tmp_path, capsys):
+    run, _ = trained_run
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    code, _, err = run_cli(capsys, "generate", str(run), "-n", "2", "--npy", str(blocker / "s.npy"))
+    assert code == 2 and err.count("\n") == 1 and str(blocker) in err
+    for argv, message in ((["reconstruct", str(run), "-n", "101"], "at most 100"),
+                          (["reconstruct", str(run), "--out", "r.txt"], "name it *.png"),
+                          (["generate", str(run), "--out", "g.jpg"], "name it *.png")):
+        err = one_line_error(capsys, *argv)
+        assert message in err
+
+
+def test_resume_refuses_options_it_would_not_honour(trained_run, capsys):
+    run, _ = trained_run
+    for flag in (["--clip-grad", "1"], ["--batch-size", "8"], ["--precision", "bf16"], ["--seed", "3"]):
+        code, _, err = run_cli(capsys, "train", "--resume", str(run), "--epochs", "2", *flag)
+        assert code == 2 and f"drop {flag[0]}" in err
+
+
+def test_models_one_line_each_and_fields_on_request(capsys):
+    from vaelab.models import MODELS
+
+    code, out, _ = run_cli(capsys, "models")
+    assert code == 0 and len(out.splitlines()) == len(MODELS)
+    code, out, _ = run_cli(capsys, "models", "--fields")
+    assert "latent_dim=2" in out and len(out.splitlines()) == 2 * len(MODELS)
+
+
+def test_evaluation_of_a_statically_binarized_run_uses_the_binarized_test_set(tmp_path, synthetic_mnist, capsys):
+    import json
+
+    run = tmp_path / "bin"
+    assert run_cli(capsys, "train", "vae", "--epochs", "1", "--binarize", "static", "--set", "hidden_dims=[16]",
+                   "--out", str(run), "--quiet", "--device", "cpu")[0] == 0
+    code, _, _ = run_cli(capsys, "evaluate", str(run), "--iw-samples", "4", "--iw-images", "16", "--samples", "0",
+                         "--quiet", "--device", "cpu")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert code == 0 and "statically binarized" in json.dumps(metrics)

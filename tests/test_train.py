@@ -95,3 +95,27 @@ def test_load_run_errors_are_one_line(tmp_path, tiny_data):
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="model.safetensors"):
         ckpt.load_run(run)
+
+
+def test_a_signal_during_the_last_step_of_the_run_just_finishes(tmp_path, tiny_data, monkeypatch):
+    """Ctrl-C on the final batch: the run is complete and saved, so there is nothing to resume."""
+    import os
+    import signal
+
+    from vaelab.models import get_model_class
+
+    cls = get_model_class("vae")
+    original = cls.training_step
+    calls = {"n": 0}
+
+    def step_then_interrupt(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 8:  # 2 epochs x 4 batches: the very last step
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(cls, "training_step", step_then_interrupt)
+    trainer = train("vae", make_config("vae", hidden_dims=[16]), quick_config(), tmp_path / "run",
+                    progress=False, data=tiny_data)
+    assert trainer.epoch == 2 and ckpt.load_checkpoint(tmp_path / "run")["partial"] is None

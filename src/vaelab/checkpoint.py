@@ -26,7 +26,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from . import __version__
-from .atomic import atomic_write as _atomic_write
+from .atomic import atomic_write
 from .config import config_from_dict, config_to_dict
 from .errors import CheckpointError, VaelabError
 
@@ -43,17 +43,17 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 # ---------------------------------------------------------------------------------------------
 
 
-def atomic_write(path: Path, data: bytes) -> None:
+def write_run_file(path: Path, data: bytes) -> None:
     """`atomic.atomic_write` for run-folder files: a full disk or a refused write becomes one line
     naming the file (which keeps its previous content)."""
     try:
-        _atomic_write(path, data)
+        atomic_write(path, data)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot write ({e.strerror or e}); its previous version is unchanged") from None
 
 
 def write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
+    write_run_file(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def read_json(path: Path) -> Any:
@@ -138,7 +138,7 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> No
     # give equal files. The digest covers the metadata as serialised without it.
     meta = {**meta, "sha256": content_digest(json.dumps(meta), tensors)}
     data = save_safetensors_bytes(tensors, metadata={"vaelab": json.dumps(meta)})
-    atomic_write(path, data)
+    write_run_file(path, data)
 
 
 def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:

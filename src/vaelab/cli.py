@@ -11,6 +11,7 @@ from pathlib import Path
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
+MAX_RECONSTRUCT = 100  # one column per image: more would not fit a readable figure
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -18,6 +19,20 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _png_path(text: str) -> Path:
+    path = Path(text)
+    if path.suffix.lower() != ".png":
+        raise argparse.ArgumentTypeError(f"{text!r}: the image is written as PNG, so name it *.png")
+    return path
+
+
+def _reconstruct_count(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_RECONSTRUCT:
+        raise argparse.ArgumentTypeError(f"at most {MAX_RECONSTRUCT} images fit one figure, got {value}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -64,11 +79,17 @@ def cmd_train(args) -> int:
 
     progress = not args.quiet
     if args.resume is not None:
-        ignored = [flag for flag, value in (("MODEL", args.model), ("--out", args.out), ("--set", args.overrides),
-                                            ("--dataset", args.dataset), ("--lr", args.lr))
-                   if value]
-        if ignored:
-            raise ConfigError(f"--resume uses the run's stored configuration; drop {', '.join(ignored)}")
+        # Only --epochs, --device and --quiet go with --resume: anything else would either be
+        # ignored silently or break the promise that a resumed run equals a straight one.
+        stored = [flag for flag, value in (
+            ("MODEL", args.model), ("--out", args.out), ("--set", args.overrides), ("--dataset", args.dataset),
+            ("--lr", args.lr), ("--batch-size", args.batch_size), ("--latent-dim", args.latent_dim),
+            ("--seed", args.seed), ("--val-size", args.val_size), ("--binarize", args.binarize),
+            ("--precision", args.precision), ("--clip-grad", args.clip_grad), ("--compile", args.compile),
+            ("--overwrite", args.overwrite)) if value not in (None, False, [])]
+        if stored:
+            raise ConfigError(f"--resume continues the run with its stored configuration (only --epochs and "
+                              f"--device may change); drop {', '.join(stored)}")
         trainer = resume(args.resume, epochs=args.epochs, device=args.device, progress=progress)
         run_dir = args.resume
     else:
@@ -108,7 +129,7 @@ def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="decode n samples from the prior into a PNG grid (and .npy)")
     p.add_argument("run", type=Path)
     p.add_argument("-n", type=_positive_int, default=100, help="number of samples (default 100)")
-    p.add_argument("--out", type=Path, default=None, help="PNG grid (default RUN/figures/generated.png)")
+    p.add_argument("--out", type=_png_path, default=None, help="PNG grid (default RUN/figures/generated.png)")
     p.add_argument("--npy", type=Path, default=None, help="also write a float32 array (n, 28, 28) in [0, 1]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -140,8 +161,9 @@ def cmd_generate(args) -> int:
 def _add_reconstruct(sub) -> None:
     p = sub.add_parser("reconstruct", help="random test images above their reconstructions")
     p.add_argument("run", type=Path)
-    p.add_argument("-n", type=_positive_int, default=10, help="number of test images (default 10)")
-    p.add_argument("--out", type=Path, default=None, help="PNG (default RUN/figures/reconstructed.png)")
+    p.add_argument("-n", type=_reconstruct_count, default=10, metavar="N",
+                   help=f"number of test images, at most {MAX_RECONSTRUCT} (default 10)")
+    p.add_argument("--out", type=_png_path, default=None, help="PNG (default RUN/figures/reconstructed.png)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_reconstruct)
@@ -149,13 +171,12 @@ def _add_reconstruct(sub) -> None:
 
 def cmd_reconstruct(args) -> int:
     from .checkpoint import load_run
-    from .data import load
     from .figures import random_test_images
     from .plots import plot_image_rows
-    from .train import resolve_device
+    from .train import load_training_data, resolve_device
 
     run = load_run(args.run, device=resolve_device(args.device))
-    data = load(run.train_config.dataset, quiet=True)
+    data = load_training_data(run.train_config, quiet=True)  # as trained: static binarization too
     x = random_test_images(data.test_x, args.n, args.seed, run.model.device)
     out = args.out or run.path / "figures" / "reconstructed.png"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -178,12 +199,11 @@ def _add_plot(sub) -> None:
 
 def cmd_plot(args) -> int:
     from .checkpoint import load_run
-    from .data import load
     from .figures import write_run_figures
-    from .train import resolve_device
+    from .train import load_training_data, resolve_device
 
     run = load_run(args.run, device=resolve_device(args.device))
-    data = load(run.train_config.dataset, quiet=True)
+    data = load_training_data(run.train_config, quiet=True)  # as trained: static binarization too
     written = write_run_figures(run.path, run.model, data, seed=args.seed, grid_size=args.grid)
     print(f"wrote {len(written)} figures into {run.path / 'figures'}/")
     for name, path in written.items():
@@ -211,15 +231,14 @@ def _add_evaluate(sub) -> None:
 
 def cmd_evaluate(args) -> int:
     from .checkpoint import load_run
-    from .data import load
     from .errors import ConfigError
     from .evaluate import METRICS_FILE, EvalSettings, evaluate_run, format_table
-    from .train import resolve_device
+    from .train import load_training_data, resolve_device
 
     if args.iw_samples < 0 or args.samples < 0:
         raise ConfigError("--iw-samples and --samples must be non-negative")
     run = load_run(args.run, device=resolve_device(args.device))
-    data = load(run.train_config.dataset, quiet=True)
+    data = load_training_data(run.train_config, quiet=True)  # as trained: static binarization too
     settings = EvalSettings(iw_samples=args.iw_samples, iw_images=args.iw_images,
                             n_samples=args.samples, seed=args.seed)
     metrics = evaluate_run(run, data, settings, progress=not args.quiet)
@@ -257,6 +276,7 @@ def cmd_recipe(args) -> int:
 
 def _add_models(sub) -> None:
     p = sub.add_parser("models", help="list the registered models")
+    p.add_argument("--fields", action="store_true", help="also each model's config fields and defaults (for --set)")
     p.set_defaults(func=cmd_models)
 
 
@@ -267,9 +287,10 @@ def cmd_models(args) -> int:
 
     for name, cls in sorted(MODELS.items()):
         print(f"{name:<10} {cls.description}")
-        fields = ", ".join(f"{f.name}={getattr(cls.config_class(), f.name)!r}"
-                           for f in dataclasses.fields(cls.config_class))
-        print(f"{'':<10} --set fields: {fields}")
+        if args.fields:
+            defaults = cls.config_class()
+            fields = ", ".join(f"{f.name}={getattr(defaults, f.name)!r}" for f in dataclasses.fields(defaults))
+            print(f"{'':<10} --set fields: {fields}")
     return 0
 
 
@@ -325,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vaelab: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except OSError as e:  # an output path that cannot be written: a read-only or missing place
+        print(f"vaelab: error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

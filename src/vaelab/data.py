@@ -10,7 +10,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -372,11 +371,6 @@ class ImageData:
     val_x: torch.Tensor | None = None
     val_y: torch.Tensor | None = None
 
-    def split(self, which: str) -> tuple[torch.Tensor, torch.Tensor]:
-        if which == "val" and self.val_x is None:
-            raise DataError("no validation split was held out (use --val-size)")
-        return getattr(self, f"{which}_x"), getattr(self, f"{which}_y")
-
 
 def load_arrays(name: str, from_dir: str | Path | None = None, quiet: bool = False):
     """Fetch (if needed) and parse the four files; return images and labels of train and test."""
@@ -469,8 +463,3 @@ class Batcher:
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
-
-
-def clear_cache(name: str) -> None:
-    """Remove a dataset's cached files (used by `vaelab data clean`)."""
-    shutil.rmtree(cache_root() / get_spec(name).name, ignore_errors=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,14 +18,14 @@ from pathlib import Path
 from typing import Callable
 
 from . import plots
-from .checkpoint import CONFIG_FILE, load_run, write_json
+from .checkpoint import load_run, read_json, write_json
 from .data import ImageData, load
-from .errors import ConfigError, RunExistsError
+from .errors import ConfigError, VaelabError
 from .evaluate import EvalSettings, evaluate_run, generate, summary_rows
 from .figures import random_test_images, read_history, write_run_figures
 from .models import MODELS, make_config
 from .report import Report
-from .train import TrainConfig, train
+from .train import TrainConfig, is_run_folder, prepare_folder, train
 
 RECIPE_FILE = "recipe.json"
 
@@ -299,19 +298,16 @@ def estimate_seconds(recipe: Recipe, quick: bool) -> float:
     return train_s + per_model * len(recipe.steps)
 
 
+def is_recipe_folder(folder: Path) -> bool:
+    """A recipe's output (its recipe.json parses) or a vaelab run, such as an older `make demo`."""
+    try:
+        return isinstance(read_json(folder / RECIPE_FILE).get("recipe"), str)
+    except (VaelabError, AttributeError):
+        return is_run_folder(folder)
+
+
 def prepare_out(out: Path, overwrite: bool) -> None:
-    """The rules of `train.prepare_run_dir` for a recipe folder: a non-empty DIR needs
-    --overwrite, and is only ever replaced if it holds a recipe's output (or a vaelab run, such
-    as an older `make demo` folder)."""
-    if out.exists() and not out.is_dir():
-        raise RunExistsError(f"{out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise RunExistsError(f"{out} already exists and is not empty (use --overwrite to replace it)")
-        if not ((out / RECIPE_FILE).exists() or (out / CONFIG_FILE).exists()):
-            raise RunExistsError(f"{out} is neither a vaelab recipe folder nor a run; refusing to overwrite it")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_folder(out, overwrite, is_recipe_folder, "recipe")
 
 
 def _log(msg: str, progress: bool) -> None:

@@ -26,6 +26,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -290,13 +291,13 @@ class Trainer:
         writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         writer.writerows(self.history)
-        ckpt.atomic_write(self.run_dir / "history.csv", buf.getvalue().encode())
+        ckpt.write_run_file(self.run_dir / "history.csv", buf.getvalue().encode())
 
         buf = io.StringIO()
         buf.write(",".join(["step", "epoch", *self.term_names]) + "\n")
         for row in self.steps.tolist():
             buf.write(f"{int(row[0])},{int(row[1])}," + ",".join(f"{v:.6g}" for v in row[2:]) + "\n")
-        ckpt.atomic_write(self.run_dir / "steps.csv", buf.getvalue().encode())
+        ckpt.write_run_file(self.run_dir / "steps.csv", buf.getvalue().encode())
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -357,7 +358,7 @@ class Trainer:
         bar.close()
         seconds += time.perf_counter() - start
         self._finish_epoch(epoch, rows, sums, seen, seconds)
-        if signals["stop"]:
+        if signals["stop"] and epoch < self.config.epochs:  # after the last epoch there is nothing to resume
             raise TrainingInterrupted(
                 f"{signals['stop']}: saved {self.run_dir} after epoch {epoch}; continue with "
                 f"`vaelab train --resume {self.run_dir}`"
@@ -446,21 +447,35 @@ class Trainer:
 # ---------------------------------------------------------------------------------------------
 
 
-def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Create an empty run folder; refuse to touch a non-empty one unless told to, and even then
-    only if it is a vaelab run (so `--out ~ --overwrite` cannot delete a home folder)."""
-    run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RunExistsError(f"{run_dir} exists and is not a folder")
-    if run_dir.is_dir() and any(run_dir.iterdir()):
+def prepare_folder(folder: Path, overwrite: bool, is_ours: Callable[[Path], bool], what: str) -> None:
+    """Create an empty output folder. A non-empty one needs `overwrite`, and even then is only
+    replaced if `is_ours` recognises it (so `--out ~ --overwrite` cannot delete a home folder,
+    nor a folder that merely holds a file called config.json)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise RunExistsError(f"{folder} exists and is not a folder")
+    if folder.is_dir() and any(folder.iterdir()):
         if not overwrite:
-            raise RunExistsError(f"{run_dir} already exists and is not empty (use --overwrite to replace it, "
-                                 f"or --resume to continue it)")
-        if not (run_dir / ckpt.CONFIG_FILE).exists():
-            raise RunExistsError(f"{run_dir} is not a vaelab run folder; refusing to overwrite it")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "figures").mkdir(exist_ok=True)
+            raise RunExistsError(f"{folder} already exists and is not empty (use --overwrite to replace it"
+                                 f"{', or --resume to continue it' if what == 'run' else ''})")
+        if not is_ours(folder):
+            raise RunExistsError(f"{folder} is not a vaelab {what} folder; refusing to overwrite it")
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+
+
+def is_run_folder(folder: Path) -> bool:
+    """True if `folder` holds a readable vaelab run config (not just a file of that name)."""
+    try:
+        ckpt.read_run_config(folder)
+    except VaelabError:
+        return False
+    return True
+
+
+def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
+    prepare_folder(run_dir, overwrite, is_run_folder, "run")
+    (Path(run_dir) / "figures").mkdir(exist_ok=True)
 
 
 def load_training_data(config: TrainConfig, quiet: bool = False) -> ImageData:
@@ -476,11 +491,14 @@ def train(model_name: str, model_config, config: TrainConfig, run_dir: str | Pat
 
     run_dir = Path(run_dir)
     config.validate()
+    resolve_device(config.device)
     if data is None:
         data = load_training_data(config, quiet=not progress)
-    prepare_run_dir(run_dir, overwrite)
+    # Everything that can fail on a bad option happens before the folder is touched, so a
+    # mistake never leaves a half-made folder, nor deletes the run --overwrite would replace.
     seed_everything(config.seed)
     model = build_model(model_name, model_config)
+    prepare_run_dir(run_dir, overwrite)
     ckpt.write_run_config(run_dir, model, config)
     trainer = Trainer(run_dir, model, data, config, progress=progress)
     trainer.fit()
