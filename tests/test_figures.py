@@ -78,6 +78,17 @@ def test_class_samples_stay_in_their_class_region():
     assert nearest.tolist() == labels[::40].tolist()  # 5 per class, in class order
 
 
+def test_class_samples_are_distinct_when_few_candidates_pass():
+    # Class 1 is rare and lies inside class 0: almost no candidate is more likely its own.
+    g = torch.Generator().manual_seed(0)
+    labels = torch.cat([torch.zeros(1000, dtype=torch.long), torch.ones(20, dtype=torch.long)])
+    codes = torch.randn(1020, 2, generator=g)
+    z = class_samples(codes, labels, 2, k=5)
+    assert z.shape == (10, 2)
+    for row in z.view(2, 5, 2):
+        assert len(torch.unique(row, dim=0)) == 5
+
+
 @pytest.mark.parametrize("latent_dim", [2, 3])
 def test_write_run_figures_on_a_tiny_run(tmp_path, tiny_data, latent_dim):
     cfg = TrainConfig(epochs=1, batch_size=64, device="cpu", log_every=2)

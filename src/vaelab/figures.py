@@ -131,6 +131,9 @@ def class_samples(codes: torch.Tensor, labels: torch.Tensor, n_classes: int, k: 
     kept only where that class is the most probable under all the fitted Gaussians (weighted by
     class frequency), so overlapping classes do not leak into each other's rows; the k kept
     points are taken at evenly spaced quantiles along the class's main axis of variation.
+
+    Where fewer than k + 2 candidates pass, more are drawn (up to 10 rounds), and the k + 2 most
+    probable are kept all the same, so the k points of a row are always distinct.
     """
     g = torch.Generator().manual_seed(seed)
     codes = codes.double()
@@ -147,10 +150,18 @@ def class_samples(codes: torch.Tensor, labels: torch.Tensor, n_classes: int, k: 
     out = []
     for c, (mean, cov, _) in enumerate(fits):
         chol = torch.linalg.cholesky(cov)
-        z = mean + torch.randn(candidates, d, generator=g, dtype=torch.float64) @ chol.T
-        log_post = torch.stack([dist.log_prob(z) for dist in dists], 1) + log_prior  # (candidates, C)
-        own = log_post[:, c] - torch.logsumexp(log_post, 1)
-        keep = z[own.argsort(descending=True)[: max(k, int((own > math.log(0.5)).sum()))]]
+        zs, owns = [], []
+        for _ in range(10):
+            z = mean + torch.randn(candidates, d, generator=g, dtype=torch.float64) @ chol.T
+            log_post = torch.stack([dist.log_prob(z) for dist in dists], 1) + log_prior  # (candidates, C)
+            zs.append(z)
+            owns.append(log_post[:, c] - torch.logsumexp(log_post, 1))
+            if int((torch.cat(owns) > math.log(0.5)).sum()) >= k + 2:
+                break
+        z, own = torch.cat(zs), torch.cat(owns)
+        # At least k + 2 points: the k inner ones of k + 2 evenly spaced indices are then >= 1
+        # apart, so rounding cannot pick a point twice.
+        keep = z[own.argsort(descending=True)[: max(k + 2, int((own > math.log(0.5)).sum()))]]
         axis = torch.linalg.eigh(cov)[1][:, -1]
         keep = keep[(keep @ axis).argsort()]
         picks = torch.linspace(0, len(keep) - 1, k + 2)[1:-1].round().long()  # avoid the extremes
