@@ -88,6 +88,16 @@ class GenerativeModel(nn.Module):
         """n latent vectors from the model's generative prior; N(0, I) unless overridden."""
         return torch.randn(n, self.latent_dim, generator=generator, device=self.device)
 
+    @property
+    def prior_name(self) -> str:
+        """The generative prior in words, for figure labels."""
+        return "N(0, I)"
+
+    def prior_quantiles(self, q: torch.Tensor) -> torch.Tensor:
+        """(n,) probabilities -> (n, D): the quantiles of each latent axis's marginal prior (the
+        inverse CDF), on q's device and in its dtype; N(0, 1) unless overridden."""
+        return torch.special.ndtri(q).unsqueeze(1).expand(-1, self.latent_dim)
+
     @torch.inference_mode()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """n images decoded from the prior: (n, 1, 28, 28) in [0, 1]."""
