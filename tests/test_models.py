@@ -322,9 +322,3 @@ def test_vae_gan_divergence_stops_training(tmp_path, tiny_data):
     with pytest.raises(DivergenceError, match=r"diverged at epoch 1, step \d+: .*(enc|dec|dis)_loss is (nan|inf)"):
         train("vae-gan", make_config("vae-gan", **CASES["vae-gan-mlp"][1]), quick_config(lr=1e12),
               tmp_path / "run", progress=False, data=tiny_data)
-
-
-def test_figure_panels_name_real_terms():
-    for name, cls in MODELS.items():
-        for terms in cls.figure_panels.values():
-            assert set(terms) <= set(cls.term_names), name

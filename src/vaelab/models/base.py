@@ -46,8 +46,6 @@ class GenerativeModel(nn.Module):
     term_names: ClassVar[tuple[str, ...]] = ()
     # The name of the term shown as "regularisation" in loss-curve figures (KL for VAEs).
     regularizer_term: ClassVar[str | None] = None
-    # Further loss-curve panels a model asks for: panel title -> the terms drawn in it.
-    figure_panels: ClassVar[dict[str, tuple[str, ...]]] = {}
     description: ClassVar[str] = ""
 
     def __init__(self, config):

@@ -117,9 +117,6 @@ class VAEGAN(GenerativeModel):
     term_names = ("enc_loss", "dec_loss", "dis_loss", "dis_acc_real", "dis_acc_fake",
                   "kl", "recon", "feature", "dec_updated", "dis_updated")
     regularizer_term = "kl"
-    figure_panels = {"network losses": ("enc_loss", "dec_loss", "dis_loss"),
-                     "discriminator accuracy": ("dis_acc_real", "dis_acc_fake"),
-                     "fraction of steps updated": ("dec_updated", "dis_updated")}
     description = "VAE-GAN (Larsen et al. 2016): encoder, decoder and discriminator with their own updates"
 
     def __init__(self, config: VAEGANConfig):
