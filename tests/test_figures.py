@@ -37,8 +37,6 @@ def test_image_grid_png_has_exact_pixel_size(tmp_path):
                                          note="PCA projection"), (500, 400)),
     (lambda p: plots.plot_manifold(images(15 * 15), np.linspace(-2, 2, 15), np.linspace(2, -2, 15), p,
                                    title="t"), (450, 450)),
-    (lambda p: plots.plot_class_histogram({"samples": np.full(10, 0.1), "real": np.full(10, 0.1)},
-                                          [str(i) for i in range(10)], p, title="t"), (400, 200)),
 ])
 def test_each_plot_writes_a_png_at_least_this_big(tmp_path, draw, size):
     w, h = png_size(draw(tmp_path / "f.png"))
