@@ -135,6 +135,29 @@ def test_ae_fitted_and_normal_priors(tiny_data, tmp_path):
         make_config("ae", ["gen_prior=uniform"])
 
 
+def test_prior_quantiles_follow_the_generative_prior(tiny_data, tmp_path):
+    from vaelab.figures import latent_axis_values
+
+    q = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    normal = torch.special.ndtri(q).unsqueeze(1).expand(3, 2)
+    vae = build_model("vae", make_config("vae", hidden_dims=[8]))
+    torch.testing.assert_close(vae.prior_quantiles(q), normal)
+    model = trained_ae(tiny_data, tmp_path, normalize_latent=True)
+    torch.testing.assert_close(model.prior_quantiles(q), normal)  # the normalized AE's prior is N(0, I)
+    values, how = latent_axis_values(model, 4)
+    q4 = (torch.arange(4, dtype=torch.float64) + 0.5) / 4
+    torch.testing.assert_close(torch.tensor(values, dtype=torch.float64), torch.special.ndtri(q4).expand(2, 4))
+    assert "N(0, I)" in how
+    model.config.gen_prior = "box"
+    lo, hi = model.code_min.double(), model.code_max.double()
+    torch.testing.assert_close(model.prior_quantiles(q), lo + q.unsqueeze(1) * (hi - lo))
+    assert "box" in latent_axis_values(model, 4)[1]
+    model.config.gen_prior = "fitted"
+    z = model.prior_sample(200000, generator=torch.Generator().manual_seed(0)).double()
+    torch.testing.assert_close(model.prior_quantiles(q), torch.quantile(z, q, dim=0), atol=0.02, rtol=0)
+    assert "fitted" in latent_axis_values(model, 4)[1]
+
+
 def test_normalized_ae_codes_have_zero_mean_unit_variance(tiny_data, tmp_path):
     model = trained_ae(tiny_data, tmp_path, normalize_latent=True)
     assert model.gen_prior == "normal"
@@ -299,9 +322,3 @@ def test_vae_gan_divergence_stops_training(tmp_path, tiny_data):
     with pytest.raises(DivergenceError, match=r"diverged at epoch 1, step \d+: .*(enc|dec|dis)_loss is (nan|inf)"):
         train("vae-gan", make_config("vae-gan", **CASES["vae-gan-mlp"][1]), quick_config(lr=1e12),
               tmp_path / "run", progress=False, data=tiny_data)
-
-
-def test_figure_panels_name_real_terms():
-    for name, cls in MODELS.items():
-        for terms in cls.figure_panels.values():
-            assert set(terms) <= set(cls.term_names), name

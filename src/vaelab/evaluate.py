@@ -22,9 +22,8 @@ from tqdm.auto import tqdm
 
 from .data import ImageData, cache_root, get_spec, to_float
 from .errors import CheckpointError
-from .losses import (bce_from_logits, bce_from_logits_shared_target, kl_normal_per_dim, log_normal,
-                     log_standard_normal, mse,
-                     reparameterize)
+from .losses import (bce_from_logits, bce_from_logits_shared_target, iwae_bound, kl_normal_per_dim,
+                     log_normal, log_standard_normal, mse, reparameterize)
 
 METRICS_FILE = "metrics.json"
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016, section 5.2: Var_x(E_q[z_d]) > 0.01
@@ -74,13 +73,14 @@ def iwae_log_likelihood(model, x: torch.Tensor, k: int, chunk_rows: int = 8192,
 
     log p(x) >= log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x), z_k ~ q(z|x) (Burda et al. 2016,
     eq. 8); the bound tightens as K grows. The K samples are drawn in chunks of about
-    `chunk_rows` decoded images, combined with a running logsumexp in float64.
+    `chunk_rows` decoded images; their log-weights, (K, B) in float64, are small enough to keep
+    whole and go to `losses.iwae_bound` at once.
     """
     post = model.encode(x)
     mu, logvar = post.mu, post.logvar
     b, d = mu.shape
     per_chunk = max(1, chunk_rows // b)
-    total = torch.full((b,), -math.inf, dtype=torch.float64, device=mu.device)
+    log_ws = []
     std = torch.exp(0.5 * logvar)
     for start in range(0, k, per_chunk):
         n = min(per_chunk, k - start)
@@ -89,8 +89,8 @@ def iwae_log_likelihood(model, x: torch.Tensor, k: int, chunk_rows: int = 8192,
         logits = model.decode_logits(z.reshape(n * b, d))  # (n*B, ...)
         log_px = -bce_from_logits_shared_target(logits.view(n, b, *x.shape[1:]), x)  # (n, B)
         log_w = log_px + log_standard_normal(z) - log_normal(z, mu, logvar)  # (n, B)
-        total = torch.logaddexp(total, torch.logsumexp(log_w.double(), dim=0))
-    return total - math.log(k)
+        log_ws.append(log_w.double())
+    return iwae_bound(torch.cat(log_ws))  # (K, B) -> (B,)
 
 
 def iwae_nll(model, images: torch.Tensor, k: int, batch: int = 100, seed: int = 0,

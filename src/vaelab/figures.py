@@ -108,19 +108,11 @@ def encode_means(model, images_uint8: torch.Tensor, batch: int = 1000):
     return torch.cat(mus), (torch.cat(logvars) if logvars else None)
 
 
-def latent_axis_values(model, n: int, generator: torch.Generator) -> tuple[list[list[float]], str]:
-    """n values per latent axis at the quantiles (i + 0.5) / n of the model's prior.
-
-    For a Gaussian-prior VAE these come from the Gaussian inverse CDF; for any other prior (an
-    autoencoder's box or fitted prior) from the empirical quantiles of 20,000 prior samples.
-    """
+def latent_axis_values(model, n: int) -> tuple[list[list[float]], str]:
+    """n values per latent axis at the quantiles (i + 0.5) / n of the model's prior (its
+    `prior_quantiles`: the inverse CDF of each axis's marginal), and that prior in words."""
     q = (torch.arange(n, dtype=torch.float64) + 0.5) / n
-    probe = model.encode(torch.zeros(1, 1, 28, 28, device=model.device))
-    if probe.logvar is not None:
-        values = torch.special.ndtri(q)
-        return [values.tolist()] * model.latent_dim, "N(0, 1) quantiles via the inverse CDF"
-    z = model.prior_sample(20000, generator=generator).double().cpu()
-    return torch.quantile(z, q, dim=0).T.tolist(), "quantiles of the prior"
+    return model.prior_quantiles(q).T.tolist(), f"prior {model.prior_name}: quantiles via the inverse CDF"
 
 
 def class_samples(codes: torch.Tensor, labels: torch.Tensor, n_classes: int, k: int = 5,
@@ -131,6 +123,9 @@ def class_samples(codes: torch.Tensor, labels: torch.Tensor, n_classes: int, k: 
     kept only where that class is the most probable under all the fitted Gaussians (weighted by
     class frequency), so overlapping classes do not leak into each other's rows; the k kept
     points are taken at evenly spaced quantiles along the class's main axis of variation.
+
+    Where fewer than k + 2 candidates pass, more are drawn (up to 10 rounds), and the k + 2 most
+    probable are kept all the same, so the k points of a row are always distinct.
     """
     g = torch.Generator().manual_seed(seed)
     codes = codes.double()
@@ -147,10 +142,18 @@ def class_samples(codes: torch.Tensor, labels: torch.Tensor, n_classes: int, k: 
     out = []
     for c, (mean, cov, _) in enumerate(fits):
         chol = torch.linalg.cholesky(cov)
-        z = mean + torch.randn(candidates, d, generator=g, dtype=torch.float64) @ chol.T
-        log_post = torch.stack([dist.log_prob(z) for dist in dists], 1) + log_prior  # (candidates, C)
-        own = log_post[:, c] - torch.logsumexp(log_post, 1)
-        keep = z[own.argsort(descending=True)[: max(k, int((own > math.log(0.5)).sum()))]]
+        zs, owns = [], []
+        for _ in range(10):
+            z = mean + torch.randn(candidates, d, generator=g, dtype=torch.float64) @ chol.T
+            log_post = torch.stack([dist.log_prob(z) for dist in dists], 1) + log_prior  # (candidates, C)
+            zs.append(z)
+            owns.append(log_post[:, c] - torch.logsumexp(log_post, 1))
+            if int((torch.cat(owns) > math.log(0.5)).sum()) >= k + 2:
+                break
+        z, own = torch.cat(zs), torch.cat(owns)
+        # At least k + 2 points: the k inner ones of k + 2 evenly spaced indices are then >= 1
+        # apart, so rounding cannot pick a point twice.
+        keep = z[own.argsort(descending=True)[: max(k + 2, int((own > math.log(0.5)).sum()))]]
         axis = torch.linalg.eigh(cov)[1][:, -1]
         keep = keep[(keep @ axis).argsort()]
         picks = torch.linspace(0, len(keep) - 1, k + 2)[1:-1].round().long()  # avoid the extremes
@@ -200,8 +203,7 @@ def write_run_figures(run_dir: Path, model, data, seed: int = 0, n_scatter: int 
 
     # Manifold over the 2-D latent plane.
     if model.latent_dim == 2:
-        gen = torch.Generator(device=device).manual_seed(seed)
-        (xs, ys), how = latent_axis_values(model, grid_size, gen)
+        (xs, ys), how = latent_axis_values(model, grid_size)
         ys = ys[::-1]  # the top row is the largest z2
         zz = torch.tensor([[x, y] for y in ys for x in xs], dtype=torch.float32, device=device)
         written["manifold"] = plots.plot_manifold(

@@ -64,7 +64,7 @@ def log_standard_normal(z: torch.Tensor) -> torch.Tensor:
     return -0.5 * (math.log(2 * math.pi) + z.pow(2)).sum(-1)
 
 
-def iwae_log_likelihood(log_weights: torch.Tensor) -> torch.Tensor:
+def iwae_bound(log_weights: torch.Tensor) -> torch.Tensor:
     """Importance-weighted bound log (1/K) sum_k w_k from log w of shape (K, B) -> (B,).
 
     Burda et al. 2016, eq. 8, evaluated with logsumexp for stability.

@@ -141,24 +141,6 @@ def plot_manifold(images, x_values: Sequence[float], y_values: Sequence[float], 
     return save_figure(fig, path)
 
 
-def plot_class_histogram(shares: dict[str, Sequence[float]], class_names: Sequence[str], path: str | Path,
-                         title: str) -> Path:
-    """Grouped bars: for each named set of images (samples, real images), the share classified
-    as each class."""
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * len(class_names) + 2), 3.6))
-    width = 0.8 / max(1, len(shares))
-    x = np.arange(len(class_names))
-    for i, (name, values) in enumerate(shares.items()):
-        ax.bar(x + (i - (len(shares) - 1) / 2) * width, values, width, label=name)
-    ax.axhline(1 / len(class_names), color="gray", lw=0.8, ls="--", label="uniform")
-    ax.set_xticks(x, class_names, rotation=30, ha="right")
-    ax.set_ylabel("share of images")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, axis="y")
-    return save_figure(fig, path)
-
-
 TERM_LABELS = {"loss": "total loss", "kl": "KL divergence (nats)", "recon": "reconstruction"}
 
 

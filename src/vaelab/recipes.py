@@ -205,10 +205,11 @@ def _fashion_discussion(result: RecipeResult, report: Report) -> None:
     if gans and fd.get("vae") is not None:
         parts = ", ".join(f"{by_key[k].step.title}: {fd[k]:.1f}" for k in gans if fd[k] is not None)
         report.paragraph(
-            f"The VAE-GANs (Fréchet distance {parts}; VAE {fd['vae']:.1f}) replace part of the "
-            f"pixel-wise loss by a discriminator's judgement, which rewards sharp, realistic "
-            f"texture over pixel accuracy: look for crisper samples in the side-by-side figure, "
-            f"and for reconstructions that are less faithful in detail.", css_class="answer")
+            f"The VAE-GANs (Fréchet distance {parts}; VAE {fd['vae']:.1f}) keep the pixel-wise "
+            f"BCE (in full for the encoder, down-weighted by gamma for the decoder) and add a "
+            f"discriminator's judgement, which rewards sharp, realistic texture over pixel "
+            f"accuracy: look for crisper samples in the side-by-side figure, and for "
+            f"reconstructions that are less faithful in detail.", css_class="answer")
 
 
 def _lstm_discussion(result: RecipeResult, report: Report) -> None:
@@ -256,8 +257,9 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
         "On Fashion-MNIST: an MSE autoencoder with a 2-neuron bottleneck (train/test curves, 10 "
         "reconstructions) and its naive generation from random decoder inputs; the autoencoder "
         "with a normalized bottleneck and generation from N(0, I); the VAE built from the same "
-        "architecture; and the VAE-GAN, basic, with the discriminator feature loss, and "
-        "convolutional. All models' samples are measured with the same domain classifier.",
+        "architecture; and the VAE-GAN (each keeping the VAE's pixel BCE): basic, with the "
+        "discriminator feature loss, and convolutional. All models' samples are measured with "
+        "the same domain classifier.",
         (Step("ae", "A) AE, naive generation (uniform over the code box)", "ae", "fashion-mnist", (4, 30),
               config={"hidden_dims": [512], "latent_dim": 2, "normalize_latent": False, "gen_prior": "box"},
               seconds_per_epoch=3.0, figures=FASHION_FIGURES),
@@ -266,7 +268,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
               seconds_per_epoch=3.0, figures=FASHION_FIGURES),
          Step("vae", "VAE, same architecture", "vae", "fashion-mnist", (4, 30),
               config={"hidden_dims": [512], "latent_dim": 2}, seconds_per_epoch=3.0, figures=FASHION_FIGURES),
-         Step("vae-gan", "VAE-GAN, basic (L_prior + L_GAN)", "vae-gan", "fashion-mnist", (3, 20),
+         Step("vae-gan", "VAE-GAN, basic (L_prior + L_GAN + pixel BCE)", "vae-gan", "fashion-mnist", (3, 20),
               config={"arch": "mlp", "hidden_dims": [512], "latent_dim": 2, "feature_loss": False},
               seconds_per_epoch=8.0, figures=FASHION_FIGURES),
          Step("vae-gan-feature", "VAE-GAN with feature loss (bonus 1)", "vae-gan", "fashion-mnist", (3, 20),

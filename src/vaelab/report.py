@@ -29,8 +29,7 @@ figcaption b { color: #222; }
 
 
 class Report:
-    """Build a report block by block; `write` renders it. Text arguments are plain text (escaped);
-    `raw` takes HTML."""
+    """Build a report block by block; `write` renders it. Text arguments are plain text (escaped)."""
 
     def __init__(self, title: str):
         self.title = title
@@ -42,9 +41,6 @@ class Report:
     def paragraph(self, text: str, css_class: str | None = None) -> None:
         cls = f' class="{css_class}"' if css_class else ""
         self.blocks.append(f"<p{cls}>{html.escape(text)}</p>")
-
-    def raw(self, markup: str) -> None:
-        self.blocks.append(markup)
 
     def table(self, headers: Sequence[str], rows: Sequence[Sequence[object]], caption: str | None = None) -> None:
         def cell(v: object) -> str:

@@ -95,6 +95,21 @@ class AE(GenerativeModel):
         chol = torch.linalg.cholesky(self.code_cov + 1e-6 * torch.eye(d, device=dev))
         return self.code_mean + eps @ chol.T
 
+    @property
+    def prior_name(self) -> str:
+        return {"box": "uniform over the training codes' box", "normal": "N(0, I)",
+                "fitted": "Gaussian fitted to the training codes"}[self.gen_prior]
+
+    def prior_quantiles(self, q: torch.Tensor) -> torch.Tensor:
+        buf = lambda b: b.to(device=q.device, dtype=q.dtype)  # noqa: E731
+        q = q.unsqueeze(1)  # (n,) -> (n, 1), against (D,) per-axis parameters
+        if self.gen_prior == "box":
+            return buf(self.code_min) + q * buf(self.code_max - self.code_min)
+        if self.gen_prior == "normal":
+            return torch.special.ndtri(q).expand(-1, self.latent_dim)
+        # fitted: each axis's marginal is N(mean_i, cov_ii)
+        return buf(self.code_mean) + buf(self.code_cov.diagonal()).sqrt() * torch.special.ndtri(q)
+
     @torch.no_grad()
     def end_of_training(self, train_images: torch.Tensor) -> None:
         was_training = self.training

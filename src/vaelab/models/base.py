@@ -46,8 +46,6 @@ class GenerativeModel(nn.Module):
     term_names: ClassVar[tuple[str, ...]] = ()
     # The name of the term shown as "regularisation" in loss-curve figures (KL for VAEs).
     regularizer_term: ClassVar[str | None] = None
-    # Further loss-curve panels a model asks for: panel title -> the terms drawn in it.
-    figure_panels: ClassVar[dict[str, tuple[str, ...]]] = {}
     description: ClassVar[str] = ""
 
     def __init__(self, config):
@@ -87,6 +85,16 @@ class GenerativeModel(nn.Module):
     def prior_sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """n latent vectors from the model's generative prior; N(0, I) unless overridden."""
         return torch.randn(n, self.latent_dim, generator=generator, device=self.device)
+
+    @property
+    def prior_name(self) -> str:
+        """The generative prior in words, for figure labels."""
+        return "N(0, I)"
+
+    def prior_quantiles(self, q: torch.Tensor) -> torch.Tensor:
+        """(n,) probabilities -> (n, D): the quantiles of each latent axis's marginal prior (the
+        inverse CDF), on q's device and in its dtype; N(0, 1) unless overridden."""
+        return torch.special.ndtri(q).unsqueeze(1).expand(-1, self.latent_dim)
 
     @torch.inference_mode()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Building blocks shared by the models: MLP encoders and decoders (more arrive with each model)."""
+"""Building blocks shared by the models: MLP, convolutional and LSTM encoder trunks, Gaussian
+heads, MLP and transposed-convolution decoders, and the discriminator."""
 
 from __future__ import annotations
 

@@ -7,7 +7,15 @@ Losses (batch means, per image sums as in the VAE):
     L_prior = KL(q(z|x) || N(0, I))
     L_llike = pixel_weight * BCE(x~, x)                       (pixel reconstruction)
             + [feature_loss] 1/2 ||Dis_l(x~) - Dis_l(x)||^2   (Dis_l: hidden layer `feature_layer`)
-    L_GAN   = log D(x) + log(1 - D(x~)) + log(1 - D(x_p))
+    L_GAN   = log D(x) + 1/2 [log(1 - D(x~)) + log(1 - D(x_p))]
+
+The paper's L_GAN sums all three terms. Here the B reconstructions and B prior samples form one
+set of 2B fakes, averaged together (`losses.discriminator_loss(real, fake)` is the mean
+cross-entropy over each set), so real and fake images weigh equally in the discriminator's
+objective; with the plain sum the fakes would count twice, biasing the discriminator towards
+"fake" (its optimum becomes p(x) / (p(x) + p_x~(x) + p_p(x))). The decoder's non-saturating term, -log D(fake), is likewise the mean
+over the 2B fakes. This balanced form is what the defaults (`equilibrium`, `margin`, `gamma`) were
+tuned with.
 
 The paper's update rule (its Algorithm 1, section 2.3):
     encoder       minimises L_prior + L_llike
@@ -117,9 +125,6 @@ class VAEGAN(GenerativeModel):
     term_names = ("enc_loss", "dec_loss", "dis_loss", "dis_acc_real", "dis_acc_fake",
                   "kl", "recon", "feature", "dec_updated", "dis_updated")
     regularizer_term = "kl"
-    figure_panels = {"network losses": ("enc_loss", "dec_loss", "dis_loss"),
-                     "discriminator accuracy": ("dis_acc_real", "dis_acc_fake"),
-                     "fraction of steps updated": ("dec_updated", "dis_updated")}
     description = "VAE-GAN (Larsen et al. 2016): encoder, decoder and discriminator with their own updates"
 
     def __init__(self, config: VAEGANConfig):
