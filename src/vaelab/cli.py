@@ -169,19 +169,23 @@ def _add_reconstruct(sub) -> None:
     p.set_defaults(func=cmd_reconstruct)
 
 
-def cmd_reconstruct(args) -> int:
+def _run_and_data(args):
+    """The run named on the command line, on the asked device, and its data as it was trained
+    on (static binarization and validation split included)."""
     from .checkpoint import load_run
-    from .figures import random_test_images
-    from .plots import plot_image_rows
     from .train import load_training_data, resolve_device
 
     run = load_run(args.run, device=resolve_device(args.device))
-    data = load_training_data(run.train_config, quiet=True)  # as trained: static binarization too
-    x = random_test_images(data.test_x, args.n, args.seed, run.model.device)
+    return run, load_training_data(run.train_config, quiet=True)
+
+
+def cmd_reconstruct(args) -> int:
+    from .figures import reconstructions_figure
+
+    run, data = _run_and_data(args)
     out = args.out or run.path / "figures" / "reconstructed.png"
     out.parent.mkdir(parents=True, exist_ok=True)
-    plot_image_rows([x, run.model.reconstruct(x)], ["original", "reconstruction"], out,
-                    title=f"{run.model.name}: {args.n} random test images and their reconstructions")
+    reconstructions_figure(run.model, data.test_x, out, seed=args.seed, n=args.n)
     print(f"wrote {out}: {args.n} test images of {data.name} and their reconstructions")
     return 0
 
@@ -198,12 +202,9 @@ def _add_plot(sub) -> None:
 
 
 def cmd_plot(args) -> int:
-    from .checkpoint import load_run
     from .figures import write_run_figures
-    from .train import load_training_data, resolve_device
 
-    run = load_run(args.run, device=resolve_device(args.device))
-    data = load_training_data(run.train_config, quiet=True)  # as trained: static binarization too
+    run, data = _run_and_data(args)
     written = write_run_figures(run.path, run.model, data, seed=args.seed, grid_size=args.grid)
     print(f"wrote {len(written)} figures into {run.path / 'figures'}/")
     for name, path in written.items():
@@ -230,15 +231,12 @@ def _add_evaluate(sub) -> None:
 
 
 def cmd_evaluate(args) -> int:
-    from .checkpoint import load_run
     from .errors import ConfigError
     from .evaluate import METRICS_FILE, EvalSettings, evaluate_run, format_table
-    from .train import load_training_data, resolve_device
 
     if args.iw_samples < 0 or args.samples < 0:
         raise ConfigError("--iw-samples and --samples must be non-negative")
-    run = load_run(args.run, device=resolve_device(args.device))
-    data = load_training_data(run.train_config, quiet=True)  # as trained: static binarization too
+    run, data = _run_and_data(args)
     settings = EvalSettings(iw_samples=args.iw_samples, iw_images=args.iw_images,
                             n_samples=args.samples, seed=args.seed)
     metrics = evaluate_run(run, data, settings, progress=not args.quiet)
