@@ -10,6 +10,8 @@ does between any two BLAS libraries.
 
 from __future__ import annotations
 
+import ctypes
+import sys
 import types
 from contextlib import contextmanager
 
@@ -18,9 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def onednn_mm(a: torch.Tensor, b_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """a @ b_t.T (+ bias) with oneDNN: (M, K), (N, K) -> (M, N). Strided views are fine."""
-    return torch.ops.mkldnn._linear_pointwise(a, b_t, bias, "none", [], "")
+def onednn_mm(a: torch.Tensor, b_t: torch.Tensor, bias: torch.Tensor | None = None,
+              activation: str = "none") -> torch.Tensor:
+    """activation(a @ b_t.T + bias) with oneDNN: (M, K), (N, K) -> (M, N). `activation` is "none"
+    or "relu" (applied in the multiply's epilogue). Strided views are fine; a strided `a` is copied
+    row-major first, `b_t` is read as it lies."""
+    return torch.ops.mkldnn._linear_pointwise(a, b_t, bias, activation, [], "")
 
 
 class OneDNNLinearFunction(torch.autograd.Function):
@@ -84,3 +89,19 @@ def onednn_linear(model: nn.Module, enabled: bool = True):
         yield layers
     finally:
         restore_linear(layers)
+
+
+def keep_freed_memory() -> bool:
+    """Stop glibc from handing freed blocks back to the kernel. By default it unmaps big blocks
+    and trims the heap on free, so each training step's megabyte-sized tensors page-fault in
+    afresh: on the VM of benchmarks/RESULTS.md that doubled the time of the weight-gradient
+    multiplies. Memory stays reserved for reuse instead (a few MB here). Returns whether it took
+    effect (glibc only)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 512 << 20))

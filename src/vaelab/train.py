@@ -36,7 +36,7 @@ from . import checkpoint as ckpt
 from .config import config_from_dict, config_to_dict, require
 from .data import BINARIZE_CHOICES, Batcher, ImageData, load
 from .errors import ConfigError, DivergenceError, RunExistsError, VaelabError
-from .fastpath import onednn_linear
+from .fastpath import keep_freed_memory, onednn_linear
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -105,6 +105,7 @@ def physical_cores() -> int:
 
 
 def configure_runtime() -> None:
+    keep_freed_memory()  # see fastpath.py: freed tensors would page-fault back in every step
     # Denormals appear in the tails of trained weights and slow CPU matmuls by orders of magnitude.
     torch.set_flush_denormal(True)
     # SMT siblings share one core's vector units: a second thread on them only adds barrier waits.

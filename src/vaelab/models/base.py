@@ -57,6 +57,11 @@ class GenerativeModel(nn.Module):
         return self.config.latent_dim
 
     @property
+    def is_compiled(self) -> bool:
+        """Whether `nn.Module.compile()` was called on the model."""
+        return getattr(self, "_compiled_call_impl", None) is not None
+
+    @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
 

@@ -8,7 +8,8 @@ import torch
 
 from ..config import require
 from ..losses import bce_from_logits, kl_normal, reparameterize
-from . import register
+from ..optim import PackedAdam
+from . import register, vae_step
 from .base import GenerativeModel, ModelOutput, Posterior
 from .blocks import GaussianHeads, MLPDecoder, MLPEncoderTrunk
 
@@ -60,3 +61,15 @@ class VAE(GaussianVAE):
         self.trunk = MLPEncoderTrunk(config.hidden_dims)
         self.heads = GaussianHeads(self.trunk.out_features, config.latent_dim)
         self.decoder = MLPDecoder(config.latent_dim, config.hidden_dims)
+
+    def configure_optimizers(self, lr: float) -> dict[str, torch.optim.Optimizer]:
+        return {"model": PackedAdam(self.parameters(), lr=lr)}
+
+    def training_step(self, x: torch.Tensor, optimizers: dict[str, torch.optim.Optimizer],
+                      clip_grad: float | None = None) -> ModelOutput:
+        # On the CPU the hand-derived step (vae_step.py) does the same update about 1.8x faster;
+        # gradient clipping, autocast, compile and CUDA take the autograd step.
+        opt = optimizers["model"]
+        if clip_grad is None and not self.is_compiled and vae_step.applies(self, x, opt):
+            return vae_step.training_step(self, x, opt)
+        return super().training_step(x, optimizers, clip_grad)

@@ -1,0 +1,121 @@
+"""The MLP VAE's training step with its gradients written out by hand (CPU, fp32).
+
+Same loss, same gradients, same Adam update as the autograd step; only how they are computed
+differs. On a small MLP, autograd's bookkeeping, the separate element-wise passes of the loss and
+its derivative, and one Adam kernel per tensor take as long as the matrix multiplies themselves.
+Here every multiply runs through oneDNN (with the ReLU fused into the forward ones), the loss
+derivatives are a few whole-batch passes, and `PackedAdam.update` takes the gradients straight
+from the multiplies. tests/test_fast_step.py checks the gradients against autograd's.
+
+The gradients, for a batch of B images x, logits l, posterior (mu, log sigma^2 = v), eps ~ N(0, I)
+and z = mu + eps * sigma, of loss = mean_b[BCE(l_b, x_b)] + beta * mean_b[KL_b]:
+    dloss/dl  = (sigmoid(l) - x) / B
+    dloss/dmu = dloss/dz + beta * mu / B
+    dloss/dv  = dloss/dz * eps * sigma / 2 + beta * (exp(v) - 1) / (2B)
+and through each linear layer y = a W^T + b: dW = dy^T a, db = sum_b dy, da = dy W.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..fastpath import onednn_available, onednn_mm
+from ..optim import PackedAdam
+from .base import ModelOutput
+
+
+def linear_layers(seq: nn.Sequential, final_relu: bool) -> list[nn.Linear] | None:
+    """The Linear layers of a Linear, ReLU, Linear, ... stack (ending in a ReLU or not, as
+    asked), or None for anything else."""
+    layers = [m for m in seq if type(m) is nn.Linear]
+    expected = [nn.Linear, nn.ReLU] * len(layers)
+    if [type(m) for m in seq] != (expected if final_relu else expected[:-1]):
+        return None
+    return layers
+
+
+def applies(model, x: torch.Tensor, optimizer) -> bool:
+    """Whether this step computes what the autograd step would here: an fp32 MLP VAE on the CPU
+    with oneDNN, no autocast, and a `PackedAdam`."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and onednn_available()
+            and not torch.is_autocast_enabled("cpu") and torch.is_grad_enabled()
+            and isinstance(optimizer, PackedAdam) and optimizer.can_update()
+            and all(p.dtype == torch.float32 and p.device.type == "cpu" for p in model.parameters())
+            and linear_layers(model.trunk.net, final_relu=True) is not None
+            and linear_layers(model.decoder.net, final_relu=False) is not None)
+
+
+def weight_grad(dy: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """dW = dy^T a for y = a W^T: (B, out), (B, in) -> (out, in).
+
+    oneDNN reads its left operand row-major, so one side is copied transposed; take the cheaper
+    of copying dy^T, or a^T plus the transposed result (returned as a view)."""
+    (batch, n_out), n_in = dy.shape, a.shape[1]
+    if batch * n_out <= batch * n_in + n_in * n_out:
+        return onednn_mm(dy.t(), a.t())  # (out, B) @ (B, in)
+    return onednn_mm(a.t(), dy.t()).t()  # ((in, B) @ (B, out))^T
+
+
+def training_step(model, x: torch.Tensor, optimizer: PackedAdam) -> ModelOutput:
+    """One Adam step of an MLP VAE on batch x (B, 1, 28, 28); returns what `forward` would."""
+    encoder = linear_layers(model.trunk.net, final_relu=True)
+    decoder = linear_layers(model.decoder.net, final_relu=False)
+    batch, latent = x.shape[0], model.latent_dim
+    beta = model.config.beta
+    with torch.no_grad():
+        pixels = x.reshape(batch, -1)  # (B, 784)
+        # Forward, keeping every layer's input.
+        enc_inputs, h = [], pixels
+        for layer in encoder:
+            enc_inputs.append(h)
+            h = onednn_mm(h, layer.weight, layer.bias, "relu")
+        heads_w = torch.cat([model.heads.mu.weight, model.heads.logvar.weight])  # (2D, H)
+        heads_b = torch.cat([model.heads.mu.bias, model.heads.logvar.bias])
+        heads = onednn_mm(h, heads_w, heads_b)  # (B, 2D)
+        mu, logvar = heads[:, :latent], heads[:, latent:]
+        std = torch.exp(0.5 * logvar)
+        eps = torch.randn_like(mu)  # the draw `reparameterize` makes
+        z = torch.addcmul(mu, eps, std)
+        dec_inputs, g = [], z
+        for i, layer in enumerate(decoder):
+            dec_inputs.append(g)
+            g = onednn_mm(g, layer.weight, layer.bias, "relu" if i + 1 < len(decoder) else "none")
+        logits = g  # (B, 784)
+
+        # The loss, as batch means: BCE(l, x) = softplus(l) - x l; KL from Kingma & Welling App. B.
+        var = std * std
+        recon = (F.softplus(logits).sum() - torch.dot(logits.view(-1), pixels.reshape(-1))) / batch
+        kl = -0.5 * (logvar.sum() + latent * batch - mu.pow(2).sum() - var.sum()) / batch
+        loss = recon + beta * kl
+
+        # Backward.
+        grads: dict[nn.Parameter, torch.Tensor] = {}
+        dy = torch.sigmoid(logits).sub_(pixels).mul_(1.0 / batch)
+        for i in reversed(range(len(decoder))):
+            layer = decoder[i]
+            grads[layer.weight] = weight_grad(dy, dec_inputs[i])
+            grads[layer.bias] = dy.sum(0)
+            dy = onednn_mm(dy, layer.weight.t())  # (B, out) @ (out, in)
+            if i > 0:  # through the ReLU that produced this layer's input
+                dy = torch.ops.aten.threshold_backward(dy, dec_inputs[i], 0)
+        dz = dy
+        dmu = torch.add(dz, mu, alpha=beta / batch)
+        dlogvar = (dz * eps * std).add_(var, alpha=beta / batch).sub_(beta / batch).mul_(0.5)
+        dheads = torch.cat([dmu, dlogvar], 1)  # (B, 2D)
+        d_heads_w, d_heads_b = weight_grad(dheads, h), dheads.sum(0)
+        grads[model.heads.mu.weight], grads[model.heads.logvar.weight] = d_heads_w[:latent], d_heads_w[latent:]
+        grads[model.heads.mu.bias], grads[model.heads.logvar.bias] = d_heads_b[:latent], d_heads_b[latent:]
+        if encoder:
+            dy = onednn_mm(dheads, heads_w.t())
+        for i in reversed(range(len(encoder))):
+            layer = encoder[i]
+            dy = torch.ops.aten.threshold_backward(dy, enc_inputs[i + 1] if i + 1 < len(encoder) else h, 0)
+            grads[layer.weight] = weight_grad(dy, enc_inputs[i])
+            grads[layer.bias] = dy.sum(0)
+            if i > 0:
+                dy = onednn_mm(dy, layer.weight.t())
+
+        optimizer.update([grads[p] for p in optimizer.params])
+    return ModelOutput(loss=loss, terms={"recon": recon, "kl": kl})

@@ -1,0 +1,122 @@
+"""The MLP VAE's hand-derived training step and PackedAdam, against autograd and torch.optim.Adam."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from vaelab.models import build_model, make_config, vae_step
+from vaelab.models.base import GenerativeModel
+from vaelab.optim import PackedAdam
+
+pytestmark = pytest.mark.skipif(not vae_step.onednn_available(), reason="needs oneDNN (CPU builds have it)")
+
+
+def autograd_twin(model):
+    """A copy of `model` trained by the base class's autograd step with torch.optim.Adam."""
+    twin = copy.deepcopy(model)
+    return twin, {"model": torch.optim.Adam(twin.parameters(), lr=1e-2, fused=True)}
+
+
+@pytest.mark.parametrize("hidden,latent,beta", [([48, 24], 3, 0.7), ([32], 2, 1.0), ([], 4, 1.0)],
+                         ids=["two-hidden-beta", "one-hidden", "no-hidden"])
+def test_hand_derived_gradients_and_loss_match_autograd(hidden, latent, beta, monkeypatch):
+    torch.manual_seed(0)
+    model = build_model("vae", make_config("vae", hidden_dims=hidden, latent_dim=latent, beta=beta))
+    opts = {"model": PackedAdam(model.parameters(), lr=1e-2)}
+    twin, twin_opts = autograd_twin(model)
+    handed = []
+    original = PackedAdam.update
+    monkeypatch.setattr(PackedAdam, "update", lambda opt, grads: (handed.append([g.clone() for g in grads]),
+                                                                  original(opt, grads)))
+    assert vae_step.applies(model, torch.rand(40, 1, 28, 28), opts["model"])
+    for step in range(4):
+        x = torch.rand(40, 1, 28, 28)
+        torch.manual_seed(step)  # the same eps on both sides
+        fast = model.training_step(x, opts)
+        torch.manual_seed(step)
+        ref = GenerativeModel.training_step(twin, x, twin_opts)
+        torch.testing.assert_close(fast.loss, ref.loss.detach(), rtol=1e-5, atol=1e-4)
+        for name in ("recon", "kl"):
+            torch.testing.assert_close(fast.terms[name], ref.terms[name], rtol=1e-5, atol=1e-5)
+        for (name, p), g in zip(model.named_parameters(), handed[-1]):
+            scale = p.grad if p.grad is not None else twin.get_parameter(name).grad
+            torch.testing.assert_close(g, scale, rtol=1e-4, atol=1e-6 * float(scale.abs().max()) + 1e-9,
+                                       msg=f"gradient of {name} at step {step}")
+        # Adam's first steps move every weight by about lr whatever the gradient's size, so a
+        # rounding-level gradient difference becomes a visible weight difference: carry on from
+        # one shared point instead (Adam itself is checked against torch.optim.Adam below).
+        with torch.no_grad():
+            for p, q in zip(model.parameters(), twin.parameters()):
+                q.copy_(p)
+    assert all(p.grad is None for p in model.parameters())  # gradients go straight to the update
+    assert [float(opts["model"].state[p]["step"]) for p in opts["model"].params] == [4.0] * len(handed[0])
+
+
+def test_the_step_is_only_taken_where_it_computes_the_same_update():
+    model = build_model("vae", make_config("vae", hidden_dims=[16], latent_dim=2))
+    packed = PackedAdam(model.parameters(), lr=1e-3)
+    x = torch.rand(8, 1, 28, 28)
+    assert vae_step.applies(model, x, packed)
+    assert not vae_step.applies(model, x, torch.optim.Adam(model.parameters()))
+    assert not vae_step.applies(model, x.double(), packed)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not vae_step.applies(model, x, packed)
+    lstm = build_model("lstm-vae", make_config("lstm-vae"))
+    assert not isinstance(lstm.configure_optimizers(1e-3)["model"], PackedAdam)
+
+
+def test_gradient_clipping_takes_the_autograd_step(monkeypatch):
+    model = build_model("vae", make_config("vae", hidden_dims=[16], latent_dim=2))
+    opts = model.configure_optimizers(1e-3)
+    taken = []
+    monkeypatch.setattr(vae_step, "training_step", lambda *a: taken.append(a))
+    model.training_step(torch.rand(8, 1, 28, 28), opts, clip_grad=1.0)
+    assert taken == [] and all(p.grad is not None for p in model.parameters())
+    model.training_step(torch.rand(8, 1, 28, 28), opts)
+    assert len(taken) == 1
+
+
+def test_weight_grad_takes_either_transpose_and_gives_dy_t_a():
+    torch.manual_seed(0)
+    for n_out, n_in in [(300, 20), (20, 300), (64, 64)]:
+        dy, a = torch.randn(16, n_out), torch.randn(16, n_in)
+        torch.testing.assert_close(vae_step.weight_grad(dy, a), dy.t() @ a, rtol=1e-5, atol=1e-5)
+
+
+def make_packed(seed=0):
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(300, 250), torch.nn.ReLU(), torch.nn.Linear(250, 3))
+    return net, PackedAdam(net.parameters(), lr=1e-2)
+
+
+def test_packed_adam_update_equals_its_step_and_keeps_adams_state_format():
+    net_a, opt_a = make_packed()
+    net_b, opt_b = make_packed()
+    assert [p.numel() >= 65536 for p in opt_a.params] == [True, False, False, False]
+    for i in range(3):
+        torch.manual_seed(10 + i)
+        grads = [torch.randn_like(p) for p in net_a.parameters()]
+        for p, g in zip(net_b.parameters(), grads):
+            p.grad = g.clone()
+        opt_a.update(grads)
+        opt_b.step()
+    for p, q in zip(net_a.parameters(), net_b.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-7)
+    state = copy.deepcopy(opt_a.state_dict())  # state_dict() hands out the live tensors
+    plain = torch.optim.Adam(make_packed()[0].parameters(), lr=1e-2, fused=True)
+    plain.load_state_dict(state)  # Adam's format: loads into plain Adam ...
+    assert set(state["state"][1]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert float(state["state"][3]["step"]) == 3
+    net_c, opt_c = make_packed(seed=5)
+    net_c.load_state_dict(net_a.state_dict())
+    opt_c.load_state_dict(copy.deepcopy(plain.state_dict()))  # ... and back, re-packed, continuing identically
+    grads = [torch.randn_like(p) for p in net_a.parameters()]
+    opt_a.update(grads)
+    opt_c.update(grads)
+    for p, q in zip(net_a.parameters(), net_c.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    small = opt_c.params[1]
+    assert small.untyped_storage().data_ptr() == opt_c.flat_params.untyped_storage().data_ptr()
