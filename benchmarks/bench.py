@@ -446,6 +446,10 @@ def run_all(args) -> dict:
     mlp = {"hidden_dims": [HIDDEN], "latent_dim": LATENT}
     fast = in_subprocess("vaelab", model="vae", overrides=mlp, epochs=epochs, n_train=n_train, n_test=n_test)
     results["vaelab"] = fast
+    # The machine's speed drifts on a shared VM: measure the reference again right after the run
+    # it is compared with; the two measurements bracket it.
+    say(f"[bench] matmul throughput again, right after the vaelab run ...")
+    results["matmul_after"] = in_subprocess("matmul", batch=BATCH, seconds=0.5 if quick else 2.0)
     extra = {}
     if args.bf16:
         say(f"[bench] vaelab vae 784-400-20 bf16 autocast, {epochs} epoch(s) ...")
@@ -494,8 +498,10 @@ def summarize(results: dict) -> None:
     eval_images = len(fast["curve"]) * fast["n_test"]
     s["vaelab_whole_run_gflops"] = (fast["images"] * step_flops_per_image
                                     + eval_images * forward_flops_per_image) / fast["wall_seconds"] / 1e9
-    s["peak_fraction"] = s["vaelab_train_gflops"] / mm["step_gemms_fp32_gflops"]
-    s["peak_fraction_whole_run"] = s["vaelab_whole_run_gflops"] / mm["step_gemms_fp32_gflops"]
+    after = results.get("matmul_after", mm)
+    s["reference_gflops"] = (mm["step_gemms_fp32_gflops"] + after["step_gemms_fp32_gflops"]) / 2
+    s["peak_fraction"] = s["vaelab_train_gflops"] / s["reference_gflops"]
+    s["peak_fraction_whole_run"] = s["vaelab_whole_run_gflops"] / s["reference_gflops"]
     s["final_test_loss_baseline"] = base["curve"][-1]["test_loss"]
     s["final_test_loss_vaelab"] = fast["curve"][-1]["test_loss"]
     s["curve_difference"] = s["final_test_loss_vaelab"] - s["final_test_loss_baseline"]
@@ -511,6 +517,7 @@ def summarize(results: dict) -> None:
 
 def report(results: dict) -> str:
     m, s, mm = results["machine"], results["summary"], results["matmul"]
+    after = results.get("matmul_after", mm)
     base, fast, st = results["baseline"], results["vaelab"], results["settings"]
     out = [f"## Machine\n\n{m['cpu']}, {m['logical_cpus']} logical CPUs, {m['physical_cores']} physical cores, "
            f"AVX-512 BF16: {'yes' if m['avx512_bf16'] else 'no'}; torch {m['torch']}, Python {m['python']}; "
@@ -540,6 +547,8 @@ def report(results: dict) -> str:
          fmt(mm["step_gemms_fp32_aten_gflops"], 1)],
         [f"machine, fp32, the same GEMMs through oneDNN, {mm['threads']} threads",
          fmt(mm["step_gemms_fp32_onednn_gflops"], 1)],
+        ["machine, fp32, the same two measurements right after the vaelab run: torch.mm / oneDNN",
+         f"{fmt(after['step_gemms_fp32_aten_gflops'], 1)} / {fmt(after['step_gemms_fp32_onednn_gflops'], 1)}"],
         [f"machine, bf16, the same GEMMs", fmt(mm["step_gemms_bf16_gflops"], 1)],
         [f"machine, fp32, {BATCH}x1024 @ 1024x1024 (reference)", fmt(mm["square_fp32_gflops"], 1)],
         [f"machine, bf16, {BATCH}x1024 @ 1024x1024 (reference)", fmt(mm["square_bf16_gflops"], 1)],
@@ -549,8 +558,8 @@ def report(results: dict) -> str:
          f"({s['train_flops_per_image'] / 1e6:.3f} MFLOP per image: forward {s['forward_flops_per_image'] / 1e6:.3f}, "
          f"x3 for forward + weight and input gradients, less the first layer's unneeded input gradient; "
          f"element-wise work not counted). **vaelab reaches {100 * s['peak_fraction']:.0f}% of the machine's "
-         f"fp32 matmul throughput at these shapes** (the faster library's {fmt(mm['step_gemms_fp32_gflops'], 1)} "
-         f"GFLOP/s) (target >= {100 * TARGET_PEAK_FRACTION:.0f}%; "
+         f"fp32 matmul throughput at these shapes** ({fmt(s['reference_gflops'], 1)} GFLOP/s: the faster library, "
+         f"mean of the measurements before and after the run) (target >= {100 * TARGET_PEAK_FRACTION:.0f}%; "
          f"{100 * s['peak_fraction_whole_run']:.0f}% over the whole run).")
     rows = []
     others = results["variants"]

@@ -44,6 +44,7 @@ class PackedAdam(torch.optim.Adam):
         # Adam keeps one step counter per tensor; views of one buffer let a single add advance them
         # all while state_dict() still sees a counter per tensor.
         self.steps = torch.zeros(len(self.params), dtype=torch.float32, device=first.device)
+        self.slots = {}  # id(param) -> its gradient's place in small_grads
         offset = 0
         for i, p in enumerate(self.params):
             state = self.state[p]
@@ -53,6 +54,7 @@ class PackedAdam(torch.optim.Adam):
             if p.numel() < SMALL_TENSOR:
                 k = p.numel()
                 views = [buf[offset : offset + k].view_as(p) for buf in (flat_p, flat_m, flat_v)]
+                self.slots[id(p)] = self.small_grads[offset : offset + k].view_as(p)
                 offset += k
                 views[0].copy_(p.detach())
                 p.data = views[0]
@@ -70,16 +72,20 @@ class PackedAdam(torch.optim.Adam):
         group = self.param_groups[0]
         return len(self.param_groups) == 1 and not group["amsgrad"] and not group["maximize"] and bool(self.small)
 
+    def grad_slot(self, p: torch.Tensor) -> torch.Tensor | None:
+        """Where `update` reads a small parameter's gradient from (None for a big one): a step that
+        writes it there (out=...) saves a copy."""
+        return self.slots.get(id(p))
+
     @torch.no_grad()
     def update(self, grads: list[torch.Tensor]) -> None:
         """One Adam step with `grads` given in parameter order (the params' .grad is not used);
         the same arithmetic as `step()`."""
         group = self.param_groups[0]
-        offset = 0
         for i in self.small_index:
-            k = self.params[i].numel()
-            self.small_grads[offset : offset + k].view_as(self.params[i]).copy_(grads[i])
-            offset += k
+            slot = self.slots[id(self.params[i])]
+            if grads[i] is not slot:
+                slot.copy_(grads[i])
         self.steps.add_(1)
         beta1, beta2 = group["betas"]
         big = [self.params[i] for i in self.big_index]

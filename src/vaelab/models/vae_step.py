@@ -84,36 +84,43 @@ def training_step(model, x: torch.Tensor, optimizer: PackedAdam) -> ModelOutput:
             g = onednn_mm(g, layer.weight, layer.bias, "relu" if i + 1 < len(decoder) else "none")
         logits = g  # (B, 784)
 
-        # The loss, as batch means: BCE(l, x) = softplus(l) - x l; KL from Kingma & Welling App. B.
+        # The loss, as batch means: BCE(l, x) = softplus(l) - x l, and KL(q || N(0, I)) =
+        # 1/2 sum(sigma^2 - log sigma^2 + mu^2 - 1) (Kingma & Welling 2014, Appendix B).
         var = std * std
         recon = (F.softplus(logits).sum() - torch.dot(logits.view(-1), pixels.reshape(-1))) / batch
-        kl = -0.5 * (logvar.sum() + latent * batch - mu.pow(2).sum() - var.sum()) / batch
-        loss = recon + beta * kl
+        kl = (torch.addcmul(var - logvar, mu, mu).sum() - latent * batch) * (0.5 / batch)
+        loss = torch.add(recon, kl, alpha=beta)
 
-        # Backward.
+        # Backward. Bias gradients are summed straight into the buffer the update reads.
+        def bias_grad(dy: torch.Tensor, bias: nn.Parameter) -> torch.Tensor:
+            slot = optimizer.grad_slot(bias)
+            return dy.sum(0) if slot is None else torch.sum(dy, 0, out=slot)
+
         grads: dict[nn.Parameter, torch.Tensor] = {}
         dy = torch.sigmoid(logits).sub_(pixels).mul_(1.0 / batch)
         for i in reversed(range(len(decoder))):
             layer = decoder[i]
             grads[layer.weight] = weight_grad(dy, dec_inputs[i])
-            grads[layer.bias] = dy.sum(0)
+            grads[layer.bias] = bias_grad(dy, layer.bias)
             dy = onednn_mm(dy, layer.weight.t())  # (B, out) @ (out, in)
             if i > 0:  # through the ReLU that produced this layer's input
                 dy = torch.ops.aten.threshold_backward(dy, dec_inputs[i], 0)
         dz = dy
-        dmu = torch.add(dz, mu, alpha=beta / batch)
-        dlogvar = (dz * eps * std).add_(var, alpha=beta / batch).sub_(beta / batch).mul_(0.5)
-        dheads = torch.cat([dmu, dlogvar], 1)  # (B, 2D)
-        d_heads_w, d_heads_b = weight_grad(dheads, h), dheads.sum(0)
+        dheads = torch.empty(batch, 2 * latent)  # (dloss/dmu, dloss/dlogvar)
+        dmu, dlogvar = dheads[:, :latent], dheads[:, latent:]
+        torch.add(dz, mu, alpha=beta / batch, out=dmu)
+        torch.mul(dz, eps, out=dlogvar).mul_(std).add_(var, alpha=beta / batch).sub_(beta / batch).mul_(0.5)
+        d_heads_w = weight_grad(dheads, h)  # (2D, H)
         grads[model.heads.mu.weight], grads[model.heads.logvar.weight] = d_heads_w[:latent], d_heads_w[latent:]
-        grads[model.heads.mu.bias], grads[model.heads.logvar.bias] = d_heads_b[:latent], d_heads_b[latent:]
+        grads[model.heads.mu.bias] = bias_grad(dmu, model.heads.mu.bias)
+        grads[model.heads.logvar.bias] = bias_grad(dlogvar, model.heads.logvar.bias)
         if encoder:
             dy = onednn_mm(dheads, heads_w.t())
         for i in reversed(range(len(encoder))):
             layer = encoder[i]
             dy = torch.ops.aten.threshold_backward(dy, enc_inputs[i + 1] if i + 1 < len(encoder) else h, 0)
             grads[layer.weight] = weight_grad(dy, enc_inputs[i])
-            grads[layer.bias] = dy.sum(0)
+            grads[layer.bias] = bias_grad(dy, layer.bias)
             if i > 0:
                 dy = onednn_mm(dy, layer.weight.t())
 
