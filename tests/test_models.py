@@ -120,6 +120,26 @@ def test_ae_records_where_its_codes_lie(tiny_data, tmp_path):
     assert ((z.max(0).values - z.min(0).values) > 0.9 * (model.code_max - model.code_min)).all()
 
 
+def test_a_stopped_ae_run_samples_from_its_last_epochs_codes(tiny_data, tmp_path, monkeypatch):
+    """The box is recorded with every epoch's checkpoint, not only the last one's."""
+    from vaelab.train import Trainer
+
+    finish = Trainer._finish_epoch
+
+    def finish_then_stop(self, epoch, *args):
+        finish(self, epoch, *args)
+        raise KeyboardInterrupt  # the process dies after epoch 1's checkpoint of a 3-epoch run
+
+    monkeypatch.setattr(Trainer, "_finish_epoch", finish_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train("ae", make_config("ae", hidden_dims=[32]), quick_config(epochs=3), tmp_path / "run",
+              progress=False, data=tiny_data)
+    model = load_run(tmp_path / "run").model
+    codes = model.encode(to_float(tiny_data.train_x)).mu.detach()
+    torch.testing.assert_close(model.code_min, codes.min(0).values)
+    torch.testing.assert_close(model.code_max, codes.max(0).values)
+
+
 def test_ae_fitted_and_normal_priors(tiny_data, tmp_path):
     model = trained_ae(tiny_data, tmp_path)
     model.config.gen_prior = "fitted"

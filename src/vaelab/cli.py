@@ -329,10 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .errors import VaelabError
-    from .train import TrainingInterrupted
+    from .train import TrainingInterrupted, configure_runtime
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Every command runs as training does (threads, denormals, allocator): evaluate, generate and
+    # plot then compute as the evaluation inside training did, and as fast.
+    configure_runtime()
     try:
         return args.func(args)
     except TrainingInterrupted as e:

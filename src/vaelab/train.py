@@ -6,9 +6,10 @@ Nothing here knows which model it trains: a model brings its optimizers and its 
 Speed notes (see benchmarks/): batches are indexed out of a uint8 tensor on the device, the
 per-step loss terms stay on the device and are copied to the host once every `log_every` steps,
 and evaluation runs in large batches under inference mode. One intra-op thread per physical core,
-denormals flushed, fused Adam (models/base.py), fp32 linear layers through oneDNN on the CPU
-(fastpath.py), channels-last weights for convolutional models, and an optional `compile`
-(torch.compile of the model's forward and backward).
+denormals flushed, freed memory kept by the allocator, fused Adam (models/base.py), fp32 linear
+layers through oneDNN on the CPU (fastpath.py), the MLP VAE's hand-derived step with PackedAdam
+(models/vae_step.py, optim.py), channels-last weights for convolutional models, and an optional
+`compile` (torch.compile of the model's forward and backward).
 """
 
 from __future__ import annotations
@@ -386,8 +387,7 @@ class Trainer:
             self.history.append({"epoch": epoch, "split": split, **terms,
                                  "seconds": round(time.perf_counter() - eval_start, 3)})
         self.epoch = epoch
-        if epoch == self.config.epochs:
-            self.model.end_of_training(self.batches.images)
+        self.model.end_of_epoch(self.batches.images)
         self.save()
         if self.progress:
             print(self._summary_line(epoch), file=sys.stderr, flush=True)

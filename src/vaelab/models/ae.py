@@ -1,7 +1,7 @@
 """The plain autoencoder (784 -> 512 -> 2 -> 512 -> 784, MSE), optionally with a normalized bottleneck.
 
 A plain autoencoder has no prior, so "generation" means feeding the decoder codes from some
-distribution chosen after training. At the end of training the model records where its training
+distribution chosen after training. After each epoch the model records where its training
 codes lie (their box, mean and covariance, saved with the weights) and samples from:
 
 - `box`: uniform over the box the training codes occupy (the default without normalization),
@@ -60,7 +60,7 @@ class AE(GenerativeModel):
         self.to_code = nn.Linear(self.trunk.out_features, d)
         self.norm = nn.BatchNorm1d(d, affine=False) if config.normalize_latent else nn.Identity()
         self.decoder = MLPDecoder(d, config.hidden_dims)
-        # Where the training codes lie, filled by `end_of_training`; until then they describe
+        # Where the training codes lie, filled by `end_of_epoch`; until then they describe
         # N(0, I) and the box [-2, 2]^D. Buffers, so they travel in model.safetensors.
         self.register_buffer("code_min", torch.full((d,), -2.0))
         self.register_buffer("code_max", torch.full((d,), 2.0))
@@ -111,7 +111,7 @@ class AE(GenerativeModel):
         return buf(self.code_mean) + buf(self.code_cov.diagonal()).sqrt() * torch.special.ndtri(q)
 
     @torch.no_grad()
-    def end_of_training(self, train_images: torch.Tensor) -> None:
+    def end_of_epoch(self, train_images: torch.Tensor) -> None:
         was_training = self.training
         self.eval()  # the codes as the trained model produces them (running batch-norm statistics)
         codes = torch.cat([self.encode(to_float(chunk)).mu.float() for chunk in train_images.split(2000)])

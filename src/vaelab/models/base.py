@@ -138,6 +138,7 @@ class GenerativeModel(nn.Module):
         opt.step()
         return out
 
-    def end_of_training(self, train_images: torch.Tensor) -> None:
-        """Hook run once after the last epoch with the training images (uint8, on the device);
-        the autoencoder records where its codes lie here."""
+    def end_of_epoch(self, train_images: torch.Tensor) -> None:
+        """Hook run after each epoch, before its checkpoint, with the training images (uint8, on
+        the device); the autoencoder records where its codes lie here, so that a run stopped
+        early samples from where its last saved weights put the codes."""
