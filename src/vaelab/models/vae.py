@@ -67,7 +67,7 @@ class VAE(GaussianVAE):
 
     def training_step(self, x: torch.Tensor, optimizers: dict[str, torch.optim.Optimizer],
                       clip_grad: float | None = None) -> ModelOutput:
-        # On the CPU the hand-derived step (vae_step.py) does the same update about 1.8x faster;
+        # On the CPU the hand-derived step (vae_step.py) does the same update about 1.6x faster;
         # gradient clipping, autocast, compile and CUDA take the autograd step.
         opt = optimizers["model"]
         if clip_grad is None and not self.is_compiled and vae_step.applies(self, x, opt):
