@@ -52,9 +52,11 @@ def fail_at_step(monkeypatch, cls, step: int, corrupt) -> None:
         count["n"] += 1
         hit = count["n"] == step
         handles = corrupt(self, None) if hit and corrupt.before else []
-        out = original(self, x, optimizers, clip_grad=clip_grad)
-        for h in handles:
-            h.remove()
+        try:
+            out = original(self, x, optimizers, clip_grad=clip_grad)
+        finally:
+            for h in handles:
+                h.remove()
         if hit and not corrupt.before:
             corrupt(self, out)
         return out

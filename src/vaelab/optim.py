@@ -6,7 +6,8 @@ step. `PackedAdam` keeps every small tensor (and its two moment estimates) as a 
 buffer, so a hand-written training step can update the whole model with one kernel call per big
 tensor plus one for all the small ones (`update`). It is `torch.optim.Adam` in every other
 respect: `step()` works as usual, and `state_dict()` has Adam's format, so checkpoints move
-freely between the two.
+freely between the two. `update` needs the packing intact: after a `model.to(...)` that moves the
+parameters, `can_update()` is False and only `step()` trains them.
 """
 
 from __future__ import annotations
@@ -58,19 +59,28 @@ class PackedAdam(torch.optim.Adam):
                 offset += k
                 views[0].copy_(p.detach())
                 p.data = views[0]
-                for view, key in zip(views[1:], ("exp_avg", "exp_avg_sq")):
-                    if had_state:
-                        view.copy_(state[key])
-                    state[key] = view
-            elif not had_state:
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["step"] = self.steps[i]
+                if had_state:
+                    views[1].copy_(state["exp_avg"])
+                    views[2].copy_(state["exp_avg_sq"])
+                exp_avg, exp_avg_sq = views[1:]
+            elif had_state:
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+            else:
+                exp_avg = torch.zeros_like(p, memory_format=torch.preserve_format)
+                exp_avg_sq = torch.zeros_like(p, memory_format=torch.preserve_format)
+            # Adam's key order, so a checkpoint's bytes do not depend on which optimizer wrote it.
+            self.state[p] = {"step": self.steps[i], "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+        self.small_addresses = [p.data_ptr() for p in small]
         self.flat_params, self.flat_exp_avg, self.flat_exp_avg_sq = flat_p, flat_m, flat_v
 
     def can_update(self) -> bool:
+        """Whether `update` is valid now: one plain Adam group, equal step counters, and the small
+        parameters still the buffer's views (a `model.to(...)` that moved them cuts the link;
+        `step()` keeps working then, as plain Adam does)."""
         group = self.param_groups[0]
-        return len(self.param_groups) == 1 and not group["amsgrad"] and not group["maximize"] and bool(self.small)
+        return (len(self.param_groups) == 1 and not group["amsgrad"] and not group["maximize"]
+                and bool(self.small) and [p.data_ptr() for p in self.small] == self.small_addresses
+                and bool((self.steps == self.steps[0]).all()))  # `update` advances them as one
 
     def grad_slot(self, p: torch.Tensor) -> torch.Tensor | None:
         """Where `update` reads a small parameter's gradient from (None for a big one): a step that
@@ -80,7 +90,7 @@ class PackedAdam(torch.optim.Adam):
     @torch.no_grad()
     def update(self, grads: list[torch.Tensor]) -> None:
         """One Adam step with `grads` given in parameter order (the params' .grad is not used);
-        the same arithmetic as `step()`."""
+        the arithmetic of `step()`, up to rounding. Only when `can_update()`."""
         group = self.param_groups[0]
         for i in self.small_index:
             slot = self.slots[id(self.params[i])]

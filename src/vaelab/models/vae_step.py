@@ -1,7 +1,7 @@
 """The MLP VAE's training step with its gradients written out by hand (CPU, fp32).
 
-Same loss, same gradients, same Adam update as the autograd step; only how they are computed
-differs. On a small MLP, autograd's bookkeeping, the separate element-wise passes of the loss and
+Same loss, same gradients, same Adam update as the autograd step (up to rounding); only how they
+are computed differs. On a small MLP, autograd's bookkeeping, the separate element-wise passes of the loss and
 its derivative, and one Adam kernel per tensor take as long as the matrix multiplies themselves.
 Here every multiply runs through oneDNN (with the ReLU fused into the forward ones), the loss
 derivatives are a few whole-batch passes, and `PackedAdam.update` takes the gradients straight
@@ -106,7 +106,7 @@ def training_step(model, x: torch.Tensor, optimizer: PackedAdam) -> ModelOutput:
             if i > 0:  # through the ReLU that produced this layer's input
                 dy = torch.ops.aten.threshold_backward(dy, dec_inputs[i], 0)
         dz = dy
-        dheads = torch.empty(batch, 2 * latent)  # (dloss/dmu, dloss/dlogvar)
+        dheads = heads.new_empty(batch, 2 * latent)  # (dloss/dmu, dloss/dlogvar)
         dmu, dlogvar = dheads[:, :latent], dheads[:, latent:]
         torch.add(dz, mu, alpha=beta / batch, out=dmu)
         torch.mul(dz, eps, out=dlogvar).mul_(std).add_(var, alpha=beta / batch).sub_(beta / batch).mul_(0.5)
