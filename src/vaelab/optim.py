@@ -35,10 +35,9 @@ class PackedAdam(torch.optim.Adam):
         """Move the small parameters, their moments and the step counters into buffers, keeping
         their values (fresh moments are zero, as Adam would create them)."""
         first = self.params[0]
-        small = [p for p in self.params if p.numel() < SMALL_TENSOR]
-        self.small = small
         self.small_index = [i for i, p in enumerate(self.params) if p.numel() < SMALL_TENSOR]
         self.big_index = [i for i, p in enumerate(self.params) if p.numel() >= SMALL_TENSOR]
+        self.small = small = [self.params[i] for i in self.small_index]
         n = sum(p.numel() for p in small)
         flat_p, flat_m, flat_v = (torch.zeros(n, dtype=first.dtype, device=first.device) for _ in range(3))
         self.small_grads = torch.zeros_like(flat_p)
