@@ -452,7 +452,7 @@ def run_all(args) -> dict:
     results["vaelab"] = fast
     # The machine's speed drifts on a shared VM: measure the reference again right after the run
     # it is compared with; the two measurements bracket it.
-    say(f"[bench] matmul throughput again, right after the vaelab run ...")
+    say("[bench] matmul throughput again, right after the vaelab run ...")
     results["matmul_after"] = in_subprocess("matmul", batch=BATCH, seconds=0.5 if quick else 2.0)
     extra = {}
     if args.bf16:

@@ -73,6 +73,8 @@ class VAE(GaussianVAE):
         opt = optimizers["model"]
         own_math = all(getattr(type(self), m) is getattr(GaussianVAE, m)
                        for m in ("forward", "encode", "decode_logits"))
-        if clip_grad is None and own_math and not self.is_compiled and vae_step.applies(self, x, opt):
-            return vae_step.training_step(self, x, opt)
+        if clip_grad is None and own_math and not self.is_compiled:
+            layers = vae_step.applies(self, x, opt)
+            if layers is not None:
+                return vae_step.training_step(self, x, opt, layers)
         return super().training_step(x, optimizers, clip_grad)

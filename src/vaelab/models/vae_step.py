@@ -36,15 +36,18 @@ def linear_layers(seq: nn.Sequential, final_relu: bool) -> list[nn.Linear] | Non
     return layers
 
 
-def applies(model, x: torch.Tensor, optimizer) -> bool:
-    """Whether this step computes what the autograd step would here: an fp32 MLP VAE on the CPU
-    with oneDNN, no autocast, and a `PackedAdam`."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and onednn_available()
+def applies(model, x: torch.Tensor, optimizer) -> tuple[list[nn.Linear], list[nn.Linear]] | None:
+    """The (encoder, decoder) Linear layers `training_step` needs if it computes what the autograd
+    step would here (an fp32 MLP VAE on the CPU with oneDNN, no autocast, a `PackedAdam`), else
+    None."""
+    if not (x.device.type == "cpu" and x.dtype == torch.float32 and onednn_available()
             and not torch.is_autocast_enabled("cpu") and torch.is_grad_enabled()
             and isinstance(optimizer, PackedAdam) and optimizer.can_update()
-            and all(p.dtype == torch.float32 and p.device.type == "cpu" for p in model.parameters())
-            and linear_layers(model.trunk.net, final_relu=True) is not None
-            and linear_layers(model.decoder.net, final_relu=False) is not None)
+            and all(p.dtype == torch.float32 and p.device.type == "cpu" for p in model.parameters())):
+        return None
+    encoder = linear_layers(model.trunk.net, final_relu=True)
+    decoder = linear_layers(model.decoder.net, final_relu=False)
+    return None if encoder is None or decoder is None else (encoder, decoder)
 
 
 def weight_grad(dy: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -58,10 +61,11 @@ def weight_grad(dy: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return onednn_mm(a.t(), dy.t()).t()  # ((in, B) @ (B, out))^T
 
 
-def training_step(model, x: torch.Tensor, optimizer: PackedAdam) -> ModelOutput:
-    """One Adam step of an MLP VAE on batch x (B, 1, 28, 28); returns what `forward` would."""
-    encoder = linear_layers(model.trunk.net, final_relu=True)
-    decoder = linear_layers(model.decoder.net, final_relu=False)
+def training_step(model, x: torch.Tensor, optimizer: PackedAdam,
+                  layers: tuple[list[nn.Linear], list[nn.Linear]]) -> ModelOutput:
+    """One Adam step of an MLP VAE on batch x (B, 1, 28, 28), with the layers `applies` returned;
+    returns what `forward` would."""
+    encoder, decoder = layers
     batch, latent = x.shape[0], model.latent_dim
     beta = model.config.beta
     with torch.no_grad():
