@@ -6,15 +6,24 @@ executing anything from a file.
     RUN/checkpoint.safetensors    everything to resume: weights, optimizers, RNG states, history
     RUN/history.csv, steps.csv    derived from the checkpoint after each save
     RUN/figures/                  PNGs
+    RUN/.lock                     locked (flock) while a process trains in RUN; holds its PID
 
 A checkpoint is one file renamed into place, so a kill at any instant leaves either the previous
 or the new one, both complete.
+
+The weights and the checkpoint carry a copy of the run's config in their hashed metadata: they
+are the source of truth. config.json is the readable copy; an edit of it that would change what
+the weights mean or how the run trains is refused on loading, naming the field. Only the
+training length and device (`--resume --epochs/--device`) and a model's generation-only fields
+(its `generation_fields`, changed with `vaelab config`) may differ.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,14 +37,21 @@ from safetensors.torch import save as save_safetensors_bytes
 from . import __version__
 from .atomic import atomic_write
 from .config import config_from_dict, config_to_dict
-from .errors import CheckpointError, VaelabError
+from .errors import CheckpointError, RunInUseError, VaelabError
+from .memory import available_memory, parameter_count, require_memory
+from .reading import format_bytes, parse_json, read_bytes, read_json, require_fields
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
 CHECKPOINT_FILE = "checkpoint.safetensors"
+LOCK_FILE = ".lock"
 # A safetensors header larger than this is refused before it is read (the format's own cap).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+# config.json is about 1 kB.
+MAX_CONFIG_BYTES = 1024 * 1024
+# What --resume may change in a stored training config (see the module docstring).
+RESUMABLE_TRAIN_FIELDS = ("epochs", "device")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -43,26 +59,14 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 # ---------------------------------------------------------------------------------------------
 
 
-def write_run_file(path: Path, data: bytes) -> None:
-    """`atomic.atomic_write` for run-folder files: a full disk or a refused write becomes one line
-    naming the file (which keeps its previous content)."""
-    try:
-        atomic_write(path, data)
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot write ({e.strerror or e}); its previous version is unchanged") from None
-
-
 def write_json(path: Path, obj: Any) -> None:
-    write_run_file(path, (json.dumps(obj, indent=2) + "\n").encode())
+    """JSON written atomically; NaN and infinities are refused (vaelab never reads them back)."""
+    atomic_write(path, (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode())
 
 
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: unreadable or not JSON ({e})") from None
+# `reading.read_json`: a bounded, depth-checked JSON object (a CheckpointError naming the file
+# otherwise), re-exported here where the run-folder code has always found it.
+read_json = read_json
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,36 +142,46 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> No
     # give equal files. The digest covers the metadata as serialised without it.
     meta = {**meta, "sha256": content_digest(json.dumps(meta), tensors)}
     data = save_safetensors_bytes(tensors, metadata={"vaelab": json.dumps(meta)})
-    write_run_file(path, data)
+    atomic_write(path, data)
 
 
 def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a safetensors file written by `save_tensors`; any damage is a CheckpointError."""
+    """Read a safetensors file written by `save_tensors`; any damage is a CheckpointError.
+
+    The file must fit in memory twice (its bytes and the tensors made from them), checked
+    before it is read; its metadata must carry the SHA-256 `save_tensors` writes, which must
+    match: a file with the hash removed is refused, not loaded unverified."""
     path = Path(path)
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing") from None
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+        size = path.stat().st_size
+    except OSError:
+        size = 0  # read_bytes names the problem
+    require_memory(2 * size, f"loading {path} ({format_bytes(size)})", error=CheckpointError)
+    data = read_bytes(path, max(size, 1) if size else 2**62, "safetensors file")
     if len(data) < 8:
         raise CheckpointError(f"{path}: truncated (not a safetensors file)")
     (header_len,) = struct.unpack("<Q", data[:8])
     if header_len > min(MAX_HEADER_BYTES, len(data) - 8):
         raise CheckpointError(f"{path}: truncated or corrupt safetensors header")
+    header = parse_json(data[8 : 8 + header_len], f"{path}: safetensors header")
     try:
-        header = json.loads(data[8 : 8 + header_len])
-        meta = json.loads(header["__metadata__"]["vaelab"])
-    except (ValueError, KeyError, TypeError):
+        text = header["__metadata__"]["vaelab"]
+    except (KeyError, TypeError):
         raise CheckpointError(f"{path}: not a vaelab safetensors file (metadata missing or corrupt)") from None
+    if not isinstance(text, str):
+        raise CheckpointError(f"{path}: not a vaelab safetensors file (metadata missing or corrupt)")
+    meta = parse_json(text, f"{path}: vaelab metadata")
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: corrupt vaelab metadata")
-    digest = meta.pop("sha256", None)  # absent in files of the first release
+    digest = meta.pop("sha256", None)
+    if not isinstance(digest, str):
+        raise CheckpointError(f"{path}: no SHA-256 in its metadata (edited by hand, or written by a vaelab "
+                              f"older than its integrity check); refusing weights that cannot be verified")
     try:
         tensors = load_safetensors_bytes(data)
     except Exception as e:  # the safetensors parser's errors are not one public type
         raise CheckpointError(f"{path}: corrupt safetensors data ({(str(e).splitlines() or [''])[0][:120]})") from None
-    if digest is not None and digest != content_digest(json.dumps(meta), tensors):
+    if digest != content_digest(json.dumps(meta), tensors):
         raise CheckpointError(f"{path}: corrupt (content does not match its SHA-256)")
     return tensors, meta
 
@@ -233,7 +247,7 @@ def build_from_config(cfg: dict, path: Path):
     from .train import TrainConfig
 
     try:
-        model = build_model(cfg["model"], cfg["model_config"])
+        model = build_model(cfg["model"], cfg["model_config"], stored=True)
         train_config = config_from_dict(TrainConfig, cfg["train"], where="train")
     except VaelabError as e:
         raise CheckpointError(f"{path}: {e}") from None

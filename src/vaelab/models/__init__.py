@@ -41,11 +41,20 @@ def make_config(name: str, overrides: list[str] | None = None, **fields: Any):
     return apply_overrides(config, overrides or [])
 
 
-def build_model(name: str, config: Any | dict | None = None) -> GenerativeModel:
+def build_model(name: str, config: Any | dict | None = None, stored: bool = False) -> GenerativeModel:
+    """The model `name` from its config (a dataclass, a dict, or None for the defaults).
+
+    stored=True: the dict was saved with a run, perhaps by an older vaelab; fields it lacks take
+    the config class's `legacy_defaults` (the values that rebuild runs saved before those fields
+    existed) rather than today's defaults.
+    """
     cls = get_model_class(name)
     if config is None:
         config = cls.config_class()
     elif isinstance(config, dict):
+        if stored:
+            legacy = getattr(cls.config_class, "legacy_defaults", {})
+            config = {**{k: v for k, v in legacy.items() if k not in config}, **config}
         config = config_from_dict(cls.config_class, config, where=f"{name} config")
     return cls(config)
 

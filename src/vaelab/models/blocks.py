@@ -87,13 +87,18 @@ class ConvDecoder(nn.Module):
     one outputs the single image channel."""
 
     def __init__(self, latent_dim: int, channels: list[int], kernels: list[int], strides: list[int],
-                 start_size: int = 7, batch_norm: bool = False, dropout: float = 0.0):
+                 start_size: int = 7, batch_norm: bool = False, dropout: float = 0.0,
+                 project_norm: bool = False):
         super().__init__()
         problem = check_transposed_layers(channels, kernels, strides, start_size)
         if problem:
             raise ValueError(problem)
         self.start_shape = (channels[0], start_size, start_size)
-        self.project = nn.Sequential(nn.Linear(latent_dim, channels[0] * start_size * start_size), nn.ReLU())
+        width = channels[0] * start_size * start_size
+        # project_norm: batch norm on the projected map too, as in DCGAN's generator (Radford et
+        # al. 2016), so every layer of the decoder sees normalised inputs.
+        self.project = nn.Sequential(nn.Linear(latent_dim, width), *([nn.BatchNorm1d(width)] if project_norm else []),
+                                     nn.ReLU())
         layers: list[nn.Module] = []
         outs = [*channels[1:], 1]
         for i, (c_in, c_out, k, s) in enumerate(zip(channels, outs, kernels, strides)):
@@ -157,19 +162,22 @@ class Discriminator(nn.Module):
     The hidden activations are what the feature-wise reconstruction loss compares (Larsen et al.
     2016, Dis_l): one entry per hidden layer, convolutions first."""
 
-    def __init__(self, fc_dims: list[int], conv_channels: list[int] | None = None):
+    def __init__(self, fc_dims: list[int], conv_channels: list[int] | None = None, spectral_norm: bool = False):
         super().__init__()
+        # Spectral normalisation (Miyato et al. 2018) bounds each layer's Lipschitz constant, so the
+        # discriminator's gradients stay informative instead of saturating as it wins.
+        sn = nn.utils.parametrizations.spectral_norm if spectral_norm else (lambda m: m)
         self.layers = nn.ModuleList()
         size, c_prev = 28, 1
         for c in conv_channels or []:
-            self.layers.append(nn.Sequential(nn.Conv2d(c_prev, c, 4, 2, 1), nn.LeakyReLU(0.2)))
+            self.layers.append(nn.Sequential(sn(nn.Conv2d(c_prev, c, 4, 2, 1)), nn.LeakyReLU(0.2)))
             size, c_prev = size // 2, c
         self.n_conv = len(conv_channels or [])
         d_prev = c_prev * size * size
         for d in fc_dims:
-            self.layers.append(nn.Sequential(nn.Linear(d_prev, d), nn.LeakyReLU(0.2)))
+            self.layers.append(nn.Sequential(sn(nn.Linear(d_prev, d)), nn.LeakyReLU(0.2)))
             d_prev = d
-        self.out = nn.Linear(d_prev, 1)
+        self.out = sn(nn.Linear(d_prev, 1))
 
     def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         features = []

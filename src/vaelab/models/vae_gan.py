@@ -51,6 +51,7 @@ recognises real digits with confidence while many fakes still fool it. With the 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -66,12 +67,18 @@ from .blocks import (ConvDecoder, ConvEncoderTrunk, Discriminator, GaussianHeads
 ARCHS = ("conv", "mlp")
 
 
+OBJECTIVES = ("full", "basic")
+
+
 @dataclass
 class VAEGANConfig:
     """VAE-GAN: encoder, decoder/generator and discriminator, each with its own optimizer."""
 
     arch: str = "conv"  # conv | mlp
     latent_dim: int = 32
+    # full: L_prior + L_llike + L_GAN (L_llike = pixel BCE and/or the feature loss);
+    # basic: the literal L_prior + L_GAN, nothing that rewards reconstructing the input
+    objective: str = "full"
     # arch=mlp: encoder widths (the decoder mirrors them) and the discriminator's widths
     hidden_dims: list[int] = field(default_factory=lambda: [512])
     dis_hidden_dims: list[int] = field(default_factory=lambda: [512, 256])
@@ -79,10 +86,11 @@ class VAEGANConfig:
     # decoder mirrors them with transposed convolutions), and their fully connected width
     channels: list[int] = field(default_factory=lambda: [16, 32])
     fc_dim: int = 128
-    # Batch norm in the conv encoder and decoder (never in the discriminator). Off by default: in
-    # 200-step MNIST checks with it, most prior samples decoded to grey checkerboards, even with
-    # the adversarial term weighted down to nothing (gamma=100); without it they did not.
+    # Batch norm in the conv encoder and decoder (never in the discriminator); project_norm adds
+    # it after the decoder's first (linear) layer too, as DCGAN's generator has it.
     batch_norm: bool = False
+    project_norm: bool = False
+    spectral_norm: bool = False  # spectral normalisation of every discriminator layer
     feature_loss: bool = False  # add L_llike^{Dis_l}, the reconstruction error on a hidden layer of D
     # Which hidden layer of D (0-based, convolutions first; negative counts from the end). The
     # default 1 is the last convolution with arch=conv (as in the paper) and the last hidden layer
@@ -92,19 +100,34 @@ class VAEGANConfig:
     pixel_weight: float = 1.0  # weight of the pixel BCE in L_llike (see the module docstring)
     equilibrium: float = 0.68  # the discriminator's cross-entropy at balance (ln 2 = chance)
     margin: float | None = 0.35  # equilibrium rule margin; none = always update all three
+    # Each network's learning rate as a multiple of the trainer's --lr.
+    enc_lr_scale: float = 1.0
+    dec_lr_scale: float = 1.0
+    dis_lr_scale: float = 1.0
+
+    # Fields added after runs were first saved, with the values that rebuild those older runs
+    # (a stored config lacking them predates them).
+    legacy_defaults: ClassVar[dict] = {"objective": "full", "project_norm": False, "spectral_norm": False,
+                                       "enc_lr_scale": 1.0, "dec_lr_scale": 1.0, "dis_lr_scale": 1.0}
 
     def validate(self) -> None:
         require(self.arch in ARCHS, f"arch must be one of {', '.join(ARCHS)}")
+        require(self.objective in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}")
         require(self.latent_dim >= 1, "latent_dim must be at least 1")
         require(all(h >= 1 for h in [*self.hidden_dims, *self.dis_hidden_dims]), "hidden sizes must be positive")
         require(self.arch != "mlp" or len(self.dis_hidden_dims) >= 1, "dis_hidden_dims needs a layer")
         require(1 <= len(self.channels) <= 2 and min(self.channels) >= 1,
                 "channels must hold one or two positive widths (28 halves twice at most)")
         require(self.fc_dim >= 1, "fc_dim must be positive")
+        require(not self.project_norm or self.batch_norm, "project_norm needs batch_norm=true")
         require(self.gamma >= 0 and self.pixel_weight >= 0, "gamma and pixel_weight must be non-negative")
-        require(self.pixel_weight > 0 or self.feature_loss,
-                "with pixel_weight=0 and feature_loss=false nothing trains the encoder to reconstruct")
+        require(self.objective == "basic" or self.pixel_weight > 0 or self.feature_loss,
+                "with pixel_weight=0 and feature_loss=false nothing trains the encoder to reconstruct "
+                "(objective=basic is that choice made explicitly)")
+        require(self.objective != "basic" or not self.feature_loss,
+                "objective=basic has no reconstruction term: feature_loss needs objective=full")
         require(self.margin is None or self.margin > 0, "margin must be positive (or none)")
+        require(min(self.enc_lr_scale, self.dec_lr_scale, self.dis_lr_scale) > 0, "learning-rate scales must be positive")
 
 
 class GaussianEncoder(nn.Module):
@@ -134,12 +157,12 @@ class VAEGAN(GenerativeModel):
             n = len(c.channels)
             self.encoder = GaussianEncoder(ConvEncoderTrunk(c.channels, c.fc_dim, c.batch_norm), c.latent_dim)
             self.decoder = ConvDecoder(c.latent_dim, list(reversed(c.channels)), [4] * n, [2] * n,
-                                       start_size=28 >> n, batch_norm=c.batch_norm)
-            self.discriminator = Discriminator([c.fc_dim], c.channels)
+                                       start_size=28 >> n, batch_norm=c.batch_norm, project_norm=c.project_norm)
+            self.discriminator = Discriminator([c.fc_dim], c.channels, spectral_norm=c.spectral_norm)
         else:
             self.encoder = GaussianEncoder(MLPEncoderTrunk(c.hidden_dims), c.latent_dim)
             self.decoder = MLPDecoder(c.latent_dim, c.hidden_dims)
-            self.discriminator = Discriminator(c.dis_hidden_dims)
+            self.discriminator = Discriminator(c.dis_hidden_dims, spectral_norm=c.spectral_norm)
         n_layers = len(self.discriminator.layers)
         if c.feature_loss and not -n_layers <= c.feature_layer < n_layers:
             raise ConfigError(f"feature_layer {c.feature_layer}: the discriminator has {n_layers} hidden layers")
@@ -169,7 +192,7 @@ class VAEGAN(GenerativeModel):
 
         kl = kl_normal(mu, logvar).mean()
         recon = bce_from_logits(logits[:b], x).mean()
-        llike = c.pixel_weight * recon
+        llike = c.pixel_weight * recon if c.objective == "full" else torch.zeros((), device=x.device)
         if c.feature_loss:
             f = features[c.feature_layer]
             # Gaussian log-likelihood of Dis_l(x) around Dis_l(x~), up to a constant (paper eq. 8).
@@ -215,7 +238,9 @@ class VAEGAN(GenerativeModel):
 
     def configure_optimizers(self, lr: float) -> dict[str, torch.optim.Optimizer]:
         # beta1 = 0.5, the usual choice for adversarial training (Radford et al. 2016)
-        return {name: torch.optim.Adam(net.parameters(), lr=lr, betas=(0.5, 0.999), fused=True)
+        c = self.config
+        scale = {"encoder": c.enc_lr_scale, "decoder": c.dec_lr_scale, "discriminator": c.dis_lr_scale}
+        return {name: torch.optim.Adam(net.parameters(), lr=lr * scale[name], betas=(0.5, 0.999), fused=True)
                 for name, net in self.networks().items()}
 
     def training_step(self, x: torch.Tensor, optimizers: dict[str, torch.optim.Optimizer],

@@ -1,0 +1,150 @@
+"""The VAE-GAN ablation behind docs/vae-gan.md: train each variant, then score its samples.
+
+    python benchmarks/vaegan_ablation.py train --dataset mnist --variants all --out runs/ablation
+    python benchmarks/vaegan_ablation.py score --out runs/ablation --json runs/ablation/scores.json
+
+`train` runs one variant per process (`--jobs N` at a time; on a GPU several share the card) and
+writes run folders OUT/<dataset>/<variant>/; `score` draws 10,000 prior samples from every run
+folder it finds and measures them with the dataset's domain classifier (`vaelab.metrics`), the
+same way `vaelab evaluate` does, and prints the table in Markdown.
+
+Every variant changes one thing against the row it names (`base`), so each row measures one
+choice. Seconds per epoch are training only, as the run's history.csv records them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# name -> (changes against its base, base). "old" is the previous default.
+OLD = {"channels": [16, 32], "fc_dim": 128, "batch_norm": False, "project_norm": False,
+       "spectral_norm": False, "margin": 0.35, "gamma": 0.1, "feature_loss": False}
+VARIANTS: dict[str, tuple[dict, str | None]] = {
+    "old": (OLD, None),
+    "wide": ({"channels": [64, 128], "fc_dim": 512}, "old"),
+    "wide-bn": ({"batch_norm": True, "project_norm": True}, "wide"),
+    "wide-bn-sn": ({"spectral_norm": True}, "wide-bn"),
+    "wide-bn-sn-norule": ({"margin": None}, "wide-bn-sn"),
+    "wide-bn-sn-norule-lr": ({"dec_lr_scale": 0.5, "dis_lr_scale": 0.5}, "wide-bn-sn-norule"),
+    "wide-bn-sn-norule-g03": ({"gamma": 0.03}, "wide-bn-sn-norule"),
+    "wide-bn-sn-norule-g3": ({"gamma": 0.3}, "wide-bn-sn-norule"),
+    "wide-bn-sn-norule-feat": ({"feature_loss": True}, "wide-bn-sn-norule"),
+    "wide-sn-norule": ({"batch_norm": False, "project_norm": False}, "wide-bn-sn-norule"),
+}
+
+
+def variant_config(name: str) -> dict:
+    changes, base = VARIANTS[name]
+    return {**(variant_config(base) if base else {}), **changes}
+
+
+def cmd_train(args) -> int:
+    names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        sys.exit(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    if args.one:
+        return train_one(args)
+    procs: list[subprocess.Popen] = []
+    failed = []
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    for name in names:
+        while len([p for p in procs if p.poll() is None]) >= args.jobs:
+            time.sleep(1)
+        cmd = [sys.executable, __file__, "train", "--one", "--variants", name, "--dataset", args.dataset,
+               "--epochs", str(args.epochs), "--out", args.out, "--device", args.device, "--seed", str(args.seed)]
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        log = open(Path(args.out) / f"{args.dataset}-{name}.log", "w")
+        procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
+    for name, p in zip(names, procs):
+        if p.wait() != 0:
+            failed.append(name)
+    print("trained:", ", ".join(n for n in names if n not in failed), "| failed:", ", ".join(failed) or "none")
+    return 1 if failed else 0
+
+
+def train_one(args) -> int:
+    from vaelab.models import make_config
+    from vaelab.train import TrainConfig, train
+
+    name = args.variants
+    cfg = make_config("vae-gan", **variant_config(name))
+    tc = TrainConfig(dataset=args.dataset, epochs=args.epochs, device=args.device, seed=args.seed)
+    run = Path(args.out) / args.dataset / name
+    trainer = train("vae-gan", cfg, tc, run, overwrite=True, progress=False)
+    last = [r for r in trainer.history if r["split"] == "test"][-1]
+    print(name, "done", {k: round(float(v), 3) for k, v in last.items() if k not in ("split",)})
+    return 0
+
+
+def cmd_score(args) -> int:
+    import torch
+
+    from vaelab.checkpoint import load_run
+    from vaelab.data import load
+    from vaelab.evaluate import generate
+    from vaelab.figures import read_history
+    from vaelab.metrics import load_or_train_classifier, score_images
+
+    rows = []
+    runs = sorted(p.parent for p in Path(args.out).glob("*/*/config.json"))
+    datasets = {}
+    for run_dir in runs:
+        dataset = run_dir.parent.name
+        if dataset not in datasets:
+            data = load(dataset, quiet=True)
+            clf, info = load_or_train_classifier(data, device=args.device, progress=True)
+            datasets[dataset] = (data, clf, info)
+        data, clf, info = datasets[dataset]
+        run = load_run(run_dir, device=args.device)
+        samples = generate(run.model.eval(), args.n, seed=0)
+        q = score_images(samples, data, clf, seed=0)
+        hist = [h for h in read_history(run_dir) if h["split"] == "train"]
+        test = [h for h in read_history(run_dir) if h["split"] == "test"]
+        sec = sum(float(h["seconds"]) for h in hist) / max(len(hist), 1)
+        row = {"dataset": dataset, "variant": run_dir.name, "epochs": len(hist), "seconds_per_epoch": round(sec, 2),
+               "test_recon": round(float(test[-1]["recon"]), 2), **{k: v for k, v in q.items() if k != "class_histogram"}}
+        row["classifier_accuracy"] = info["test_accuracy"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    print()
+    print("| dataset | variant | FD ↓ | KID ↓ | precision ↑ | recall ↑ | confident ↑ | test BCE | s/epoch |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['dataset']} | {r['variant']} | {r['fd']:.1f} | {r['kid']:.4f} | {r['precision']:.3f} | "
+              f"{r['recall']:.3f} | {r['confident_share']:.1%} | {r['test_recon']:.1f} | {r['seconds_per_epoch']} |")
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train")
+    t.add_argument("--dataset", default="mnist")
+    t.add_argument("--variants", default="all")
+    t.add_argument("--epochs", type=int, default=10)
+    t.add_argument("--out", default="runs/ablation")
+    t.add_argument("--device", default="auto")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--jobs", type=int, default=1)
+    t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    s = sub.add_parser("score")
+    s.add_argument("--out", default="runs/ablation")
+    s.add_argument("--n", type=int, default=10000)
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--json", default=None)
+    args = p.parse_args()
+    return cmd_train(args) if args.cmd == "train" else cmd_score(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
