@@ -1,0 +1,638 @@
+"""Sentences from numbers: the words of a report, computed from the values they describe.
+
+Every comparative sentence here is a function of measured values and their uncertainties, the
+way a test's failure message is built from the values it compared, so a report's words cannot
+drift from its tables: swap the numbers and the sentences swap with them.
+
+The rule for "better": a difference counts as clear only when it exceeds twice the combined
+standard error of the two values, sqrt(se_a^2 + se_b^2) (independent measurements); inside
+that, the sentence says "no clear difference". A metric measured without an uncertainty is
+reported with its direction and size and the remark that its noise is unknown; it never makes
+a verdict on its own. Where clear differences point both ways the verdict says the metrics
+disagree instead of picking one. Explanations ("why") are chosen by the measured outcome: the
+textbook reason is given only when the numbers went the textbook way.
+
+Pure functions of plain numbers and mappings; no tensors, no files.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+CLEAR_SES = 2.0  # a difference is "clear" beyond this many combined standard errors
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics and formatting
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A measured quantity: where it is in a metrics mapping, how it reads, which way is better."""
+
+    key: str
+    label: str
+    lower_is_better: bool
+    se_key: str | None = None  # the key of its standard error (or std) in the same mapping
+    share: bool = False  # a fraction, written as a percentage
+    digits: int = 1
+
+    @property
+    def arrow(self) -> str:
+        return "↓" if self.lower_is_better else "↑"
+
+    def fmt(self, value: float) -> str:
+        return f"{value:.{self.digits}%}" if self.share else f"{value:.{self.digits}f}"
+
+    def fmt_diff(self, diff: float) -> str:
+        """An absolute difference: percentage points for shares."""
+        if self.share:
+            return f"{abs(diff) * 100:.{self.digits}f} percentage points"
+        return f"{abs(diff):.{self.digits}f}"
+
+
+FD = Metric("fd", "Fréchet distance", True, "fd_std", digits=1)
+KID = Metric("kid", "KID", True, "kid_std", digits=4)
+PRECISION = Metric("precision", "precision", False, "precision_se", share=True)
+RECALL = Metric("recall", "recall", False, "recall_se", share=True)
+CONFIDENT = Metric("confident_share", "confident share", False, "confident_share_se", share=True)
+SAMPLE_METRICS = (FD, KID, PRECISION, RECALL, CONFIDENT)
+RECON_MSE = Metric("recon_mse", "reconstruction MSE", True, "recon_mse_se", digits=4)
+
+
+def number(values: Mapping | None, key: str | None) -> float | None:
+    """values[key] as a finite float, or None where it is missing, None or NaN."""
+    if values is None or key is None:
+        return None
+    v = values.get(key)
+    if v is None or isinstance(v, bool):
+        return None
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def with_uncertainty(metric: Metric, values: Mapping | None) -> str:
+    """'62.1% ± 1.1%', '0.0412 ± 0.0031', '103.5' (no uncertainty measured) or '—' (missing)."""
+    v = number(values, metric.key)
+    if v is None:
+        return "—"
+    se = number(values, metric.se_key)
+    return metric.fmt(v) if se is None else f"{metric.fmt(v)} ± {metric.fmt(se)}"
+
+
+def join(items: Sequence[str], word: str = "and") -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    items = list(items)
+    if len(items) <= 1:
+        return "".join(items)
+    return f"{', '.join(items[:-1])} {word} {items[-1]}"
+
+
+def combined_se(a: float | None, b: float | None) -> float | None:
+    """The standard error of a difference of two independent measurements: sqrt(a^2 + b^2);
+    None when either is unknown."""
+    if a is None or b is None:
+        return None
+    return math.hypot(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# One metric, two models
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One metric measured on two models, A and B."""
+
+    metric: Metric
+    a: str
+    b: str
+    va: float
+    vb: float
+    se: float | None  # of the difference, combined from both sides; None if either is unknown
+
+    @property
+    def diff(self) -> float:
+        return self.va - self.vb
+
+    @property
+    def better(self) -> str | None:
+        """The name of the model with the better value (None when they are equal)."""
+        if self.va == self.vb:
+            return None
+        a_lower = self.va < self.vb
+        return self.a if a_lower == self.metric.lower_is_better else self.b
+
+    @property
+    def status(self) -> str:
+        """'clear' (beyond CLEAR_SES combined SEs), 'noise' (within), 'unquantified' (no
+        uncertainty known) or 'equal'."""
+        if self.va == self.vb:
+            return "equal"
+        if self.se is None:
+            return "unquantified"
+        return "clear" if abs(self.diff) > CLEAR_SES * self.se else "noise"
+
+    def sentence(self) -> str:
+        m = self.metric
+        head = f"{m.label} {m.arrow}: {self.a} {m.fmt(self.va)}, {self.b} {m.fmt(self.vb)}"
+        status = self.status
+        if status == "equal":
+            return f"{head} — the same value."
+        word = "lower" if (self.better == self.a) == (self.va < self.vb) else "higher"
+        size = f"{word} by {m.fmt_diff(self.diff)}"
+        band = f"{CLEAR_SES:g} combined standard errors = {m.fmt_diff(CLEAR_SES * self.se)}" if self.se is not None else ""
+        if status == "clear":
+            return f"{head} — {self.better} clearly better ({size}, beyond {band})."
+        if status == "noise":
+            return f"{head} — no clear difference ({m.fmt_diff(self.diff)} apart, within {band})."
+        lesser = self.b if self.better == self.a else self.a
+        rel = abs(self.diff) / abs(self.vb if self.better == self.a else self.va) if not m.share else None
+        rel_text = f", {rel:.0%} of {lesser}'s value" if rel is not None and math.isfinite(rel) else ""
+        return (f"{head} — {self.better} {size}{rel_text}; no uncertainty was measured for it, so "
+                f"how much of this is noise is unknown.")
+
+
+def compare(metric: Metric, a: str, values_a: Mapping | None, b: str, values_b: Mapping | None) -> Comparison | None:
+    """The comparison of `metric` between A and B, or None when either lacks it."""
+    va, vb = number(values_a, metric.key), number(values_b, metric.key)
+    if va is None or vb is None:
+        return None
+    se = combined_se(number(values_a, metric.se_key), number(values_b, metric.se_key))
+    return Comparison(metric, a, b, va, vb, se)
+
+
+# ---------------------------------------------------------------------------------------------
+# Several metrics, two models: a verdict
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Every available metric compared between A and B."""
+
+    a: str
+    b: str
+    comparisons: tuple[Comparison, ...]
+    missing: tuple[str, ...]  # labels of metrics one side lacks
+
+    def clear_for(self, name: str) -> list[Comparison]:
+        return [c for c in self.comparisons if c.status == "clear" and c.better == name]
+
+    @property
+    def within_noise(self) -> list[Comparison]:
+        return [c for c in self.comparisons if c.status in ("noise", "equal")]
+
+    @property
+    def unquantified(self) -> list[Comparison]:
+        return [c for c in self.comparisons if c.status == "unquantified"]
+
+    @property
+    def outcome(self) -> str:
+        """'a' or 'b' (clear differences all favour that model), 'disagree' (clear differences
+        both ways), 'none' (no clear difference) or 'unmeasured' (nothing to compare)."""
+        for_a, for_b = self.clear_for(self.a), self.clear_for(self.b)
+        if for_a and for_b:
+            return "disagree"
+        if for_a:
+            return "a"
+        if for_b:
+            return "b"
+        return "none" if self.comparisons else "unmeasured"
+
+    @property
+    def winner(self) -> str | None:
+        return {"a": self.a, "b": self.b}.get(self.outcome)
+
+    def favours(self, name: str, metric_key: str) -> bool:
+        """Whether `metric_key` clearly favours model `name`."""
+        return any(c.metric.key == metric_key for c in self.clear_for(name))
+
+
+def verdict(metrics: Sequence[Metric], a: str, values_a: Mapping | None, b: str,
+            values_b: Mapping | None) -> Verdict:
+    comps, missing = [], []
+    for m in metrics:
+        c = compare(m, a, values_a, b, values_b)
+        if c is None:
+            missing.append(m.label)
+        else:
+            comps.append(c)
+    return Verdict(a, b, tuple(comps), tuple(missing))
+
+
+def _labels(comps: Sequence[Comparison]) -> str:
+    return join([c.metric.label for c in comps])
+
+
+def verdict_sentence(v: Verdict) -> str:
+    """One or two sentences: who measured better, on which metrics, clearly or not."""
+    for_a, for_b = v.clear_for(v.a), v.clear_for(v.b)
+    noise, unq = v.within_noise, v.unquantified
+    outcome = v.outcome
+    if outcome == "unmeasured":
+        return (f"{v.a} and {v.b} cannot be compared: "
+                f"{join(list(v.missing)) or 'no metric'} missing for at least one of them.")
+    if outcome == "disagree":
+        text = (f"The metrics disagree: {_labels(for_a)} clearly favour{'s' if len(for_a) == 1 else ''} "
+                f"{v.a}, {_labels(for_b)} clearly favour{'s' if len(for_b) == 1 else ''} {v.b}.")
+        trade = tradeoff(v)
+        if trade:
+            text += " " + trade
+    elif outcome in ("a", "b"):
+        win, lose = (v.a, v.b) if outcome == "a" else (v.b, v.a)
+        clear = for_a or for_b
+        text = f"{win} measured better than {lose}: clearly on {_labels(clear)}"
+        if noise:
+            text += f"; no clear difference on {_labels(noise)}"
+        text += "."
+    else:
+        measured = [c for c in v.comparisons if c.status != "unquantified"]
+        if measured:
+            text = (f"No clear difference between {v.a} and {v.b}: {_labels(measured)} "
+                    f"{'differ' if len(measured) > 1 else 'differs'} by less than "
+                    f"{CLEAR_SES:g} combined standard errors.")
+        else:
+            text = f"No metric with a measured uncertainty separates {v.a} and {v.b}."
+    if unq:
+        leaning = join([f"{c.metric.label} ({c.better or 'neither'} {'lower' if c.metric.lower_is_better else 'higher'})"
+                        if c.better else f"{c.metric.label} (equal)" for c in unq])
+        text += f" Without a measured uncertainty: {leaning}."
+    if v.missing and outcome != "unmeasured":
+        text += f" Not measured for both: {join(list(v.missing))}."
+    return text
+
+
+def tradeoff(v: Verdict) -> str | None:
+    """The precision/recall reading where the two clearly point to different models."""
+    for x, y in ((v.a, v.b), (v.b, v.a)):
+        if v.favours(x, "precision") and v.favours(y, "recall"):
+            return (f"{x}'s samples more often look like real images (precision), {y}'s cover "
+                    f"more of the real images' variety (recall): they differ in kind more than in "
+                    f"overall quality.")
+    return None
+
+
+def comparison_details(v: Verdict) -> str:
+    """Every metric's comparison, one sentence each."""
+    return " ".join(c.sentence() for c in v.comparisons)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables and captions
+# ---------------------------------------------------------------------------------------------
+
+
+def latent_size_note(dims: Mapping[str, int]) -> str | None:
+    """A sentence for a comparison whose models differ in latent size; None when they agree."""
+    sizes: dict[int, list[str]] = {}
+    for name, d in dims.items():
+        sizes.setdefault(int(d), []).append(name)
+    if len(sizes) <= 1:
+        return None
+    groups = join([f"{d} for {join(names)}" for d, names in sorted(sizes.items())], word="and")
+    return (f"The latent sizes differ ({groups}), so comparisons across them are not "
+            f"like-for-like: a larger code can carry more of each image, which helps "
+            f"reconstructions, and its prior is a different distribution to sample from.")
+
+
+def figure_caption(key: str, *, latent_dim: int, variational: bool, prior: str = "N(0, I)",
+                   recon_mse: float | None = None, item: str = "image") -> tuple[str, str] | None:
+    """(what the figure shows, what to look for) for figure `key` of a model with this latent
+    size; `variational`: the encoder outputs a distribution q(z|x) (a VAE), not one code (an
+    autoencoder). None where the figure does not apply (the manifold of a latent that is not 2-D)."""
+    d = latent_dim
+    if key == "loss_curves":
+        look = ("the total loss should fall quickly and flatten; train and test close together mean "
+                "no overfitting.")
+        if variational:
+            look += (" The KL term usually rises while the decoder learns to use the code and the "
+                     "reconstruction term falls.")
+        return ("Training curves: each loss term per epoch (train and test) and per iteration "
+                "(train, raw and smoothed).", look)
+    if key == "latent_scatter":
+        if variational:
+            codes = "Codes z (sampled from q(z|x))"
+            look = "whether the codes fill the N(0, I) prior evenly, leaving no empty regions."
+        else:
+            codes = "The encoder's codes"
+            look = (f"where the codes lie against where the generator draws from ({prior}): "
+                    f"regions it draws from that no code occupies decode to images the decoder "
+                    f"never learned.")
+        where = (f"of {d}-D codes projected onto their first two principal axes" if d > 2 else
+                 "on the 1-D axis (the vertical axis is jitter)" if d == 1 else "")
+        what = f"{codes} of 5000 random test images {where}, coloured by their true class.".replace("  ", " ")
+        return what, "clusters per class; how much classes overlap; " + look
+    if key == "manifold":
+        if d != 2:
+            return None
+        return ("Images decoded on a 15x15 grid over the 2-D latent plane; the grid points are the "
+                "quantiles of the prior, so each cell covers an equal share of its probability mass.",
+                "smooth morphing between neighbouring cells and every class appearing somewhere; "
+                "blurry cells lie between classes.")
+    if key == "class_grid":
+        return (f"Five samples per class, decoded from a Gaussian fitted to the {d}-D codes of that "
+                f"class's test images (points where another class is more likely are skipped).",
+                "each row should show its class in varied styles (slant, thickness, shape).")
+    if key == "samples":
+        return (f"100 images decoded from random draws of the generator's prior ({prior}, "
+                f"{d}-D).",
+                f"sharpness and variety; how many are recognizable as a {item}; which classes are "
+                f"missing or over-represented.")
+    if key == "reconstructions":
+        how = ("decoded from the mean of q(z|x)" if variational else "decoded from the encoder's code")
+        mse = f" Reconstruction MSE per pixel on the test set: {recon_mse:.4f}." if recon_mse is not None else ""
+        look = (f"how much detail survives the {d}-D bottleneck"
+                + (": a code this small keeps the class and the rough shape, not the details."
+                   if d <= 2 else "."))
+        return f"10 random test images (top) and their reconstructions, {how} (bottom).{mse}", look
+    if key == "interpolation":
+        code = "means of q(z|x)" if variational else "codes"
+        return (f"Decodes of evenly spaced points on the straight line between the {code} of two "
+                f"test images (shown at either end).",
+                "a gradual morph through plausible images; abrupt jumps or meaningless images in "
+                "between mean holes in the latent space.")
+    raise KeyError(key)
+
+
+# ---------------------------------------------------------------------------------------------
+# Assignment answers (Fashion-MNIST generators)
+# ---------------------------------------------------------------------------------------------
+
+
+def answer_naive_vs_normalized(v: Verdict, quick: bool) -> str:
+    """Why A (uniform draws over the box of the plain AE's codes) and B (N(0, I) draws into the
+    normalized bottleneck) differ, given how they measured. v.a is A, v.b is B."""
+    head = verdict_sentence(v)
+    outcome = v.outcome
+    short = "; and --quick's short training leaves both decoders rough" if quick else ""
+    if outcome == "b":
+        why = ("Why: the plain autoencoder's codes lie wherever training put them, in clusters "
+               "with empty gaps inside the box they span, so uniform draws over that box often "
+               "land where the decoder never learned anything and decode to blends or smudges. "
+               "Normalizing the bottleneck pins each code neuron to mean 0 and variance 1, so "
+               "N(0, I) draws fall where the codes are; nothing forces the codes to fill that "
+               "distribution (only the first two moments match), so some holes remain.")
+    elif outcome == "a":
+        why = ("The expected advantage of the normalized bottleneck did not show here. Possible "
+               "reasons: A's box is not arbitrary, it spans exactly the extremes of its training "
+               "codes, so with two code neurons much of it may be covered by codes; B's "
+               "normalization matches only each neuron's mean and variance, so N(0, I) draws "
+               f"still fall between its class clusters and beyond their edges{short}. The latent "
+               "scatters of A and B below show where each model's codes lie.")
+    elif outcome == "disagree":
+        why = ("So the two generators differ in kind rather than one being better: both decoders "
+               "only know the region their codes occupy, A draws from the box spanning its codes "
+               "and B from N(0, I), which matches its codes' mean and variance; which of the two "
+               "covers the codes better decides each metric differently.")
+    elif outcome == "none":
+        why = ("The expected advantage of the normalized bottleneck (draws landing where the codes "
+               "are) did not show as a clear difference in this run. Possible reasons: A's box "
+               "spans exactly its codes' extremes, so it is less naive than arbitrary random "
+               f"inputs, and B's N(0, I) matches its codes in mean and variance only{short}.")
+    else:
+        why = ""
+    return f"{head} {why}".strip()
+
+
+def answer_vae_quality(vs_a: Verdict, vs_b: Verdict, mse: Mapping[str, float | None], quick: bool) -> str:
+    """Does the VAE produce a different quality than the two autoencoders? vs_a: VAE (as .a)
+    against A; vs_b: VAE against B. `mse`: reconstruction MSE by model name."""
+    vae = vs_a.a
+    text = f"Against {vs_a.b}: {verdict_sentence(vs_a)} Against {vs_b.b}: {verdict_sentence(vs_b)}"
+    outcomes = {vs_a.outcome, vs_b.outcome}
+    if outcomes == {"a"}:
+        why = ("So yes, the VAE's samples are measured better than both autoencoders'. Why: its "
+               "KL term pulls every code distribution towards N(0, I), the very distribution "
+               "samples are drawn from, and its sampling noise trains the decoder on whole "
+               "regions of the latent space rather than on points, so prior draws land where the "
+               "decoder has learned to produce garments.")
+    elif outcomes == {"b"}:
+        why = ("So the VAE's samples are measured worse than both autoencoders'; the expected "
+               "advantage of its KL term (codes pulled onto the prior that samples are drawn "
+               "from) did not show in these metrics.")
+    elif "a" in outcomes and "b" in outcomes:
+        better = vs_a.b if vs_a.outcome == "a" else vs_b.b
+        worse = vs_a.b if vs_a.outcome == "b" else vs_b.b
+        why = (f"So the VAE's quality lies between the autoencoders': better than {better}, "
+               f"worse than {worse}.")
+    elif outcomes <= {"none", "unmeasured"}:
+        why = ("So this run shows no clear difference in sample quality between the VAE and the "
+               "autoencoders.")
+    else:
+        why = ("So the answer depends on the metric: the VAE's quality differs in kind (see the "
+               "disagreements above) rather than clearly for better or worse.")
+    text += " " + why
+    m_vae = mse.get(vae)
+    others = {k: v for k, v in mse.items() if k != vae and v is not None}
+    if m_vae is not None and others:
+        if all(m_vae > v for v in others.values()):
+            text += (f" Its reconstructions are less accurate than both autoencoders' (MSE "
+                     f"{m_vae:.4f} against {join([f'{v:.4f} ({k})' for k, v in others.items()])}): the "
+                     f"price of the KL term and the sampling noise, and the blur of a pixel-wise "
+                     f"likelihood averaging over what a small code cannot pin down.")
+            if "b" in outcomes or "disagree" in {vs_a.outcome, vs_b.outcome}:
+                text += (" Blurry images sit far from real ones in the classifier's features, "
+                         "which is a likely reason its samples did not measure better.")
+        elif all(m_vae <= v for v in others.values()):
+            text += (f" Its reconstructions are at least as accurate as both autoencoders' (MSE "
+                     f"{m_vae:.4f} against {join([f'{v:.4f} ({k})' for k, v in others.items()])}).")
+        else:
+            text += (f" Its reconstruction MSE ({m_vae:.4f}) lies between the autoencoders' "
+                     f"({join([f'{v:.4f} ({k})' for k, v in others.items()])}).")
+    if quick and vs_a.outcome != "a" and vs_b.outcome != "a":
+        text += " With --quick's short training these differences may still change."
+    return text
+
+
+def input_dependence(name: str, own: float, other: float, se: float | None) -> tuple[bool, str]:
+    """Whether a model's reconstructions depend on their input, from the mean squared error of
+    each reconstruction to its own image (`own`) and to a different test image (`other`), with
+    the standard error `se` of their paired difference. Returns (depends, sentence)."""
+    gap = other - own
+    clear = se is not None and gap > CLEAR_SES * se
+    ratio = own / other if other > 0 else float("nan")
+    if clear:
+        return True, (f"{name}'s reconstructions are closer to their own images (MSE {own:.4f}) "
+                      f"than to other test images ({other:.4f}; {ratio:.0%} of that distance): they "
+                      f"carry information about the input.")
+    se_text = f"within {CLEAR_SES:g} standard errors ({CLEAR_SES:g} × {se:.4f})" if se is not None else "no uncertainty measured"
+    return False, (f"{name}'s reconstructions are no closer to their own images (MSE {own:.4f}) than "
+                   f"to other test images ({other:.4f}; {se_text}): they ignore the input.")
+
+
+def answer_basic_vaegan(name: str, depends: bool, dependence_sentence: str, kl: float | None,
+                        reference: str, reference_kl: float | None, mse: float | None,
+                        reference_mse: float | None) -> str:
+    """What the basic VAE-GAN (L = L_prior + L_GAN) produces, from its measurements against a
+    reference model (the VAE)."""
+    parts = [dependence_sentence]
+    if kl is not None:
+        ref = f", against {reference_kl:.2f} for {reference}" if reference_kl is not None else ""
+        parts.append(f"Its average KL(q(z|x) || p(z)) is {kl:.2f} nats{ref}; the average KL "
+                     f"bounds the information a code carries about its image.")
+    if mse is not None and reference_mse is not None and reference_mse > 0:
+        parts.append(f"Its reconstruction MSE is {mse:.4f}, {mse / reference_mse:.1f} times "
+                     f"{reference}'s {reference_mse:.4f}.")
+    if not depends:
+        parts.append("This is what L = L_prior + L_GAN asks for: nothing in it rewards the encoder "
+                     "for keeping information about x, so L_prior pulls every q(z|x) onto N(0, I), "
+                     "and the decoder, trained only to fool the discriminator, turns any code into "
+                     "some garment, not this one. Its \"reconstructions\" are samples; only its "
+                     "samples can be judged, in the sample-quality columns.")
+    else:
+        parts.append("Unexpected for L = L_prior + L_GAN, where no term rewards the encoder for "
+                     "keeping information about x: the measured dependence on the input must "
+                     "come from the adversarial term reaching the encoder, or from training too "
+                     "short for L_prior to have pulled q(z|x) onto the prior.")
+    return " ".join(parts)
+
+
+def answer_vaegan_variant(v: Verdict, accuracies: tuple[float | None, float | None], quick: bool) -> str:
+    """One VAE-GAN variant (v.a) against the VAE (v.b), with its discriminator's test accuracies
+    on real and on fake images."""
+    text = verdict_sentence(v)
+    real, fake = accuracies
+    acc = ""
+    if real is not None and fake is not None:
+        acc = (f" Its discriminator labels {real:.0%} of real test images real and {fake:.0%} of "
+               f"the decoder's images fake")
+        if real > 0.9 and fake > 0.9:
+            acc += ": it wins easily, so the decoder gets little useful adversarial signal."
+        elif real < 0.6 and fake < 0.6:
+            acc += ": close to chance, so the adversarial game is balanced or the discriminator is weak."
+        else:
+            acc += "."
+    outcome = v.outcome
+    if outcome == "a":
+        why = (" The discriminator's judgement rewards images that look real over pixel-wise "
+               "averages, which is the expected gain.")
+    elif outcome == "b":
+        why = (" The adversarial term did not improve on the VAE here; adversarial training is "
+               "unstable and slow to settle" + (", and --quick trains it briefly." if quick else "."))
+    elif outcome == "disagree":
+        why = ""
+    else:
+        why = " The adversarial term made no clear difference to sample quality here."
+    return text + acc + why
+
+
+# ---------------------------------------------------------------------------------------------
+# Assignment answers (LSTM VAE on MNIST)
+# ---------------------------------------------------------------------------------------------
+
+
+def comment_on_samples(predicted: Sequence[int], confident: Sequence[int], class_names: Sequence[str],
+                       class_shares: Sequence[float] | None = None, threshold: float = 0.9,
+                       item: str = "digit") -> str:
+    """A comment on n generated images from their classification by the domain classifier.
+
+    predicted[c]: samples whose most probable class is c; confident[c]: of those, how many have
+    that probability > threshold. class_shares: the classes' shares of the training set (the
+    shares a perfect generator would reproduce); uniform when None.
+    """
+    n = sum(predicted)
+    k = sum(confident)
+    if n == 0:
+        return "No samples were classified."
+    nc = len(class_names)
+    shares = list(class_shares) if class_shares is not None else [1 / nc] * nc
+    parts = [f"Of the {n} generated images above, the domain classifier recognizes {k} ({k / n:.0%}) as a "
+             f"{item} with confidence > {threshold:g}; the other {n - k} are unrecognisable by that "
+             f"standard (highest class probability ≤ {threshold:g})."]
+    parts.append("Confidently recognized, per " + item + ": "
+                 + ", ".join(f"{name}: {c}" for name, c in zip(class_names, confident)) + ".")
+    # If the generator drew each class as often as the data has it, a class's confident count
+    # would be binomial(k, share): flag counts more than 2 standard deviations from that.
+    often, rare, never, absent = [], [], [], []
+    for name, c, p in zip(class_names, confident, shares):
+        mean, sd = k * p, math.sqrt(k * p * (1 - p))
+        if c == 0:
+            (never if mean - 2 * sd > 0 else absent).append(name)
+        elif c > mean + 2 * sd:
+            often.append(f"{name} ({c})")
+        elif c < mean - 2 * sd:
+            rare.append(f"{name} ({c})")
+    even = max(shares) - min(shares) < 0.03
+    expected = f"about {k / nc:.0f} confident samples of each" if even else "confident samples in the data's proportions"
+    if often or rare or never:
+        named = lambda names: join([f"{item} {x}" for x in names])  # noqa: E731
+        pieces = []
+        if often:
+            pieces.append(f"{named(often)} {'comes' if len(often) == 1 else 'come'} out more often")
+        if rare:
+            pieces.append(f"{named(rare)} rarely")
+        if never:
+            pieces.append(f"{named(never)} never")
+        parts.append(f"A generator that drew every {item} as often as the data has it would give "
+                     f"{expected} (give or take 2 standard deviations of chance); here {join(pieces)}.")
+    else:
+        parts.append(f"Every {item} comes out confidently about as often as in the data "
+                     f"({expected}, within 2 standard deviations of chance).")
+    if absent:
+        parts.append(f"No confident sample is a {join(absent, 'or')}, which chance alone could "
+                     f"explain with only {k} confident samples.")
+    # How cleanly a class is drawn: of the samples whose best guess is c, the confident share.
+    clean = [(c / p, name, c, p) for name, c, p in zip(class_names, confident, predicted) if p >= 3]
+    if clean:
+        clean.sort()
+        worst = [f"{name} ({c} of {p})" for r, name, c, p in clean if r < 0.5]
+        best = [f"{name} ({c} of {p})" for r, name, c, p in reversed(clean) if r >= 0.9]
+        if best:
+            parts.append(f"Drawn cleanly (≥ 90% of the samples whose best guess is that {item} are "
+                         f"confident): {join(best[:5])}.")
+        if worst:
+            parts.append(f"Drawn poorly (fewer than half confident): {join(worst)}.")
+    return " ".join(parts)
+
+
+def describe_training(first: Mapping[str, float], last: Mapping[str, float], epochs: int,
+                      kl_peak: tuple[int, float] | None = None,
+                      test_last: Mapping[str, float] | None = None) -> str:
+    """The training loss, reconstruction and KL terms from the first to the last epoch (train
+    means), with the reading that matches their directions."""
+    def move(key: str) -> str:
+        a, b = float(first[key]), float(last[key])
+        verb = "rose" if b > a else "fell" if b < a else "stayed"
+        return f"{verb} from {a:.1f} to {b:.1f}" if verb != "stayed" else f"stayed at {a:.1f}"
+
+    text = (f"Over {epochs} epochs the training loss {move('loss')} nats, the reconstruction term "
+            f"{move('recon')} and the KL term {move('kl')}.")
+    kl_up = float(last["kl"]) > float(first["kl"])
+    recon_down = float(last["recon"]) < float(first["recon"])
+    if kl_up and recon_down:
+        text += (" The usual trade: as the decoder learns to use the code, the encoder spends more "
+                 "nats on it (the KL rises) in exchange for a larger fall in reconstruction error.")
+    elif not kl_up and recon_down:
+        peak = ""
+        if kl_peak is not None and kl_peak[0] not in (1, epochs) and kl_peak[1] > float(first["kl"]):
+            peak = f" (it peaked at {kl_peak[1]:.1f} in epoch {kl_peak[0]})"
+        text += (f" The KL fell while the reconstruction improved{peak}: the first epoch's average "
+                 f"includes the early steps where the encoder spent many nats on an untrained "
+                 f"decoder; afterwards the KL penalty trims information the reconstruction does "
+                 f"not need.")
+    elif not recon_down:
+        text += (" The reconstruction term did not fall, so the model did not improve at "
+                 "reconstructing over these epochs; more epochs or a different learning rate "
+                 "are needed.")
+    if test_last is not None and "loss" in test_last:
+        gap = float(test_last["loss"]) - float(last["loss"])
+        rel = gap / abs(float(last["loss"])) if float(last["loss"]) else float("nan")
+        if abs(rel) < 0.02:
+            text += (f" The final test loss ({float(test_last['loss']):.1f}) is within 2% of the "
+                     f"training loss: no sign of overfitting.")
+        elif gap > 0:
+            text += (f" The final test loss ({float(test_last['loss']):.1f}) is {rel:.0%} above the "
+                     f"training loss: some overfitting.")
+        else:
+            text += (f" The final test loss ({float(test_last['loss']):.1f}) is below the training "
+                     f"loss's epoch average, which includes the earlier, worse steps of the epoch: "
+                     f"no sign of overfitting.")
+    return text
