@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+
+import torch
 
 from . import plots
 from .checkpoint import load_run, read_json, write_json
@@ -23,9 +26,19 @@ from .data import ImageData, load
 from .errors import ConfigError, VaelabError
 from .evaluate import EvalSettings, evaluate_run, generate, summary_rows
 from .figures import random_test_images, read_history, write_run_figures
+from .losses import mse
 from .models import MODELS, make_config
+from .prose import (RECON_MSE, SAMPLE_METRICS, answer_basic_vaegan, answer_naive_vs_normalized,
+                    answer_vae_quality, answer_vaegan_variant, comment_on_samples, comparison_details,
+                    describe_training, figure_caption, input_dependence, join, latent_size_note,
+                    verdict, verdict_sentence, with_uncertainty)
 from .report import Report
 from .train import TrainConfig, is_run_folder, prepare_folder, train
+
+try:  # the classifier and its threshold are moving to vaelab.metrics
+    from .metrics import CONFIDENT, classify, load_or_train_classifier
+except ImportError:
+    from .evaluate import CONFIDENT, classify, load_or_train_classifier
 
 RECIPE_FILE = "recipe.json"
 
@@ -44,6 +57,8 @@ class Step:
     seconds_per_epoch: float = 3.0  # measured on 2 CPU cores (for the time estimate)
     measure_seconds: float = 240.0  # metrics after a full run (IWAE, classifier), same machine
     figures: tuple[str, ...] = ("loss_curves", "samples", "reconstructions")
+    # The model's name in the report's sentences; "{latent_dim}" is filled from its metrics.
+    short: str = ""
 
 
 @dataclass(frozen=True)
@@ -65,6 +80,9 @@ class StepResult:
     metrics: dict
     figures: dict[str, Path]
     train_seconds: float
+    prior: str = "N(0, I)"  # what the generator draws codes from, in words (the model's prior_name)
+    # Comments a discussion computed for a figure, shown under it: figure key -> paragraphs.
+    notes: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -78,43 +96,71 @@ class RecipeResult:
 
 
 # ---------------------------------------------------------------------------------------------
-# What each figure shows and what to look for
+# Numbers the report's sentences are computed from
 # ---------------------------------------------------------------------------------------------
 
-CAPTIONS: dict[str, tuple[str, str]] = {
-    "loss_curves": (
-        "Training curves: each loss term per epoch (train and test) and per iteration (train, "
-        "raw and smoothed).",
-        "the total loss should fall quickly and flatten; for a VAE the KL term usually rises as "
-        "the decoder learns to use the code, while the reconstruction term falls. Train and test "
-        "close together means no overfitting."),
-    "latent_scatter": (
-        "Codes z (sampled from q(z|x)) of 5000 random test images, coloured by their true class.",
-        "clusters per class; how much classes overlap; whether the codes fill the N(0, I) prior "
-        "evenly (a VAE) or spread anywhere (a plain autoencoder)."),
-    "manifold": (
-        "Images decoded on a 15x15 grid over the 2-D latent plane; the grid points are the "
-        "quantiles of the prior, so each cell covers an equal share of its probability mass.",
-        "smooth morphing between neighbouring cells and every class appearing somewhere; blurry "
-        "cells lie between classes."),
-    "class_grid": (
-        "Five samples per class, decoded from a Gaussian fitted to the codes of that class's test "
-        "images (points where another class is more likely are skipped).",
-        "each row should show its class in varied styles (slant, thickness, shape)."),
-    "samples": (
-        "100 images decoded from random draws of the model's prior.",
-        "sharpness and variety; how many are recognizable; which classes are missing or "
-        "over-represented."),
-    "reconstructions": (
-        "10 random test images (top) and their reconstructions from the posterior mean (bottom).",
-        "how much detail survives the bottleneck; a 2-D code keeps the class and the rough shape, "
-        "not the details."),
-    "interpolation": (
-        "Decodes of evenly spaced points on the straight line between the codes of two test "
-        "images (shown at either end).",
-        "a gradual morph through plausible images; abrupt jumps or meaningless images in between "
-        "mean holes in the latent space."),
-}
+# Terms of a model's own loss that the per-model table leaves out: bookkeeping (the fraction of
+# steps each VAE-GAN network trained is not a test metric), or quantities the table already has
+# under another name (an AE's loss and recon are its reconstruction MSE; a VAE's loss, recon and
+# kl are the negative ELBO and its parts).
+BOOKKEEPING_TERMS = frozenset({"dec_updated", "dis_updated"})
+TERMS_SHOWN_ELSEWHERE = {"with_elbo": frozenset({"recon", "kl"}), "ae": frozenset({"loss", "recon"})}
+
+
+def table_metrics(metrics: dict) -> dict:
+    """`metrics` with the test terms the per-model table should show: one row per quantity."""
+    terms = dict(metrics.get("test_terms", {}))
+    drop = set(BOOKKEEPING_TERMS)
+    if "elbo" in metrics:
+        drop |= TERMS_SHOWN_ELSEWHERE["with_elbo"]
+        if set(terms) <= {"loss", "recon", "kl"}:  # loss = recon + kl: the negative ELBO again
+            drop.add("loss")
+    elif set(terms) <= {"loss", "recon"}:
+        drop |= TERMS_SHOWN_ELSEWHERE["ae"]
+    return {**metrics, "test_terms": {k: v for k, v in terms.items() if k not in drop}}
+
+
+def samples_quality(metrics: dict) -> dict | None:
+    return metrics.get("sample_quality", {}).get("samples")
+
+
+def short_name(r: StepResult) -> str:
+    return r.step.short.format(latent_dim=r.metrics.get("latent_dim", "?")) if r.step.short else r.step.title
+
+
+@torch.inference_mode()
+def reconstruction_dependence(model, images: torch.Tensor, batch: int = 500) -> tuple[float, float, float]:
+    """Whether reconstructions depend on their input: the mean per-pixel squared error of each
+    reconstruction to its own image and to another image (its neighbour in `images`, which
+    should be in random order), and the standard error of their paired difference."""
+    recon = torch.cat([model.reconstruct(images[i : i + batch].to(model.device)).float().cpu()
+                       for i in range(0, len(images), batch)])
+    own = mse(recon, images)  # (N,)
+    other = mse(recon, images.roll(1, 0))  # (N,): image i+1's reconstruction against image i
+    gap = (other - own).double()
+    se = gap.std().item() / math.sqrt(len(gap)) if len(gap) > 1 else float("nan")
+    return own.mean().item(), other.mean().item(), se
+
+
+def classify_figure_samples(model, data: ImageData, seed: int = 0, n: int = 100,
+                            threshold: float = CONFIDENT) -> tuple[list[int], list[int]]:
+    """Classify the n samples the run's samples figure shows (same seed, so the same images):
+    per class, how many samples it is the most probable class of, and how many of those with
+    probability > threshold."""
+    clf, _ = load_or_train_classifier(data, device=model.device)
+    _, probs = classify(clf, generate(model, n, seed=seed))
+    conf, best = probs.max(1)
+    c = probs.shape[1]
+    return (torch.bincount(best, minlength=c).tolist(),
+            torch.bincount(best[conf > threshold], minlength=c).tolist())
+
+
+def caption(r: StepResult, key: str, item: str) -> tuple[str, str] | None:
+    return figure_caption(key, latent_dim=int(r.metrics["latent_dim"]), variational="elbo" in r.metrics,
+                          prior=r.prior, recon_mse=r.metrics.get("recon_mse"), item=item)
+
+
+ITEMS = {"mnist": "digit", "fashion-mnist": "garment"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,106 +173,154 @@ QUICK_EVAL = EvalSettings(iw_samples=100, iw_images=500, n_samples=2000)
 FULL_EVAL = EvalSettings(iw_images=2000)
 
 
-def _fashion_discussion(result: RecipeResult, report: Report) -> None:
-    """The comparison table, the side-by-side images and the answers to the assignment's
-    questions, from the measured numbers."""
-    by_key = {r.step.key: r for r in result.steps}
-    report.heading("Comparison of every model")
+def _comparison_table(result: RecipeResult, report: Report) -> None:
     rows = []
     for r in result.steps:
-        q = r.metrics.get("sample_quality", {}).get("samples", {})
+        q = samples_quality(r.metrics)
         iw = r.metrics.get("iwae")
-        rows.append([r.step.title, r.step.model, r.metrics["latent_dim"],
-                     q.get("frechet_distance", float("nan")), f"{q.get('confident_share', float('nan')):.1%}",
-                     r.metrics["recon_mse"],
-                     r.metrics["elbo"]["neg_elbo"] if "elbo" in r.metrics else "—",
+        rows.append([short_name(r), r.metrics["latent_dim"],
+                     *(with_uncertainty(m, q) for m in SAMPLE_METRICS),
+                     f"{r.metrics['recon_mse']:.4f}",
+                     f"{r.metrics['elbo']['neg_elbo']:.1f}" if "elbo" in r.metrics else "—",
                      f"{iw['nll']:.1f} ± {iw['se']:.1f}" if iw else "—"])
-    floor = result.steps[0].metrics.get("sample_quality", {}).get("real_train", {})
+    floor = result.steps[0].metrics.get("sample_quality", {}).get("real_train")
     if floor:
-        rows.append(["real training images (the floor)", "—", "—", floor["frechet_distance"],
-                     f"{floor['confident_share']:.1%}", "—", "—", "—"])
-    report.table(["model", "name", "latent dim", "Fréchet distance ↓", "share confident > 0.9 ↑",
-                  "recon MSE ↓", "neg. ELBO (nats)", "IWAE NLL (nats)"], rows,
+        rows.append(["real training images (the floor)", "—", *(with_uncertainty(m, floor) for m in SAMPLE_METRICS),
+                     "—", "—", "—"])
+    report.table(["model", "latent dim", *(f"{m.label} {m.arrow}" for m in SAMPLE_METRICS),
+                  f"{RECON_MSE.label} {RECON_MSE.arrow}", "neg. ELBO (nats)", "IWAE NLL (nats)"], rows,
                  caption="Every model measured the same way: samples from its generator scored by the "
-                         "Fashion-MNIST domain classifier; reconstructions and likelihoods on the test set.")
-    report.paragraph("Fréchet distance: between the classifier's penultimate-layer features of the "
-                     "model's samples and of the 10,000 test images (0 = indistinguishable "
-                     "feature statistics; real training images give the floor). Confident share: "
-                     "how many samples the classifier assigns to one class with probability > 0.9. "
+                         "domain classifier; reconstructions and likelihoods on the test set. "
+                         "± : the standard error for precision, recall and confident share; the "
+                         "bootstrap standard deviation for FD; the standard deviation over "
+                         "1000-image subsets for KID (larger than the standard error of their "
+                         "mean, so a cautious yardstick).")
+    note = latent_size_note({short_name(r): r.metrics["latent_dim"] for r in result.steps})
+    if note:
+        report.paragraph(note, css_class="note")
+
+
+def _fashion_discussion(result: RecipeResult, report: Report) -> None:
+    """The comparison table, the side-by-side images and the answers to the assignment's
+    questions, every sentence computed from the measured numbers."""
+    by_key = {r.step.key: r for r in result.steps}
+    report.heading("Comparison of every model")
+    _comparison_table(result, report)
+    report.paragraph("Fréchet distance and KID: between the classifier's penultimate-layer features "
+                     "of the model's samples and of the test images (0 = indistinguishable feature "
+                     "statistics; real training images give the floor). Precision: the share of "
+                     "samples that fall within the real images' feature manifold (fidelity); recall: "
+                     "the share of real images within the samples' manifold (variety). Confident "
+                     "share: samples the classifier assigns to one class with probability > 0.9. "
                      "The likelihoods are on grey-level images, so they compare the VAEs here but "
-                     "not with binarized-MNIST numbers elsewhere.")
+                     "not with binarized-MNIST numbers elsewhere. A difference is called clear only "
+                     "beyond 2 combined standard errors.")
     fig_dir = result.out / "figures"
     fig_dir.mkdir(exist_ok=True)
-    models = {r.step.key: load_run(r.run_dir).model for r in result.steps}
+    models = {r.step.key: load_run(r.run_dir).model.eval() for r in result.steps}
+    names = {r.step.key: short_name(r) for r in result.steps}
+    data = result.datasets[result.steps[0].step.dataset]
+
+    # Do reconstructions depend on the input at all?
+    probe = random_test_images(data.test_x, 1000, 1, "cpu")
+    dependence = {k: reconstruction_dependence(m, probe) for k, m in models.items()}
+    depends = {k: input_dependence(names[k], *dependence[k]) for k in models}
+    report.heading("Do the reconstructions depend on the input?", level=3)
+    report.table(["model", "MSE to its own image ↓", "MSE to another test image", "own ÷ other",
+                  "depends on the input"],
+                 [[names[k], f"{o:.4f}", f"{t:.4f}", f"{o / t:.0%}" if t > 0 else "—",
+                   "yes" if depends[k][0] else "no"] for k, (o, t, _) in dependence.items()],
+                 caption=f"Each model's reconstructions of {len(probe)} random test images, compared "
+                         f"with their own images and with another test image. 'yes' where the first "
+                         f"is smaller by more than 2 standard errors of the paired difference.")
+    ignoring = [names[k] for k in models if not depends[k][0]]
+
     rows = [generate(m, 10, seed=0) for m in models.values()]
-    titles = [r.step.title for r in result.steps]
-    path = plots.plot_image_rows(rows, titles, fig_dir / "samples_side_by_side.png",
+    path = plots.plot_image_rows(rows, list(names.values()), fig_dir / "samples_side_by_side.png",
                                  title="10 samples from each model's generator")
     report.figure(path, "10 generated images per model, one model per row.",
                   "the naive autoencoder's samples against the normalized one's, and the VAE and "
                   "VAE-GANs against both: recognizable garments, sharpness, variety.")
-    data = result.datasets[result.steps[0].step.dataset]
     x = random_test_images(data.test_x, 10, 0, "cpu")
     rows = [x] + [m.reconstruct(x.to(m.device)).cpu() for m in models.values()]
-    path = plots.plot_image_rows(rows, ["original"] + titles, fig_dir / "reconstructions_side_by_side.png",
+    path = plots.plot_image_rows(rows, ["original", *names.values()], fig_dir / "reconstructions_side_by_side.png",
                                  title="The same 10 test images reconstructed by each model")
-    report.figure(path, "10 random test images (top row) and their reconstruction by each model.",
-                  "a 2-D bottleneck keeps the garment type and silhouette; the VAE-GANs trade "
-                  "pixel accuracy for sharper texture.")
+    look = "which models keep each garment's type and silhouette and which keep its details."
+    if ignoring:
+        look += (f" {join(ignoring)} {'does' if len(ignoring) == 1 else 'do'} not depend on the "
+                 f"input (table above): {'its' if len(ignoring) == 1 else 'their'} row shows "
+                 f"garments unrelated to the originals.")
+    report.figure(path, "10 random test images (top row) and their reconstruction by each model.", look)
 
     report.heading("Answers to the assignment's questions")
-    fd = {k: r.metrics.get("sample_quality", {}).get("samples", {}).get("frechet_distance") for k, r in by_key.items()}
-    conf = {k: r.metrics.get("sample_quality", {}).get("samples", {}).get("confident_share") for k, r in by_key.items()}
-    if fd.get("ae") is not None and fd.get("ae-normalized") is not None:
-        better = "ae-normalized" if fd["ae-normalized"] < fd["ae"] else "ae"
+    q = {k: samples_quality(r.metrics) for k, r in by_key.items()}
+    mse_of = {k: r.metrics.get("recon_mse") for k, r in by_key.items()}
+    if "ae" in by_key and "ae-normalized" in by_key:
+        v = verdict(SAMPLE_METRICS, names["ae"], q["ae"], names["ae-normalized"], q["ae-normalized"])
         report.paragraph(
-            f"Are the images of A) (naive generation from the plain autoencoder) and B) (N(0, I) "
-            f"into the normalized bottleneck) different? Measured: Fréchet distance "
-            f"{fd['ae']:.1f} for A against {fd['ae-normalized']:.1f} for B; confident share "
-            f"{conf['ae']:.0%} against {conf['ae-normalized']:.0%}, so "
-            f"{'B' if better == 'ae-normalized' else 'A'} is closer to real images. Why: the plain "
-            f"autoencoder's codes lie wherever training put them — an irregular region with "
-            f"empty gaps inside the box it spans — so random inputs drawn over that box often land "
-            f"where the decoder never learned anything and decode to blends or smudges. "
-            f"Normalizing the bottleneck pins each code neuron to mean 0 and variance 1, so N(0, I) "
-            f"draws fall where the codes are; but nothing forces the codes to fill that "
-            f"distribution (it matches only the first two moments), so holes remain.",
+            f"Are the images of A) (uniform draws over the box spanned by the plain autoencoder's "
+            f"training codes) and B) (N(0, I) draws into the normalized bottleneck) different? "
+            f"Measured: {comparison_details(v)} {answer_naive_vs_normalized(v, result.quick)}",
             css_class="answer")
-    if fd.get("vae") is not None and fd.get("ae-normalized") is not None:
+    if {"vae", "ae", "ae-normalized"} <= set(by_key):
+        vae = names["vae"]
+        vs_a = verdict(SAMPLE_METRICS, vae, q["vae"], names["ae"], q["ae"])
+        vs_b = verdict(SAMPLE_METRICS, vae, q["vae"], names["ae-normalized"], q["ae-normalized"])
         report.paragraph(
-            f"Does the VAE produce a different quality? Measured: Fréchet distance {fd['vae']:.1f} "
-            f"for the VAE against {fd['ae']:.1f} (naive AE) and {fd['ae-normalized']:.1f} "
-            f"(normalized AE); confident share {conf['vae']:.0%} against {conf['ae']:.0%} and "
-            f"{conf['ae-normalized']:.0%}. The VAE's KL term pulls every code distribution "
-            f"towards N(0, I) and its sampling noise makes the decoder work on whole regions "
-            f"rather than points, so prior samples decode to plausible garments more reliably; "
-            f"its images are blurrier, the price of the pixel-wise likelihood averaging over "
-            f"what the 2-D code cannot pin down.", css_class="answer")
+            f"Does the VAE produce a different quality? {answer_vae_quality(vs_a, vs_b, {names[k]: mse_of[k] for k in ('vae', 'ae', 'ae-normalized')}, result.quick)}",
+            css_class="answer")
     gans = [k for k in by_key if by_key[k].step.model == "vae-gan"]
-    if gans and fd.get("vae") is not None:
-        parts = ", ".join(f"{by_key[k].step.title}: {fd[k]:.1f}" for k in gans if fd[k] is not None)
+    if gans and "vae" in by_key:
         report.paragraph(
-            f"The VAE-GANs (Fréchet distance {parts}; VAE {fd['vae']:.1f}) keep the pixel-wise "
-            f"BCE (in full for the encoder, down-weighted by gamma for the decoder) and add a "
-            f"discriminator's judgement, which rewards sharp, realistic texture over pixel "
-            f"accuracy: look for crisper samples in the side-by-side figure, and for "
-            f"reconstructions that are less faithful in detail.", css_class="answer")
+            "The VAE-GANs against the VAE (the same MLP architecture and 2-D latent unless the "
+            "table says otherwise):", css_class="answer")
+        vae = names["vae"]
+        for k in gans:
+            r = by_key[k]
+            v = verdict(SAMPLE_METRICS, names[k], q[k], vae, q["vae"])
+            terms = r.metrics.get("test_terms", {})
+            acc = (terms.get("dis_acc_real"), terms.get("dis_acc_fake"))
+            if r.step.config.get("objective") == "basic":
+                text = answer_basic_vaegan(
+                    names[k], depends[k][0], depends[k][1], r.metrics.get("elbo", {}).get("kl"), vae,
+                    by_key["vae"].metrics.get("elbo", {}).get("kl"), mse_of[k], mse_of["vae"])
+                text += f" Its samples against the VAE's: {answer_vaegan_variant(v, acc, result.quick)}"
+            else:
+                text = f"{names[k]}: {answer_vaegan_variant(v, acc, result.quick)}"
+                if not depends[k][0]:
+                    text += " " + depends[k][1]
+            report.paragraph(text, css_class="answer")
+        convs = [k for k in gans if by_key[k].step.config.get("arch") == "conv"]
+        if len(convs) == 2:
+            a, b = convs
+            v = verdict(SAMPLE_METRICS, names[a], q[a], names[b], q[b])
+            report.paragraph(
+                f"The convolutional VAE-GAN at two latent sizes: {verdict_sentence(v)} "
+                + (latent_size_note({names[a]: by_key[a].metrics["latent_dim"],
+                                     names[b]: by_key[b].metrics["latent_dim"]}) or ""),
+                css_class="answer")
 
 
 def _lstm_discussion(result: RecipeResult, report: Report) -> None:
     r = result.steps[0]
-    hist = [h for h in read_history(r.run_dir) if h["split"] == "train"]
-    if len(hist) >= 2:
-        first, last = hist[0], hist[-1]
+    history = read_history(r.run_dir)
+    train_rows = [h for h in history if h["split"] == "train"]
+    test_rows = [h for h in history if h["split"] == "test"]
+    if len(train_rows) >= 2:
+        peak = max(train_rows, key=lambda h: float(h["kl"]))
         report.heading("How the loss and the regularization term behave")
-        report.paragraph(
-            f"Over {len(hist)} epochs the training loss went from {float(first['loss']):.1f} to "
-            f"{float(last['loss']):.1f} nats, the reconstruction term from "
-            f"{float(first['recon']):.1f} to {float(last['recon']):.1f}, and the KL term from "
-            f"{float(first['kl']):.1f} to {float(last['kl']):.1f}. At initialization the encoder's "
-            f"q(z|x) is close to the prior, so the KL starts small; as the decoder learns to use "
-            f"the code, the encoder spends more nats on it (KL rises) in exchange for a larger "
-            f"fall in reconstruction error.", css_class="answer")
+        report.paragraph(describe_training(train_rows[0], train_rows[-1], len(train_rows),
+                                           kl_peak=(peak["epoch"], float(peak["kl"])),
+                                           test_last=test_rows[-1] if test_rows else None),
+                         css_class="answer")
+    data = result.datasets.get(r.step.dataset)
+    if data is not None and "samples" in r.figures:
+        model = load_run(r.run_dir).model.eval()
+        predicted, confident = classify_figure_samples(model, data)
+        shares = (torch.bincount(data.train_y, minlength=len(data.classes)).double() / len(data.train_y)).tolist()
+        r.notes.setdefault("samples", []).append(
+            "Comment on the performance: " + comment_on_samples(
+                predicted, confident, list(data.classes), shares, CONFIDENT, ITEMS.get(data.name, "image")))
 
 
 VAE_2D = Step("vae-2d", "MLP VAE 784-512-2", "vae", "mnist", (12, 50),
@@ -251,34 +345,47 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
         "stays in the run folder (model.safetensors).",
         (Step("lstm-vae", "LSTM-encoder VAE", "lstm-vae", "mnist", (3, 30),
               config={"lstm_hidden": 128, "latent_dim": 16}, seconds_per_epoch=25.0,
-              figures=("loss_curves", "samples", "reconstructions", "latent_scatter", "interpolation")),),
+              figures=("loss_curves", "samples", "reconstructions", "latent_scatter", "interpolation"),
+              short="LSTM VAE"),),
         QUICK_EVAL, FULL_EVAL, discussion=_lstm_discussion),
     Recipe(
         "fashion-generative", "Autoencoders, a VAE and VAE-GANs as generators of Fashion-MNIST",
-        "On Fashion-MNIST: an MSE autoencoder with a 2-neuron bottleneck (train/test curves, 10 "
-        "reconstructions) and its naive generation from random decoder inputs; the autoencoder "
-        "with a normalized bottleneck and generation from N(0, I); the VAE built from the same "
-        "architecture; and the VAE-GAN (each keeping the VAE's pixel BCE): basic, with the "
-        "discriminator feature loss, and convolutional. All models' samples are measured with "
-        "the same domain classifier.",
+        "On Fashion-MNIST: A) an MSE autoencoder with a 2-neuron bottleneck (train/test curves, 10 "
+        "reconstructions) and its naive generation from random decoder inputs (uniform over the "
+        "box its training codes span); B) the autoencoder with a normalized bottleneck (each code "
+        "neuron mean 0, variance 1) and generation from N(0, I); the VAE built from the same "
+        "architecture; and the VAE-GAN: the assignment's basic objective L = L_prior + L_GAN (no "
+        "reconstruction term), the VAE-GAN that adds the pixel BCE, the one that adds the "
+        "discriminator feature loss (bonus 1), and the convolutional one (bonus 2), with the same "
+        "2-D latent as the others and with its default latent size. Every model's samples are "
+        "measured with the same domain classifier and every answer below is computed from those "
+        "measurements.",
         (Step("ae", "A) AE, naive generation (uniform over the code box)", "ae", "fashion-mnist", (4, 30),
               config={"hidden_dims": [512], "latent_dim": 2, "normalize_latent": False, "gen_prior": "box"},
-              seconds_per_epoch=2.0, measure_seconds=40.0, figures=FASHION_FIGURES),
+              seconds_per_epoch=2.0, measure_seconds=40.0, figures=FASHION_FIGURES, short="A"),
          Step("ae-normalized", "B) AE, normalized bottleneck, z ~ N(0, I)", "ae", "fashion-mnist", (4, 30),
               config={"hidden_dims": [512], "latent_dim": 2, "normalize_latent": True, "gen_prior": "normal"},
-              seconds_per_epoch=2.0, measure_seconds=40.0, figures=FASHION_FIGURES),
+              seconds_per_epoch=2.0, measure_seconds=40.0, figures=FASHION_FIGURES, short="B"),
          Step("vae", "VAE, same architecture", "vae", "fashion-mnist", (4, 30),
               config={"hidden_dims": [512], "latent_dim": 2}, seconds_per_epoch=2.0, measure_seconds=40.0,
-              figures=FASHION_FIGURES),
-         Step("vae-gan", "VAE-GAN, basic (L_prior + L_GAN + pixel BCE)", "vae-gan", "fashion-mnist", (3, 20),
+              figures=FASHION_FIGURES, short="VAE"),
+         Step("vae-gan-basic", "VAE-GAN, basic: L = L_prior + L_GAN", "vae-gan", "fashion-mnist", (3, 20),
+              config={"arch": "mlp", "hidden_dims": [512], "latent_dim": 2, "objective": "basic"},
+              seconds_per_epoch=8.0, measure_seconds=40.0, figures=FASHION_FIGURES, short="basic VAE-GAN"),
+         Step("vae-gan", "VAE-GAN with the pixel BCE: L_prior + L_GAN + BCE", "vae-gan", "fashion-mnist", (3, 20),
               config={"arch": "mlp", "hidden_dims": [512], "latent_dim": 2, "feature_loss": False},
-              seconds_per_epoch=8.0, measure_seconds=40.0, figures=FASHION_FIGURES),
-         Step("vae-gan-feature", "VAE-GAN with feature loss (bonus 1)", "vae-gan", "fashion-mnist", (3, 20),
+              seconds_per_epoch=8.0, measure_seconds=40.0, figures=FASHION_FIGURES, short="pixel VAE-GAN"),
+         Step("vae-gan-feature", "VAE-GAN with feature loss (bonus 1): L_prior + L_GAN + BCE + L_Dis_l",
+              "vae-gan", "fashion-mnist", (3, 20),
               config={"arch": "mlp", "hidden_dims": [512], "latent_dim": 2, "feature_loss": True},
-              seconds_per_epoch=9.0, measure_seconds=40.0, figures=FASHION_FIGURES),
-         Step("vae-gan-conv", "VAE-GAN, convolutional (bonus 2)", "vae-gan", "fashion-mnist", (2, 15),
-              config={"arch": "conv", "feature_loss": True}, seconds_per_epoch=30.0, measure_seconds=60.0,
-              figures=FASHION_FIGURES)),
+              seconds_per_epoch=9.0, measure_seconds=40.0, figures=FASHION_FIGURES, short="feature VAE-GAN"),
+         Step("vae-gan-conv-2d", "VAE-GAN, convolutional (bonus 2), 2-D latent like the others", "vae-gan",
+              "fashion-mnist", (2, 15), config={"arch": "conv", "latent_dim": 2, "feature_loss": True},
+              seconds_per_epoch=30.0, measure_seconds=60.0, figures=FASHION_FIGURES,
+              short="conv VAE-GAN, latent {latent_dim}"),
+         Step("vae-gan-conv", "VAE-GAN, convolutional (bonus 2), its default latent size", "vae-gan",
+              "fashion-mnist", (2, 15), config={"arch": "conv", "feature_loss": True}, seconds_per_epoch=30.0,
+              measure_seconds=60.0, figures=FASHION_FIGURES, short="conv VAE-GAN, latent {latent_dim}")),
         QUICK_EVAL, dataclasses.replace(FULL_EVAL, iw_samples=1000),
         discussion=_fashion_discussion),
 )}
@@ -357,7 +464,7 @@ def run_recipe(name: str, out: str | Path, quick: bool = False, overwrite: bool 
         figures = write_run_figures(run.path, run.model, data)
         _log(f"[{step.key}] measuring", progress)
         metrics = evaluate_run(run, data, settings, progress=progress)
-        results.append(StepResult(step, run.path, metrics, figures, train_s))
+        results.append(StepResult(step, run.path, metrics, figures, train_s, prior=run.model.prior_name))
     result = RecipeResult(recipe, out, quick, results, datasets, time.perf_counter() - start)
     write_report(result)
     return result
@@ -386,14 +493,17 @@ def write_report(result: RecipeResult) -> Path:
         recipe.discussion(result, report)
     for r in result.steps:
         report.heading(f"{r.step.title} ({r.step.model})")
-        report.table(["metric", "value"], summary_rows(r.metrics))
+        report.table(["metric", "value"], summary_rows(table_metrics(r.metrics)))
         if "grey-level" in r.metrics.get("likelihood_data", "") and "iwae" in r.metrics:
             report.paragraph("Likelihoods here are measured on grey-level images: " + r.metrics["likelihood_data"],
                              css_class="note")
+        item = ITEMS.get(r.step.dataset, "image")
         for key in r.step.figures:
-            if key in r.figures:
-                what, look_for = CAPTIONS[key]
-                report.figure(r.figures[key], what, look_for)
+            text = caption(r, key, item) if key in r.figures else None
+            if text is not None:
+                report.figure(r.figures[key], *text)
+                for note in r.notes.get(key, []):
+                    report.paragraph(note, css_class="answer")
     report.paragraph(f"Generated by vaelab {__import__('vaelab').__version__}; every run folder "
                      f"beside this file holds its config, weights, history and metrics.json.")
     return report.write(result.out / "report.html")

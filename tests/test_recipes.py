@@ -1,0 +1,194 @@
+"""Recipes' reports: their sentences, captions and tables follow the measured numbers.
+
+The reports are written from untrained tiny models in real run folders and fabricated metrics
+dicts (in metrics.json's format), so nothing here trains; what matters is the words."""
+
+import dataclasses
+import html
+import re
+
+import pytest
+import torch
+
+from vaelab import plots, recipes
+from vaelab.checkpoint import save_model, write_run_config
+from vaelab.models import build_model, make_config
+from vaelab.recipes import RECIPES, RecipeResult, StepResult, table_metrics, write_report
+from vaelab.train import TrainConfig
+
+
+def quality(fd=100.0, kid=0.05, precision=0.5, recall=0.5, confident=0.5, se=0.01, n=2000):
+    return {"fd": fd, "fd_std": 1.0, "kid": kid, "kid_std": 0.002, "precision": precision,
+            "precision_se": se, "recall": recall, "recall_se": se, "confident_share": confident,
+            "confident_share_se": se, "class_histogram": [0.1] * 10, "n": n}
+
+
+GOOD = quality(fd=50.0, kid=0.02, precision=0.7, recall=0.6, confident=0.8)
+BAD = quality(fd=150.0, kid=0.09, precision=0.4, recall=0.3, confident=0.5)
+FLOOR = quality(fd=0.3, kid=0.0001, precision=0.75, recall=0.75, confident=0.95)
+GAN_TERMS = {"loss": 90.0, "enc_loss": 80.0, "dec_loss": 9.0, "dis_loss": 1.2, "dis_acc_real": 0.7,
+             "dis_acc_fake": 0.6, "kl": 5.0, "recon": 75.0, "feature": 0.0, "dec_updated": 0.9,
+             "dis_updated": 0.8}
+
+
+def metrics(model: str, latent_dim: int, samples: dict, recon_mse: float = 0.03) -> dict:
+    m = {"model": model, "dataset": "fashion-mnist", "latent_dim": latent_dim, "recon_mse": recon_mse,
+         "sample_quality": {"samples": samples, "real_train": FLOOR}, "likelihood_data": "grey-level test set"}
+    if model == "ae":
+        m["test_terms"] = {"loss": recon_mse, "recon": recon_mse}
+    else:
+        m["elbo"] = {"neg_elbo": 250.0, "recon": 240.0, "kl": 10.0}
+        m["iwae"] = {"nll": 245.0, "se": 0.8, "k": 100, "images": 500}
+        m["test_terms"] = dict(GAN_TERMS) if model == "vae-gan" else {"loss": 250.0, "recon": 240.0, "kl": 10.0}
+    return m
+
+
+def tiny_config(step):
+    """The step's model, shrunk: the report needs a model of the right kind, not a good one."""
+    cfg = dict(step.config)
+    if step.model == "lstm-vae":
+        cfg["lstm_hidden"] = 8
+    elif cfg.get("arch") != "conv":
+        cfg["hidden_dims"] = [16]
+    return make_config(step.model, **cfg)
+
+
+@pytest.fixture(autouse=True)
+def quick_plots(monkeypatch, tmp_path):
+    """Side-by-side figures as one small PNG: the plots have their own tests, these are about words."""
+    png = plots.save_image_grid(torch.rand(4, 1, 28, 28), tmp_path / "rows.png", nrow=2)
+    monkeypatch.setattr(recipes.plots, "plot_image_rows", lambda rows, labels, path, **kw: png)
+
+
+def fake_result(tmp_path, recipe, data, quality_by_key, quick=True) -> RecipeResult:
+    png = plots.save_image_grid(torch.rand(4, 1, 28, 28), tmp_path / "figure.png", nrow=2)
+    steps = []
+    for step in recipe.steps:
+        model = build_model(step.model, tiny_config(step))
+        run_dir = tmp_path / "out" / step.key
+        run_dir.mkdir(parents=True)
+        write_run_config(run_dir, model, TrainConfig(dataset=step.dataset, epochs=1, device="cpu"))
+        save_model(run_dir, model)
+        m = metrics(step.model, model.latent_dim, quality_by_key.get(step.key, BAD))
+        steps.append(StepResult(step, run_dir, m, {key: png for key in step.figures}, 1.0,
+                                prior=model.prior_name))
+    return RecipeResult(recipe, tmp_path / "out", quick, steps, {s.dataset: data for s in recipe.steps})
+
+
+def text_of(page: str) -> str:
+    page = re.sub(r'src="data:[^"]*"', "", page)
+    return html.unescape(re.sub(r"<[^>]+>", " ", page))
+
+
+def answer_paragraphs(page: str) -> list[str]:
+    return [text_of(p) for p in re.findall(r'<p class="answer">(.*?)</p>', page, flags=re.S)]
+
+
+# --- tables ---------------------------------------------------------------------------------------
+
+
+def test_per_model_table_has_one_row_per_quantity():
+    gan = table_metrics(metrics("vae-gan", 2, GOOD))["test_terms"]
+    assert "dec_updated" not in gan and "dis_updated" not in gan
+    assert "kl" not in gan and "recon" not in gan  # the ELBO rows have them
+    assert {"dis_acc_real", "dis_acc_fake", "dis_loss"} <= set(gan)
+    assert table_metrics(metrics("vae", 2, GOOD))["test_terms"] == {}  # loss, recon, kl = the ELBO rows
+    assert table_metrics(metrics("ae", 2, GOOD))["test_terms"] == {}  # loss = recon = recon MSE
+
+
+# --- the fashion recipe --------------------------------------------------------------------------
+
+
+def test_fashion_recipe_has_every_variant_the_assignment_asks_for():
+    steps = {s.key: s for s in RECIPES["fashion-generative"].steps}
+    assert list(steps) == ["ae", "ae-normalized", "vae", "vae-gan-basic", "vae-gan", "vae-gan-feature",
+                           "vae-gan-conv-2d", "vae-gan-conv"]
+    assert steps["vae-gan-basic"].config["objective"] == "basic"
+    assert steps["vae-gan"].config.get("objective", "full") == "full" and not steps["vae-gan"].config["feature_loss"]
+    assert steps["vae-gan-feature"].config["feature_loss"]
+    assert steps["vae-gan-conv-2d"].config["latent_dim"] == 2 and "latent_dim" not in steps["vae-gan-conv"].config
+    for s in steps.values():
+        make_config(s.model, **s.config).validate()
+        if s.config.get("arch") != "conv":
+            assert s.config["latent_dim"] == 2 and s.config["hidden_dims"] == [512]  # same architecture
+
+
+@pytest.mark.parametrize("b_better", [True, False])
+def test_fashion_report_answers_follow_the_numbers(tmp_path, tiny_data, b_better):
+    recipe = RECIPES["fashion-generative"]
+    q = {"ae": BAD, "ae-normalized": GOOD} if b_better else {"ae": GOOD, "ae-normalized": BAD}
+    q["vae"] = quality(fd=191.0, kid=0.12, precision=0.2, recall=0.1, confident=0.3)  # worse than both AEs
+    result = fake_result(tmp_path, recipe, tiny_data, q)
+    page = write_report(result).read_text()
+    answers = answer_paragraphs(page)
+    ab = next(a for a in answers if a.startswith("Are the images of A)"))
+    if b_better:
+        assert "B measured better than A" in ab and "pins each code neuron" in ab
+    else:
+        assert "A measured better than B" in ab and "did not show" in ab and "pins each code neuron" not in ab
+    vae = next(a for a in answers if a.startswith("Does the VAE produce a different quality?"))
+    assert "worse than both" in vae and "more reliably" not in vae
+    text = text_of(page)
+    # one table row per quantity: no bookkeeping, no term twice
+    assert "dec_updated" not in text and "dis_updated" not in text
+    assert "Do the reconstructions depend on the input?" in text
+    # the conv VAE-GAN at its default latent size makes the comparison not like-for-like
+    conv_dim = make_config("vae-gan", arch="conv").latent_dim
+    assert f"2 for A, B, VAE" in text and f"{conv_dim} for conv VAE-GAN, latent {conv_dim}" in text
+    assert "not like-for-like" in text
+    assert not re.search(r"\bnan\b", text, flags=re.IGNORECASE)
+
+
+def test_autoencoder_captions_speak_of_codes_not_posteriors(tmp_path, tiny_data):
+    recipe = dataclasses.replace(RECIPES["fashion-generative"], steps=RECIPES["fashion-generative"].steps[:1],
+                                 discussion=None)
+    page = write_report(fake_result(tmp_path, recipe, tiny_data, {})).read_text()
+    captions = html.unescape(" ".join(re.findall(r"<figcaption>(.*?)</figcaption>", page, flags=re.S)))
+    assert captions and "q(z|x)" not in captions and "posterior" not in captions
+    assert "the encoder's code" in captions and "uniform over the training codes' box" in captions
+
+
+# --- the LSTM recipe ------------------------------------------------------------------------------
+
+
+class FakeClassifier(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+
+def test_lstm_report_comments_on_its_100_samples(tmp_path, tiny_data, monkeypatch):
+    seen = {}
+
+    def fake_classify(clf, images):
+        seen["images"] = images
+        probs = torch.full((len(images), 10), 0.05 / 9)
+        probs[:, 1] = 0.95  # every sample a confident 1 ...
+        probs[:10] = 0.1  # ... but the first ten unrecognisable
+        return torch.zeros(len(images), 4), probs.double()
+
+    monkeypatch.setattr(recipes, "load_or_train_classifier", lambda data, device="cpu": (FakeClassifier(), {}))
+    monkeypatch.setattr(recipes, "classify", fake_classify)
+    recipe = RECIPES["lstm-vae-mnist"]
+    result = fake_result(tmp_path, recipe, tiny_data, {})
+    r = result.steps[0]
+    r.metrics["sample_quality"]["samples"] = quality()
+    (r.run_dir / "history.csv").write_text(
+        "epoch,split,loss,recon,kl,seconds\n1,train,180,170,10,1\n1,test,150,138,12,1\n"
+        "2,train,140,125,15,1\n2,test,135,119,16,1\n3,train,130,113,17,1\n3,test,131,114,17,1\n")
+    page = write_report(result).read_text()
+    text = text_of(page)
+    # the samples the figure shows: seed 0, as figures.write_run_figures draws them
+    model = recipes.load_run(r.run_dir).model
+    figure_samples = model.sample(100, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(seen["images"], figure_samples)
+    comment = next(a for a in answer_paragraphs(page) if a.startswith("Comment on the performance"))
+    assert "recognizes 90 (90%)" in comment and "the other 10 are unrecognisable" in comment
+    assert "digit 1 (90) comes out more often" in comment
+    # the comment sits under the samples figure
+    samples_fig = page.index("100 images decoded from random draws")
+    assert samples_fig < page.index("Comment on the performance") < page.index("10 random test images")
+    training = next(a for a in answer_paragraphs(page) if a.startswith("Over 3 epochs"))
+    assert "KL term rose from 10.0 to 17.0" in training and "The usual trade" in training
+    latent = model.latent_dim
+    assert f"{latent}-D bottleneck" in text and "2-D" not in text.replace("2-D latent plane", "")
