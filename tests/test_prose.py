@@ -233,3 +233,13 @@ def test_with_uncertainty_formats():
     assert prose.with_uncertainty(PRECISION, GOOD) == "70.0% ± 1.0%"
     assert prose.with_uncertainty(FD, {"fd": 103.46}) == "103.5"
     assert prose.with_uncertainty(FD, {}) == "—"
+
+
+def test_leaders_follow_the_numbers():
+    values = {"A": GOOD, "B": BAD, "C": quality(fd=51.0, kid=0.09, precision=0.45, recall=0.3, confident=0.5)}
+    text = prose.leaders((FD, PRECISION), values)
+    assert "lowest Fréchet distance: A (50.0), not clearly ahead of C" in text
+    assert "highest precision: A (70.0%), clearly ahead of C (45.0%)" in text
+    swapped = prose.leaders((FD,), {"A": BAD, "B": GOOD})
+    assert swapped == "Per metric, the leader: lowest Fréchet distance: B (50.0), clearly ahead of A (150.0)."
+    assert prose.leaders((FD,), {"A": GOOD}) is None

@@ -91,7 +91,8 @@ def test_per_model_table_has_one_row_per_quantity():
     gan = table_metrics(metrics("vae-gan", 2, GOOD))["test_terms"]
     assert "dec_updated" not in gan and "dis_updated" not in gan
     assert "kl" not in gan and "recon" not in gan  # the ELBO rows have them
-    assert {"dis_acc_real", "dis_acc_fake", "dis_loss"} <= set(gan)
+    assert {"dis_acc_real", "dis_acc_fake", "dis_loss", "enc_loss"} <= set(gan)
+    assert "enc_loss" not in table_metrics(metrics("vae-gan", 2, GOOD), {"objective": "basic"})["test_terms"]
     assert table_metrics(metrics("vae", 2, GOOD))["test_terms"] == {}  # loss, recon, kl = the ELBO rows
     assert table_metrics(metrics("ae", 2, GOOD))["test_terms"] == {}  # loss = recon = recon MSE
 

@@ -285,6 +285,31 @@ def comparison_details(v: Verdict) -> str:
     return " ".join(c.sentence() for c in v.comparisons)
 
 
+def leaders(metrics: Sequence[Metric], values: Mapping[str, Mapping | None]) -> str | None:
+    """Per metric, which model leads among `values` (name -> metrics mapping) and whether clearly
+    ahead of the runner-up; None when fewer than two models have any of the metrics."""
+    parts = []
+    for m in metrics:
+        have = [(name, number(v, m.key)) for name, v in values.items() if number(v, m.key) is not None]
+        if len(have) < 2:
+            continue
+        ranked = sorted(have, key=lambda t: t[1], reverse=not m.lower_is_better)
+        (first, v1), (second, _) = ranked[0], ranked[1]
+        c = compare(m, first, values[first], second, values[second])
+        best = "lowest" if m.lower_is_better else "highest"
+        if c.status == "clear":
+            tail = f"clearly ahead of {second} ({m.fmt(c.vb)})"
+        elif c.status == "unquantified":
+            tail = f"ahead of {second} ({m.fmt(c.vb)}) by a margin of unknown noise"
+        else:
+            tied = [n for n, _ in ranked[1:] if compare(m, first, values[first], n, values[n]).status != "clear"]
+            tail = f"not clearly ahead of {join(tied)}"
+        parts.append(f"{best} {m.label}: {first} ({m.fmt(v1)}), {tail}")
+    if not parts:
+        return None
+    return "Per metric, the leader: " + "; ".join(parts) + "."
+
+
 # ---------------------------------------------------------------------------------------------
 # Tables and captions
 # ---------------------------------------------------------------------------------------------

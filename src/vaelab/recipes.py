@@ -5,6 +5,11 @@ A recipe is data: a list of `Step`s (model name, config overrides, dataset, epoc
 and for the full run) plus which figures the report shows and, where the assignment asks
 questions, a function that answers them from the measured numbers. Adding a model to a recipe
 is adding a `Step`.
+
+Every sentence of a report that states or explains a result is computed by `vaelab.prose` from
+this run's numbers (with their uncertainties); this module only gathers those numbers, including
+the few the assignments need beyond metrics.json: whether reconstructions depend on their input,
+and how the classifier reads the 100 samples a figure shows.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from .losses import mse
 from .models import MODELS, make_config
 from .prose import (RECON_MSE, SAMPLE_METRICS, answer_basic_vaegan, answer_naive_vs_normalized,
                     answer_vae_quality, answer_vaegan_variant, comment_on_samples, comparison_details,
-                    describe_training, figure_caption, input_dependence, join, latent_size_note,
+                    describe_training, figure_caption, input_dependence, join, latent_size_note, leaders,
                     verdict, verdict_sentence, with_uncertainty)
 from .report import Report
 from .train import TrainConfig, is_run_folder, prepare_folder, train
@@ -107,14 +112,17 @@ BOOKKEEPING_TERMS = frozenset({"dec_updated", "dis_updated"})
 TERMS_SHOWN_ELSEWHERE = {"with_elbo": frozenset({"recon", "kl"}), "ae": frozenset({"loss", "recon"})}
 
 
-def table_metrics(metrics: dict) -> dict:
-    """`metrics` with the test terms the per-model table should show: one row per quantity."""
+def table_metrics(metrics: dict, config: dict | None = None) -> dict:
+    """`metrics` with the test terms the per-model table should show: one row per quantity.
+    `config`: the model's config fields, where they decide what a term is."""
     terms = dict(metrics.get("test_terms", {}))
     drop = set(BOOKKEEPING_TERMS)
     if "elbo" in metrics:
         drop |= TERMS_SHOWN_ELSEWHERE["with_elbo"]
         if set(terms) <= {"loss", "recon", "kl"}:  # loss = recon + kl: the negative ELBO again
             drop.add("loss")
+        if (config or {}).get("objective") == "basic":  # the encoder's loss is L_prior, the KL
+            drop.add("enc_loss")
     elif set(terms) <= {"loss", "recon"}:
         drop |= TERMS_SHOWN_ELSEWHERE["ae"]
     return {**metrics, "test_terms": {k: v for k, v in terms.items() if k not in drop}}
@@ -136,7 +144,7 @@ def reconstruction_dependence(model, images: torch.Tensor, batch: int = 500) -> 
     recon = torch.cat([model.reconstruct(images[i : i + batch].to(model.device)).float().cpu()
                        for i in range(0, len(images), batch)])
     own = mse(recon, images)  # (N,)
-    other = mse(recon, images.roll(1, 0))  # (N,): image i+1's reconstruction against image i
+    other = mse(recon, images.roll(1, 0))  # (N,): reconstruction i against image i - 1
     gap = (other - own).double()
     se = gap.std().item() / math.sqrt(len(gap)) if len(gap) > 1 else float("nan")
     return own.mean().item(), other.mean().item(), se
@@ -195,6 +203,9 @@ def _comparison_table(result: RecipeResult, report: Report) -> None:
                          "bootstrap standard deviation for FD; the standard deviation over "
                          "1000-image subsets for KID (larger than the standard error of their "
                          "mean, so a cautious yardstick).")
+    lead = leaders(SAMPLE_METRICS, {short_name(r): samples_quality(r.metrics) for r in result.steps})
+    if lead:
+        report.paragraph(lead)
     note = latent_size_note({short_name(r): r.metrics["latent_dim"] for r in result.steps})
     if note:
         report.paragraph(note, css_class="note")
@@ -493,7 +504,7 @@ def write_report(result: RecipeResult) -> Path:
         recipe.discussion(result, report)
     for r in result.steps:
         report.heading(f"{r.step.title} ({r.step.model})")
-        report.table(["metric", "value"], summary_rows(table_metrics(r.metrics)))
+        report.table(["metric", "value"], summary_rows(table_metrics(r.metrics, r.step.config)))
         if "grey-level" in r.metrics.get("likelihood_data", "") and "iwae" in r.metrics:
             report.paragraph("Likelihoods here are measured on grey-level images: " + r.metrics["likelihood_data"],
                              css_class="note")
