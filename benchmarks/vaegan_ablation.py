@@ -36,6 +36,17 @@ VARIANTS: dict[str, tuple[dict, str | None]] = {
     "wide-bn-sn-norule-g3": ({"gamma": 0.3}, "wide-bn-sn-norule"),
     "wide-bn-sn-norule-feat": ({"feature_loss": True}, "wide-bn-sn-norule"),
     "wide-sn-norule": ({"batch_norm": False, "project_norm": False}, "wide-bn-sn-norule"),
+    # round 2: around "wide" (the crispest MNIST digits by eye in round 1) and "wide-sn-norule"
+    "wide-z16": ({"latent_dim": 16}, "wide"),
+    "wide-z8": ({"latent_dim": 8}, "wide"),
+    "wide-norule": ({"margin": None}, "wide"),
+    "wide-g03": ({"gamma": 0.03}, "wide"),
+    "wide-z16-ttur": ({"dis_lr_scale": 2.0, "dec_lr_scale": 0.5}, "wide-z16"),
+    "wide-z16-feat": ({"feature_loss": True}, "wide-z16"),
+    "wide-z16-bn": ({"batch_norm": True, "project_norm": True}, "wide-z16"),
+    "mid-z16": ({"channels": [32, 64], "fc_dim": 256}, "wide-z16"),
+    "wide-sn-z16": ({"latent_dim": 16}, "wide-sn-norule"),
+    "wide-sn-z16-g03": ({"gamma": 0.03}, "wide-sn-z16"),
 }
 
 
@@ -83,14 +94,31 @@ def train_one(args) -> int:
     return 0
 
 
+def load_generator(run_dir: Path, device: str):
+    """The run's model, or, from a folder holding only `decoder.safetensors` (what comes back from
+    a remote machine), a model whose decoder has the trained weights: enough to sample."""
+    import torch
+    from safetensors.torch import load_file
+
+    from vaelab.checkpoint import load_run, read_run_config
+    from vaelab.models import build_model
+
+    if (run_dir / "model.safetensors").exists():
+        return load_run(run_dir, device=device).model.eval()
+    cfg = read_run_config(run_dir)
+    model = build_model(cfg["model"], cfg["model_config"], stored=True)
+    weights = load_file(run_dir / "decoder.safetensors")
+    model.decoder.load_state_dict({k.removeprefix("decoder."): v for k, v in weights.items()})
+    return model.to(torch.device(device)).eval()
+
+
 def cmd_score(args) -> int:
     import torch
 
-    from vaelab.checkpoint import load_run
     from vaelab.data import load
     from vaelab.evaluate import generate
     from vaelab.figures import read_history
-    from vaelab.metrics import load_or_train_classifier, score_images
+    from vaelab.metrics import load_or_train_classifier, sample_quality
 
     rows = []
     runs = sorted(p.parent for p in Path(args.out).glob("*/*/config.json"))
@@ -102,9 +130,8 @@ def cmd_score(args) -> int:
             clf, info = load_or_train_classifier(data, device=args.device, progress=True)
             datasets[dataset] = (data, clf, info)
         data, clf, info = datasets[dataset]
-        run = load_run(run_dir, device=args.device)
-        samples = generate(run.model.eval(), args.n, seed=0)
-        q = score_images(samples, data, clf, seed=0)
+        samples = generate(load_generator(run_dir, args.device), args.n, seed=0)
+        q = sample_quality(samples, data, clf, seed=0)["samples"]
         hist = [h for h in read_history(run_dir) if h["split"] == "train"]
         test = [h for h in read_history(run_dir) if h["split"] == "test"]
         sec = sum(float(h["seconds"]) for h in hist) / max(len(hist), 1)

@@ -294,6 +294,38 @@ def test_vae_gan_equilibrium_rule_skips_the_winning_side():
     assert model.equilibrium(0.1, 0.1) == (True, True)
 
 
+def test_vae_gan_basic_objective_is_prior_plus_gan_only():
+    """objective=basic: the encoder minimises L_prior alone and the decoder -L_GAN alone, so the
+    reconstruction error reaches no network (it is still reported)."""
+    torch.manual_seed(0)
+    model = build_model("vae-gan", dict(CASES["vae-gan-conv"][1], objective="basic", gamma=1.0))
+    x = images(16)
+    torch.manual_seed(1)
+    t = model.losses(x)
+    assert torch.equal(t["enc_loss"], t["kl"]) and t["recon"] > 0
+    b = len(x)
+    torch.manual_seed(1)
+    mu, logvar = model.encoder(x)
+    z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+    z_p = torch.randn_like(z)
+    _, d_logits = model.discriminator(torch.cat([x, model.decode(torch.cat([z, z_p]))]))
+    torch.testing.assert_close(t["dec_loss"], generator_loss(d_logits[b:]))
+    with pytest.raises(ConfigError, match="feature_loss needs objective=full"):
+        make_config("vae-gan", ["objective='basic'", "feature_loss=true"])
+
+
+def test_stored_vae_gan_config_from_before_new_fields_rebuilds_the_old_networks():
+    """A run saved before spectral norm, the projection's batch norm and the learning-rate scales
+    existed stores none of those fields: it must rebuild with them off, not with today's defaults."""
+    old = {"arch": "conv", "latent_dim": 4, "hidden_dims": [512], "dis_hidden_dims": [512, 256],
+           "channels": [4, 8], "fc_dim": 16, "batch_norm": True, "feature_loss": False, "feature_layer": 1,
+           "gamma": 0.1, "pixel_weight": 1.0, "equilibrium": 0.68, "margin": 0.35}
+    model = build_model("vae-gan", old, stored=True)
+    assert not model.config.spectral_norm and not model.config.project_norm
+    assert not any("parametrizations" in k for k in model.state_dict())
+    assert not isinstance(model.decoder.project[1], torch.nn.BatchNorm1d)
+
+
 def test_vae_gan_config_errors():
     with pytest.raises(ConfigError, match="arch"):
         make_config("vae-gan", ["arch='resnet'"])
