@@ -274,7 +274,8 @@ def set_config(run, **changes):
 
 
 DAMAGE = {
-    "weights of another model": (other_model_weights, "model.safetensors", "do not fit a vae"),
+    # The weights carry the config they were trained with: config.json no longer matches them.
+    "weights of another model": (other_model_weights, "model.safetensors", "cannot change a trained run"),
     "another model's name": (other_model_name, "model.safetensors", "holds a 'lstm-vae' model, config says 'vae'"),
     "truncated weights": (lambda r, *_: (r / "model.safetensors").write_bytes((r / "model.safetensors").read_bytes()[:-100]),
                           "model.safetensors", "corrupt"),
@@ -303,7 +304,7 @@ def test_damaged_run_folder_is_one_line_naming_the_file(finished_run, tmp_path, 
 
 
 CHECKPOINT_DAMAGE = {
-    "weights of another model": (other_model_weights, "do not fit a vae"),
+    "weights of another model": (other_model_weights, "cannot change a trained run"),
     "truncated": (lambda r, *_: (r / "checkpoint.safetensors").write_bytes((r / "checkpoint.safetensors").read_bytes()[:5000]),
                   "corrupt"),
     "flipped bit": (lambda r, *_: flip_byte(r / "checkpoint.safetensors", -3), "does not match its SHA-256"),
@@ -429,16 +430,12 @@ class FillingDisk:
     """The disk fills while `name` is written: the temp file takes half the data, then ENOSPC."""
 
     def __init__(self, monkeypatch, name: str):
-        self.name, self.opening = name, None
-        real_mkstemp, real_fdopen = atomic.tempfile.mkstemp, atomic.os.fdopen
+        self.name = name
+        real_open = open
 
-        def mkstemp(*args, prefix="", **kwargs):
-            self.opening = prefix
-            return real_mkstemp(*args, prefix=prefix, **kwargs)
-
-        def fdopen(fd, mode="r", *args, **kwargs):
-            f = real_fdopen(fd, mode, *args, **kwargs)
-            if self.opening == f".{self.name}.":
+        def fake_open(file, mode="r", *args, **kwargs):
+            f = real_open(file, mode, *args, **kwargs)
+            if "w" in mode and Path(file).name.startswith(f".{self.name}."):
                 real_write = f.write
 
                 def write(data):
@@ -448,8 +445,7 @@ class FillingDisk:
                 f.write = write
             return f
 
-        monkeypatch.setattr(atomic.tempfile, "mkstemp", mkstemp)
-        monkeypatch.setattr(atomic.os, "fdopen", fdopen)
+        monkeypatch.setattr(atomic, "open", fake_open, raising=False)
 
 
 def test_disk_filling_during_a_fetch_leaves_only_complete_files(synthetic_mnist, tmp_path, monkeypatch, capsys):

@@ -35,10 +35,10 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from . import __version__
-from .atomic import atomic_write
+from .atomic import atomic_write, clean_stale_temps, owner_alive
 from .config import config_from_dict, config_to_dict
 from .errors import CheckpointError, RunInUseError, VaelabError
-from .memory import available_memory, parameter_count, require_memory
+from .memory import device_memory, meta_model, parameter_count, require_memory
 from .reading import format_bytes, parse_json, read_bytes, read_json, require_fields
 
 FORMAT_VERSION = 1
@@ -157,7 +157,7 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     except OSError:
         size = 0  # read_bytes names the problem
     require_memory(2 * size, f"loading {path} ({format_bytes(size)})", error=CheckpointError)
-    data = read_bytes(path, max(size, 1) if size else 2**62, "safetensors file")
+    data = read_bytes(path, 2**62, "safetensors file")  # bounded by the memory check above
     if len(data) < 8:
         raise CheckpointError(f"{path}: truncated (not a safetensors file)")
     (header_len,) = struct.unpack("<Q", data[:8])
@@ -210,48 +210,155 @@ class Run:
     meta: dict
 
 
+@dataclass
+class RunSpec:
+    """What a run is, parsed and type-checked: model name, model config, training config, and the
+    size of the model (counted without building it)."""
+
+    model: str
+    model_config: Any
+    train: Any
+    parameters: int
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "model_config": config_to_dict(self.model_config),
+                "train": config_to_dict(self.train)}
+
+
+def run_config(model, train_config) -> dict:
+    """The dict config.json holds and the weights and checkpoint carry in their metadata."""
+    return {"model": model.name, "model_config": config_to_dict(model.config), "train": config_to_dict(train_config)}
+
+
 def write_run_config(run_dir: Path, model, train_config) -> None:
-    write_json(Path(run_dir) / CONFIG_FILE, {
-        "format_version": FORMAT_VERSION,
-        "vaelab_version": __version__,
-        "model": model.name,
-        "model_config": config_to_dict(model.config),
-        "train": config_to_dict(train_config),
-    })
+    write_config_dict(run_dir, run_config(model, train_config))
 
 
-def save_model(run_dir: Path, model) -> None:
-    save_tensors(Path(run_dir) / MODEL_FILE, dict(model.state_dict()),
-                 {"format_version": FORMAT_VERSION, "model": model.name})
+def write_config_dict(run_dir: Path, cfg: dict) -> None:
+    write_json(Path(run_dir) / CONFIG_FILE, {"format_version": FORMAT_VERSION, "vaelab_version": __version__,
+                                             **{k: cfg[k] for k in ("model", "model_config", "train")}})
+
+
+def save_model(run_dir: Path, model, config: dict | None = None) -> None:
+    """model.safetensors; `config` (see `run_config`) is stored with the weights."""
+    meta = {"format_version": FORMAT_VERSION, "model": model.name}
+    if config is not None:
+        meta["config"] = config
+    save_tensors(Path(run_dir) / MODEL_FILE, dict(model.state_dict()), meta)
 
 
 def read_run_config(run_dir: Path) -> dict:
+    """config.json of `run_dir`, bounded and with its top-level types checked (a dict)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"{run_dir}: no such run folder")
     path = run_dir / CONFIG_FILE
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         raise CheckpointError(f"{run_dir}: not a vaelab run folder (no {CONFIG_FILE})")
-    cfg = read_json(path)
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{path}: not a vaelab run config")
+    cfg = read_json(path, MAX_CONFIG_BYTES)
     check_format(cfg, path)
-    for key in ("model", "model_config", "train"):
-        if key not in cfg:
-            raise CheckpointError(f"{path}: missing {key!r}")
+    require_fields(cfg, {"model": str, "model_config": dict, "train": dict}, str(path))
     return cfg
 
 
-def build_from_config(cfg: dict, path: Path):
-    from .models import build_model  # the registry imports every model; only needed here
+def parse_spec(cfg: dict, path: Path) -> RunSpec:
+    """Type-check a run config dict (config.json or a file's stored copy) and build its configs;
+    any problem is a CheckpointError naming `path`. Builds the model on the meta device only."""
     from .train import TrainConfig
 
+    require_fields(cfg, {"model": str, "model_config": dict, "train": dict}, str(path))
     try:
-        model = build_model(cfg["model"], cfg["model_config"], stored=True)
         train_config = config_from_dict(TrainConfig, cfg["train"], where="train")
+        model = meta_model(cfg["model"], cfg["model_config"], stored=True)
     except VaelabError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    return model, train_config
+    return RunSpec(model.name, model.config, train_config, parameter_count(model))
+
+
+def build_spec(spec: RunSpec, path: Path, training: bool = False, device=None):
+    """The model of `spec`, built for real once its size is known to fit in memory."""
+    from .models import build_model  # the registry imports every model; only needed here
+
+    per_parameter = 16 if training else 4  # fp32 weights (+ gradients and Adam's two moments)
+    what = "weights, gradients and Adam's moments" if training else "weights"
+    require_memory(per_parameter * spec.parameters,
+                   f"{path}: a {spec.model} of {spec.parameters:,} parameters ({what})",
+                   available=device_memory(device) if device is not None else None, error=CheckpointError)
+    return build_model(spec.model, spec.model_config)
+
+
+def build_from_config(cfg: dict, path: Path):
+    spec = parse_spec(cfg, path)
+    return build_spec(spec, path), spec.train
+
+
+def generation_fields(model_name: str) -> tuple[str, ...]:
+    """The model's config fields that only affect generation (e.g. the AE's `gen_prior`):
+    they may change after training, through `vaelab config`."""
+    from .models import get_model_class
+
+    return tuple(getattr(get_model_class(model_name), "generation_fields", ()))
+
+
+def config_differences(spec: RunSpec, stored: RunSpec) -> list[tuple[str, Any, Any]]:
+    """(field, in config.json, stored) for every field where `spec` differs from `stored` and
+    the difference would change what the weights mean or how the run trains."""
+    if spec.model != stored.model:
+        return [("model", spec.model, stored.model)]
+    diffs = []
+    free = set(generation_fields(spec.model))
+    a, b = config_to_dict(spec.model_config), config_to_dict(stored.model_config)
+    diffs += [(f"model_config.{k}", a.get(k), b.get(k)) for k in b if k not in free and a.get(k) != b.get(k)]
+    a, b = config_to_dict(spec.train), config_to_dict(stored.train)
+    diffs += [(f"train.{k}", a.get(k), b.get(k)) for k in b if k not in RESUMABLE_TRAIN_FIELDS and a.get(k) != b.get(k)]
+    return diffs
+
+
+def check_unchanged(spec: RunSpec, meta: dict, config_path: Path, stored_path: Path) -> None:
+    """Refuse a config.json edited where it must not be (see the module docstring). Files
+    written before the config was stored in them carry none: config.json is then trusted."""
+    if "config" not in meta:
+        return
+    stored = parse_spec(meta["config"], stored_path)
+    diffs = config_differences(spec, stored)
+    if diffs:
+        field, now, then = diffs[0]
+        free = generation_fields(stored.model)
+        hint = (f"; only {', '.join(free)} may change (`vaelab config {config_path.parent} KEY=VALUE`)"
+                if free else "")
+        raise CheckpointError(f"{config_path}: {field} is {now!r} but {stored_path} says {then!r}; config.json "
+                              f"cannot change a trained run (edited by hand? put it back){hint}")
+
+
+def update_config(run_dir: str | Path, assignments: list[str]) -> list[tuple[str, Any, Any]]:
+    """Change generation-only fields of a trained run (`vaelab config RUN KEY=VALUE ...`):
+    checked against the weights, validated by the model's config class, written atomically to
+    config.json under the run's lock. Returns (field, old, new) for each field set."""
+    from .config import apply_overrides
+    from .errors import ConfigError
+
+    run_dir = resolve_run_dir(run_dir)
+    read_run_config(run_dir)  # a folder that is not a run gets no lock file
+    with RunLock(run_dir):
+        clean_run_folder(run_dir)
+        config_path = run_dir / CONFIG_FILE
+        spec = parse_spec(read_run_config(run_dir), config_path)
+        weights_path = run_dir / MODEL_FILE
+        if weights_path.exists():
+            check_unchanged(spec, load_tensors(weights_path)[1], config_path, weights_path)
+        free = generation_fields(spec.model)
+        for item in assignments:
+            key = item.partition("=")[0].strip()
+            if key not in free:
+                allowed = f"only {', '.join(free)} can" if free else f"no field of a {spec.model} can"
+                raise ConfigError(f"{key}: {allowed} change after training (the weights depend on the rest; "
+                                  f"train a new run for other settings)")
+        new_config = apply_overrides(spec.model_config, assignments)
+        before, after = config_to_dict(spec.model_config), config_to_dict(new_config)
+        changed = [(k, before[k], after[k]) for k in after if before[k] != after[k]]
+        if changed:
+            write_config_dict(run_dir, {**spec.to_dict(), "model_config": after})
+        return changed
 
 
 def load_state_into(model, tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -277,7 +384,10 @@ def resolve_run_dir(path: str | Path) -> Path:
     path = Path(path)
     if (path / CONFIG_FILE).exists() or not path.is_dir():
         return path
-    runs = sorted(p for p in path.iterdir() if (p / CONFIG_FILE).is_file())
+    try:
+        runs = sorted(p for p in path.iterdir() if (p / CONFIG_FILE).is_file())
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot list ({e.strerror or e})") from None
     if len(runs) > 1:
         raise CheckpointError(f"{path} holds {len(runs)} runs ({', '.join(p.name + '/' for p in runs)}); "
                               f"name one, e.g. {runs[0]}")
@@ -289,24 +399,32 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Run:
     nothing but config.json and weights are read."""
     run_dir = resolve_run_dir(run_dir)
     cfg = read_run_config(run_dir)
-    model, train_config = build_from_config(cfg, run_dir / CONFIG_FILE)
+    config_path = run_dir / CONFIG_FILE
+    spec = parse_spec(cfg, config_path)
     weights_path = run_dir / MODEL_FILE
     tensors, meta = load_tensors(weights_path)
     check_format(meta, weights_path)
-    if meta.get("model") != cfg["model"]:
-        raise CheckpointError(f"{weights_path}: holds a {meta.get('model')!r} model, config says {cfg['model']!r}")
+    if meta.get("model") != spec.model:
+        raise CheckpointError(f"{weights_path}: holds a {meta.get('model')!r} model, config says {spec.model!r}")
+    check_unchanged(spec, meta, config_path, weights_path)
+    model = build_spec(spec, config_path, device=torch.device(device))
     load_state_into(model, tensors, weights_path)
     model.to(device).eval()
-    return Run(run_dir, model, train_config, cfg)
+    return Run(run_dir, model, spec.train, cfg)
 
 
-def save_checkpoint(run_dir: Path, state: dict) -> None:
-    """Write the full training state as one safetensors file (tensors) with JSON metadata."""
+def save_checkpoint(run_dir: Path, state: dict, config: dict | None = None) -> None:
+    """Write the full training state as one safetensors file (tensors) with JSON metadata;
+    `config` (see `run_config`) is stored with it."""
     meta, tensors = flatten_state(state)
-    save_tensors(Path(run_dir) / CHECKPOINT_FILE, tensors, {"format_version": FORMAT_VERSION, "state": meta})
+    stored = {"format_version": FORMAT_VERSION, "state": meta}
+    if config is not None:
+        stored["config"] = config
+    save_tensors(Path(run_dir) / CHECKPOINT_FILE, tensors, stored)
 
 
-def load_checkpoint(run_dir: Path) -> dict:
+def load_checkpoint(run_dir: Path, with_meta: bool = False):
+    """The training state of `run_dir` (and, with `with_meta`, the file's metadata as well)."""
     path = Path(run_dir) / CHECKPOINT_FILE
     tensors, meta = load_tensors(path)
     check_format(meta, path)
@@ -318,4 +436,95 @@ def load_checkpoint(run_dir: Path) -> dict:
         raise CheckpointError(f"{path}: corrupt training state ({e})") from None
     if not (isinstance(state, dict) and type(state.get("epoch")) is int and type(state.get("step")) is int):
         raise CheckpointError(f"{path}: corrupt training state (no epoch and step)")
-    return state
+    return (state, meta) if with_meta else state
+
+
+# ---------------------------------------------------------------------------------------------
+# The lock of a run folder
+# ---------------------------------------------------------------------------------------------
+
+
+class RunLock:
+    """An advisory lock (`fcntl.flock`) on RUN/.lock, held while a process trains in RUN (or
+    rewrites its config). The holder writes its PID into the file, so a refused command can
+    name it. The lock ends with the process however it ends (even SIGKILL); the file stays."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        path = self.folder / LOCK_FILE
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        except OSError as e:
+            raise CheckpointError(f"{self.folder}: cannot lock the run folder ({e.strerror or e})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = _read_pid(fd)
+            os.close(fd)
+            raise RunInUseError(in_use_message(self.folder, holder)) from None
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass  # the lock holds without the PID; a refused command then says "unknown"
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing releases the flock; the file stays (unlinking would race)
+            self.fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def clean_run_folder(run_dir: Path) -> None:
+    """What killed processes left: temp files in the run folder and figures/, and the sibling
+    folders of an `--overwrite` that never finished. Called by the command that holds the lock."""
+    import shutil
+
+    run_dir = Path(run_dir)
+    clean_stale_temps(run_dir)
+    clean_stale_temps(run_dir / "figures")
+    try:
+        siblings = list(run_dir.parent.glob(f".{run_dir.name}.*"))
+    except OSError:
+        return
+    for p in siblings:
+        if p.suffix in (".new", ".old") and p.is_dir() and not p.is_symlink() and not owner_alive(p.name):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _read_pid(fd: int) -> str:
+    try:
+        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    except OSError:
+        text = ""
+    return text if text.isdigit() else "unknown"
+
+
+def in_use_message(folder: Path, holder: str) -> str:
+    return (f"{folder} is in use: process {holder} is training in it "
+            f"(wait for it to finish, or stop it first)")
+
+
+def lock_holder(folder: Path) -> str | None:
+    """The PID (as text) of the process holding `folder`'s lock, or None; creates nothing."""
+    try:
+        fd = os.open(Path(folder) / LOCK_FILE, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return _read_pid(fd)
+    finally:
+        os.close(fd)  # also releases the shared lock just taken
+    return None

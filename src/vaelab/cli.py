@@ -12,6 +12,10 @@ from pathlib import Path
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
 MAX_RECONSTRUCT = 100  # one column per image: more would not fit a readable figure
+# A manifold cell is drawn 50 pixels wide: 100 x 100 cells make a 5000-pixel figure, and the
+# renderer refuses images past 65536 pixels a side long before memory would.
+MAX_GRID = 100
+MAX_SEED = 2**32 - 1  # NumPy's legacy seeding takes 32 bits (train.MAX_SEED, kept in step by a test)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -42,6 +46,37 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"a seed is between 0 and {MAX_SEED}, got {value}")
+    return value
+
+
+def _grid_size(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_GRID:
+        raise argparse.ArgumentTypeError(f"at most {MAX_GRID} (a {value}x{value} manifold would be "
+                                         f"{50 * value} pixels wide), got {value}")
+    return value
+
+
+def _npy_path(text: str) -> Path:
+    path = Path(text)
+    if path.suffix.lower() != ".npy":
+        raise argparse.ArgumentTypeError(f"{text!r}: the array is written as NumPy .npy, so name it *.npy")
+    return path
+
+
+def _output_file(path: Path) -> Path:
+    """An output the command will write: refused before any work if a folder is in the way."""
+    from .errors import ConfigError
+
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder; name a file to write")
+    return path
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model into a run folder",
                        description="Train MODEL (see `vaelab models`) and write a run folder with "
@@ -52,7 +87,7 @@ def _add_train(sub) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="default 128")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 1e-3)")
     p.add_argument("--latent-dim", type=int, default=None, help="latent size (model default if omitted)")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    p.add_argument("--seed", type=_seed, default=None, help="random seed (default 0)")
     p.add_argument("--device", default=None, help="auto (default), cpu or cuda")
     p.add_argument("--val-size", type=int, default=None, help="training images held out as validation")
     p.add_argument("--binarize", default=None, help="none (default), dynamic or static")
@@ -70,6 +105,7 @@ def _add_train(sub) -> None:
 
 
 def cmd_train(args) -> int:
+    from .atomic import together
     from .checkpoint import load_run
     from .config import config_from_dict
     from .errors import ConfigError
@@ -107,7 +143,8 @@ def cmd_train(args) -> int:
         run_dir = args.out or Path("runs") / f"{args.model}-{config.dataset}"
         trainer = train(args.model, model_config, config, run_dir, overwrite=args.overwrite, progress=progress)
     run = load_run(run_dir, device=trainer.device)
-    written = write_training_figures(run_dir, run.model, trainer.data.test_x, seed=trainer.config.seed)
+    with together():  # every figure or none
+        written = write_training_figures(run_dir, run.model, trainer.data.test_x, seed=trainer.config.seed)
     _print_summary(run_dir, written)
     return 0
 
@@ -130,8 +167,8 @@ def _add_generate(sub) -> None:
     p.add_argument("run", type=Path)
     p.add_argument("-n", type=_positive_int, default=100, help="number of samples (default 100)")
     p.add_argument("--out", type=_png_path, default=None, help="PNG grid (default RUN/figures/generated.png)")
-    p.add_argument("--npy", type=Path, default=None, help="also write a float32 array (n, 28, 28) in [0, 1]")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--npy", type=_npy_path, default=None, help="also write a float32 array (n, 28, 28) in [0, 1]")
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_generate)
 
@@ -139,21 +176,32 @@ def _add_generate(sub) -> None:
 def cmd_generate(args) -> int:
     import numpy as np
 
+    from .atomic import atomic_file, together
     from .checkpoint import load_run
     from .evaluate import generate
+    from .memory import require_memory
     from .plots import save_image_grid
     from .train import resolve_device
 
-    run = load_run(args.run, device=resolve_device(args.device))
-    images = generate(run.model, args.n, seed=args.seed)  # (n, 1, 28, 28)
-    out = args.out or run.path / "figures" / "generated.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
     nrow = max(1, round(args.n ** 0.5))
-    save_image_grid(images, out, nrow=nrow, scale=2 if args.n <= 400 else 1)
+    scale = 2 if args.n <= 400 else 1
+    grid_pixels = (-(-args.n // nrow) * 30 + 2) * (nrow * 30 + 2) * scale * scale
+    # The samples in float32 (their chunks, the joined tensor and the uint8 copy for the grid) and the grid.
+    require_memory(args.n * 784 * (4 * 3 + 1) + 2 * grid_pixels, f"generate -n {args.n} ({args.n} images and a "
+                   f"{nrow * 30 * scale}-pixel-wide grid)")
+    for path in (args.out, args.npy):
+        if path is not None:
+            _output_file(path)
+    run = load_run(args.run, device=resolve_device(args.device))
+    out = _output_file(args.out or run.path / "figures" / "generated.png")
+    images = generate(run.model, args.n, seed=args.seed)  # (n, 1, 28, 28)
+    with together():  # both files or neither
+        save_image_grid(images, out, nrow=nrow, scale=scale)
+        if args.npy is not None:
+            with atomic_file(args.npy) as f:
+                np.save(f, np.ascontiguousarray(images[:, 0].numpy(), dtype=np.float32))
     print(f"wrote {out}: {args.n} samples from {run.path}")
     if args.npy is not None:
-        args.npy.parent.mkdir(parents=True, exist_ok=True)
-        np.save(args.npy, images[:, 0].numpy().astype(np.float32))
         print(f"wrote {args.npy}: float32 array {tuple(images[:, 0].shape)} in [0, 1]")
     return 0
 
@@ -164,7 +212,7 @@ def _add_reconstruct(sub) -> None:
     p.add_argument("-n", type=_reconstruct_count, default=10, metavar="N",
                    help=f"number of test images, at most {MAX_RECONSTRUCT} (default 10)")
     p.add_argument("--out", type=_png_path, default=None, help="PNG (default RUN/figures/reconstructed.png)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_reconstruct)
 
@@ -182,9 +230,10 @@ def _run_and_data(args):
 def cmd_reconstruct(args) -> int:
     from .figures import reconstructions_figure
 
+    if args.out is not None:
+        _output_file(args.out)
     run, data = _run_and_data(args)
-    out = args.out or run.path / "figures" / "reconstructed.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = _output_file(args.out or run.path / "figures" / "reconstructed.png")
     reconstructions_figure(run.model, data.test_x, out, seed=args.seed, n=args.n)
     print(f"wrote {out}: {args.n} test images of {data.name} and their reconstructions")
     return 0
@@ -195,17 +244,19 @@ def _add_plot(sub) -> None:
                        description="Loss curves, latent scatter, manifold (2-D latents), per-class grid, "
                                    "samples, reconstructions and interpolations, as PNGs in RUN/figures/.")
     p.add_argument("run", type=Path)
-    p.add_argument("--grid", type=_positive_int, default=15, help="manifold grid side (default 15)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grid", type=_grid_size, default=15, help=f"manifold grid side (default 15, at most {MAX_GRID})")
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_plot)
 
 
 def cmd_plot(args) -> int:
+    from .atomic import together
     from .figures import write_run_figures
 
     run, data = _run_and_data(args)
-    written = write_run_figures(run.path, run.model, data, seed=args.seed, grid_size=args.grid)
+    with together():  # every figure or none
+        written = write_run_figures(run.path, run.model, data, seed=args.seed, grid_size=args.grid)
     print(f"wrote {len(written)} figures into {run.path / 'figures'}/")
     for name, path in written.items():
         print(f"  {path.name:<24} {name.replace('_', ' ')}")
@@ -224,7 +275,7 @@ def _add_evaluate(sub) -> None:
                    help="the first N test images the NLL is averaged over (default 10000 = all)")
     p.add_argument("--samples", type=int, default=10000, metavar="N",
                    help="generated and real images for the sample-quality figures (default 10000; 0 skips)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_evaluate)
@@ -242,6 +293,38 @@ def cmd_evaluate(args) -> int:
     metrics = evaluate_run(run, data, settings, progress=not args.quiet)
     print(format_table(metrics))
     print(f"wrote {run.path / METRICS_FILE}")
+    return 0
+
+
+def _add_score(sub) -> None:
+    p = sub.add_parser("score", help="score any array of images: FD, KID, precision, recall, beside the real floor",
+                       description="Sample-quality metrics of the images in FILE (.npy, or .npz holding one "
+                                   "array or one named images, x or arr_0; shape (n, 28, 28) or (n, 1, 28, 28); "
+                                   "uint8 0-255 or floats in [0, 1]) against the dataset's test set, in its domain "
+                                   "classifier's features, beside the same metrics for n real training images.")
+    p.add_argument("file", type=Path)
+    p.add_argument("--dataset", required=True, help="mnist or fashion-mnist: whose test set and classifier")
+    p.add_argument("--json", dest="json_out", type=Path, default=None, metavar="OUT",
+                   help="also write the numbers (and the floor under real_floor) as JSON")
+    p.add_argument("--seed", type=_seed, default=0, help="the floor's real images and the metrics' subsets")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_score)
+
+
+def cmd_score(args) -> int:
+    from .checkpoint import write_json
+    from .metrics import format_score, score_file
+    from .train import resolve_device
+
+    if args.json_out is not None:
+        _output_file(args.json_out)
+    result = score_file(args.file, args.dataset, device=resolve_device(args.device), seed=args.seed,
+                        progress=not args.quiet)
+    print(format_score(result))
+    if args.json_out is not None:
+        write_json(args.json_out, result)
+        print(f"wrote {args.json_out}")
     return 0
 
 
@@ -292,6 +375,33 @@ def cmd_models(args) -> int:
     return 0
 
 
+def _add_config(sub) -> None:
+    p = sub.add_parser("config", help="show or change a trained run's generation-only settings",
+                       description="Settings that only affect generation (the AE's gen_prior) may change "
+                                   "after training; everything else is fixed by the weights. Without "
+                                   "KEY=VALUE, lists the settings that may change and their values.")
+    p.add_argument("run", type=Path)
+    p.add_argument("assignments", nargs="*", metavar="KEY=VALUE", help="e.g. gen_prior=normal")
+    p.set_defaults(func=cmd_config)
+
+
+def cmd_config(args) -> int:
+    from .checkpoint import CONFIG_FILE, generation_fields, parse_spec, read_run_config, resolve_run_dir, update_config
+
+    run_dir = resolve_run_dir(args.run)
+    if args.assignments:
+        for name, old, new in update_config(run_dir, args.assignments):
+            print(f"{run_dir / CONFIG_FILE}: {name} {old!r} -> {new!r}")
+        return 0
+    spec = parse_spec(read_run_config(run_dir), run_dir / CONFIG_FILE)
+    free = generation_fields(spec.model)
+    if not free:
+        print(f"{run_dir}: a {spec.model}; no setting changes after training")
+    for name in free:
+        print(f"{name}={getattr(spec.model_config, name)!r}")
+    return 0
+
+
 def _add_data(sub) -> None:
     p = sub.add_parser("data", help="fetch and verify datasets")
     data_sub = p.add_subparsers(dest="data_command", required=True, parser_class=OneLineParser)
@@ -321,8 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"vaelab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
-    for add in (_add_train, _add_generate, _add_reconstruct, _add_plot, _add_evaluate, _add_recipe,
-                _add_models, _add_data):
+    for add in (_add_train, _add_generate, _add_reconstruct, _add_plot, _add_evaluate, _add_score, _add_recipe,
+                _add_models, _add_config, _add_data):
         add(sub)
     return parser
 
@@ -349,6 +459,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except OSError as e:  # an output path that cannot be written: a read-only or missing place
         print(f"vaelab: error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        return EXIT_ERROR
+    except MemoryError:  # what the up-front estimates did not foresee
+        print("vaelab: error: out of memory (try a smaller model, batch or -n)", file=sys.stderr)
         return EXIT_ERROR
 
 

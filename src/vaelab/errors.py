@@ -27,3 +27,17 @@ class RunExistsError(VaelabError):
 
 class DivergenceError(VaelabError):
     """Training produced a non-finite loss or gradient."""
+
+
+class WriteError(VaelabError):
+    """An output that could not be written (full disk, read-only place, a folder in the way);
+    the destination keeps its previous content."""
+
+    def __init__(self, path, reason: str, existed: bool = True):
+        self.path, self.reason = path, reason
+        kept = "its previous version is unchanged" if existed else "nothing was written"
+        super().__init__(f"{path}: cannot write ({reason}); {kept}")
+
+
+class RunInUseError(RunExistsError):
+    """A run folder another process is training in (it holds the folder's lock)."""

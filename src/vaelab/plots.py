@@ -1,4 +1,6 @@
-"""Pure plotting functions: tensors or rows in, a PNG out. They never import the trainer."""
+"""Pure plotting functions: tensors or rows in, a PNG out. They never import the trainer.
+
+Every PNG is written through `atomic.atomic_file`: a failed write leaves the previous file."""
 
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+
+from .atomic import atomic_file  # noqa: E402
 
 SPLIT_STYLES = {"train": dict(color="tab:blue"), "test": dict(color="tab:orange"),
                 "val": dict(color="tab:green")}
@@ -47,14 +51,18 @@ def save_image_grid(images, path: str | Path, nrow: int = 10, scale: int = 2) ->
     if scale != 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     path = Path(path)
-    img.save(path)
+    with atomic_file(path) as f:
+        img.save(f, format="PNG")
     return path
 
 
 def save_figure(fig, path: str | Path) -> Path:
     path = Path(path)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        with atomic_file(path) as f:
+            fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     return path
 
 

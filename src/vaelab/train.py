@@ -34,12 +34,16 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from .atomic import atomic_write, exchange, temp_path
 from .config import config_from_dict, config_to_dict, require
 from .data import BINARIZE_CHOICES, Batcher, ImageData, load
-from .errors import ConfigError, DivergenceError, RunExistsError, VaelabError
+from .errors import CheckpointError, ConfigError, DivergenceError, RunExistsError, RunInUseError, VaelabError
 from .fastpath import keep_freed_memory, onednn_linear
 
 PRECISIONS = ("fp32", "bf16")
+# Seeds go to NumPy's legacy generator, which takes 32 bits; counts to torch's int64 indexing.
+MAX_SEED = 2**32 - 1
+MAX_COUNT = 2**31 - 1
 
 
 @dataclass
@@ -63,18 +67,26 @@ class TrainConfig:
     def validate(self) -> None:
         require(self.epochs >= 1, "epochs must be at least 1")
         require(self.batch_size >= 1, "batch size must be at least 1")
-        require(self.lr > 0, "learning rate must be positive")
+        require(max(self.epochs, self.batch_size, self.val_size, self.eval_batch_size, self.log_every) <= MAX_COUNT,
+                f"epochs, batch sizes, val size and log_every must be at most {MAX_COUNT}")
+        require(math.isfinite(self.lr) and self.lr > 0, "learning rate must be positive and finite")
+        require(0 <= self.seed <= MAX_SEED, f"seed must be between 0 and {MAX_SEED}")
         require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
                 f"device must be auto, cpu or cuda, not {self.device!r}")
         require(self.val_size >= 0, "val size must be non-negative")
         require(self.binarize in BINARIZE_CHOICES, f"binarize must be one of {', '.join(BINARIZE_CHOICES)}")
         require(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}")
-        require(self.clip_grad is None or self.clip_grad > 0, "clip-grad must be positive")
+        require(self.clip_grad is None or (math.isfinite(self.clip_grad) and self.clip_grad > 0),
+                "clip-grad must be positive and finite")
         require(self.eval_batch_size >= 1 and self.log_every >= 1, "batch sizes must be positive")
 
 
 class TrainingInterrupted(VaelabError):
     """Ctrl-C or SIGTERM: the state was saved; the message says how to resume."""
+
+    def __init__(self, message: str, signal_name: str = ""):
+        super().__init__(message)
+        self.signal_name = signal_name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,8 +98,14 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda asked for, but no CUDA device is available")
-    return torch.device(name)
+        raise ConfigError(f"--device {name} asked for, but no CUDA device is available")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {name!r}: not a device (auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def physical_cores() -> int:
@@ -255,6 +273,10 @@ class Trainer:
         self.history: list[dict] = []
         self.steps = torch.zeros(0, len(self.term_names) + 2)  # step, epoch, loss, terms...
         self.partial: dict | None = None  # progress inside an interrupted epoch
+        self.stored_config = ckpt.run_config(model, config)  # carried by every checkpoint and weights file
+        # Called after each end-of-epoch save (`train --overwrite` swaps the new run in there).
+        self.after_save: Callable[["Trainer"], None] | None = None
+        self.nothing_saved = "no epoch had completed, so nothing was saved"  # for messages
 
     # --- state --------------------------------------------------------------------------------
 
@@ -281,8 +303,8 @@ class Trainer:
         self.history, self.steps, self.partial = state["history"], state["steps"], state["partial"]
 
     def save(self) -> None:
-        ckpt.save_checkpoint(self.run_dir, self.state_dict())
-        ckpt.save_model(self.run_dir, self.model)
+        ckpt.save_checkpoint(self.run_dir, self.state_dict(), self.stored_config)
+        ckpt.save_model(self.run_dir, self.model, self.stored_config)
         self.write_history_files()
 
     def write_history_files(self) -> None:
@@ -293,13 +315,13 @@ class Trainer:
         writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         writer.writerows(self.history)
-        ckpt.write_run_file(self.run_dir / "history.csv", buf.getvalue().encode())
+        atomic_write(self.run_dir / "history.csv", buf.getvalue().encode())
 
         buf = io.StringIO()
         buf.write(",".join(["step", "epoch", *self.term_names]) + "\n")
         for row in self.steps.tolist():
             buf.write(f"{int(row[0])},{int(row[1])}," + ",".join(f"{v:.6g}" for v in row[2:]) + "\n")
-        ckpt.write_run_file(self.run_dir / "steps.csv", buf.getvalue().encode())
+        atomic_write(self.run_dir / "steps.csv", buf.getvalue().encode())
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -355,7 +377,7 @@ class Trainer:
                 raise TrainingInterrupted(
                     f"{signals['stop']}: saved {self.run_dir} in epoch {epoch} after "
                     f"{i + 1}/{len(self.batches)} batches; continue with "
-                    f"`vaelab train --resume {self.run_dir}`"
+                    f"`vaelab train --resume {self.run_dir}`", signals["stop"]
                 )
         bar.close()
         seconds += time.perf_counter() - start
@@ -363,7 +385,7 @@ class Trainer:
         if signals["stop"] and epoch < self.config.epochs:  # after the last epoch there is nothing to resume
             raise TrainingInterrupted(
                 f"{signals['stop']}: saved {self.run_dir} after epoch {epoch}; continue with "
-                f"`vaelab train --resume {self.run_dir}`"
+                f"`vaelab train --resume {self.run_dir}`", signals["stop"]
             )
 
     def _step_rows(self, epoch: int, rows: list[torch.Tensor]) -> torch.Tensor:
@@ -389,6 +411,8 @@ class Trainer:
         self.epoch = epoch
         self.model.end_of_epoch(self.batches.images)
         self.save()
+        if self.after_save is not None:
+            self.after_save(self)
         if self.progress:
             print(self._summary_line(epoch), file=sys.stderr, flush=True)
 
@@ -405,7 +429,7 @@ class Trainer:
             "steps": torch.cat([old, new_steps]),
         }
         # Steps of the unfinished epoch live only in the checkpoint until the epoch completes.
-        ckpt.save_checkpoint(self.run_dir, self.state_dict())
+        ckpt.save_checkpoint(self.run_dir, self.state_dict(), self.stored_config)
 
     def _check_finite(self, recent: torch.Tensor, epoch: int, first_step: int) -> None:
         bad = ~torch.isfinite(recent)
@@ -430,7 +454,7 @@ class Trainer:
 
     def _diverged(self, epoch: int, step: int, what: str):
         kept = (f"the last good checkpoint (epoch {self.epoch}) is intact in {self.run_dir}" if self.epoch
-                else "no epoch had completed, so nothing was saved")
+                else self.nothing_saved)
         raise DivergenceError(f"training diverged at epoch {epoch}, step {step}: {what}; {kept}. "
                               f"Try a lower --lr or --clip-grad")
 
@@ -451,18 +475,36 @@ class Trainer:
 def prepare_folder(folder: Path, overwrite: bool, is_ours: Callable[[Path], bool], what: str) -> None:
     """Create an empty output folder. A non-empty one needs `overwrite`, and even then is only
     replaced if `is_ours` recognises it (so `--out ~ --overwrite` cannot delete a home folder,
-    nor a folder that merely holds a file called config.json)."""
+    nor a folder that merely holds a file called config.json), and no process trains in it."""
+    folder = Path(folder)
+    check_target(folder, overwrite, is_ours, what)
+    if folder.is_dir() and any(folder.iterdir()):
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+
+
+def check_target(folder: Path, overwrite: bool, is_ours: Callable[[Path], bool], what: str) -> bool:
+    """The checks of `prepare_folder`, touching nothing; True if `folder` holds something that
+    `overwrite` would replace."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise RunExistsError(f"{folder} exists and is not a folder")
-    if folder.is_dir() and any(folder.iterdir()):
-        if not overwrite:
-            raise RunExistsError(f"{folder} already exists and is not empty (use --overwrite to replace it"
-                                 f"{', or --resume to continue it' if what == 'run' else ''})")
-        if not is_ours(folder):
-            raise RunExistsError(f"{folder} is not a vaelab {what} folder; refusing to overwrite it")
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        occupied = folder.is_dir() and any(folder.iterdir())
+    except OSError as e:
+        raise RunExistsError(f"{folder}: cannot list ({e.strerror or e})") from None
+    if not occupied:
+        return False
+    for inner in (folder, *(p for p in folder.iterdir() if p.is_dir() and not p.is_symlink())):
+        holder = ckpt.lock_holder(inner)
+        if holder is not None:
+            raise RunInUseError(ckpt.in_use_message(inner, holder))
+    if not overwrite:
+        raise RunExistsError(f"{folder} already exists and is not empty (use --overwrite to replace it"
+                             f"{', or --resume to continue it' if what == 'run' else ''})")
+    if not is_ours(folder):
+        raise RunExistsError(f"{folder} is not a vaelab {what} folder; refusing to overwrite it")
+    return True
 
 
 def is_run_folder(folder: Path) -> bool:
@@ -474,70 +516,185 @@ def is_run_folder(folder: Path) -> bool:
     return True
 
 
-def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
-    prepare_folder(run_dir, overwrite, is_run_folder, "run")
-    (Path(run_dir) / "figures").mkdir(exist_ok=True)
-
-
 def load_training_data(config: TrainConfig, quiet: bool = False) -> ImageData:
     return load(config.dataset, val_size=config.val_size,
                 binarize="static" if config.binarize == "static" else "none",
                 seed=config.seed, quiet=quiet)
 
 
+class NewRun:
+    """Where a new run trains. In place when the folder is new (or empty): it is resumable from
+    the moment it exists, its config.json written first. With `--overwrite` of an existing run,
+    in a hidden sibling folder, swapped in for the old run once the new one's first epoch is
+    saved; until then the old run is untouched and loadable, and a failure removes the sibling.
+    Both folders are locked meanwhile, so nothing else trains in (or overwrites) either."""
+
+    def __init__(self, run_dir: Path, overwrite: bool):
+        self.run_dir = Path(run_dir)
+        self.replacing = check_target(self.run_dir, overwrite, is_run_folder, "run")
+        self.created = not self.run_dir.exists()
+        self.locks: list[ckpt.RunLock] = []
+        self.workdir = self.run_dir
+        self.owned = False  # whether this process holds the lock of the folder it trains in
+
+    def open(self, model, config: TrainConfig) -> Path:
+        """Create the folder the run trains in, lock it, write config.json; returns it."""
+        try:
+            if self.replacing:
+                self.locks.append(ckpt.RunLock(self.run_dir).acquire())
+                ckpt.clean_run_folder(self.run_dir)
+                self.workdir = temp_path(self.run_dir, ".new")
+                self.workdir.mkdir()
+            else:
+                # A folder that appeared since the checks is someone else's: mkdir refuses it.
+                self.run_dir.mkdir(parents=True, exist_ok=not self.created)
+            self.locks.append(ckpt.RunLock(self.workdir).acquire())
+            self.owned = True
+            if not self.replacing:
+                ckpt.clean_run_folder(self.run_dir)
+            (self.workdir / "figures").mkdir(exist_ok=True)
+        except OSError as e:
+            self.close(failed=True)
+            raise CheckpointError(f"{e.filename or self.run_dir}: cannot create ({e.strerror or e})") from None
+        except VaelabError:
+            self.close(failed=True)
+            raise
+        ckpt.write_run_config(self.workdir, model, config)
+        return self.workdir
+
+    def swap_in(self, trainer: "Trainer") -> None:
+        """After the new run's first saved epoch: the new folder takes the run's name in one
+        atomic step, and the old run (now under the hidden name) is removed."""
+        trainer.after_save = None
+        try:
+            exchange(self.run_dir, self.workdir)
+        except OSError as e:
+            raise CheckpointError(f"{self.run_dir}: cannot replace it with the new run in {self.workdir} "
+                                  f"({e.strerror or e}); the previous run is unchanged") from None
+        old, self.workdir = self.workdir, self.run_dir
+        self.locks.pop(0).release()  # the old run's lock, which moved with it
+        shutil.rmtree(old, ignore_errors=True)
+        trainer.run_dir = self.run_dir
+        self.replacing = False
+
+    def close(self, failed: bool) -> None:
+        """Release the locks; after a failure before anything was saved, remove what this run
+        created (the sibling of an --overwrite, or a folder that did not exist before)."""
+        if failed and self.owned:
+            nothing_saved = not (self.workdir / ckpt.CHECKPOINT_FILE).exists()
+            if self.replacing and self.workdir != self.run_dir:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+            elif self.created and nothing_saved and self.run_dir.is_dir():
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+        for lock in self.locks:
+            lock.release()
+        self.locks = []
+
+
+def check_model_fits(model, config: TrainConfig, device: torch.device) -> None:
+    """Refuse a model whose training state cannot fit in memory (`model` built on the meta device)."""
+    from .memory import device_memory, parameter_count, require_memory
+
+    n = parameter_count(model)
+    require_memory(16 * n, f"training a {model.name} of {n:,} parameters (weights, gradients, Adam's moments)",
+                   available=device_memory(device))
+
+
 def train(model_name: str, model_config, config: TrainConfig, run_dir: str | Path,
           overwrite: bool = False, progress: bool = True, data: ImageData | None = None):
     """Train a new model into `run_dir`; returns the Trainer (its model and history)."""
+    from .memory import meta_model
     from .models import build_model
 
     run_dir = Path(run_dir)
     config.validate()
-    resolve_device(config.device)
+    device = resolve_device(config.device)
+    check_model_fits(meta_model(model_name, model_config), config, device)
+    # Everything that can fail on a bad option happens before a folder is touched, so a mistake
+    # never leaves a half-made folder, nor deletes the run --overwrite would replace.
+    target = NewRun(run_dir, overwrite)
     if data is None:
         data = load_training_data(config, quiet=not progress)
-    # Everything that can fail on a bad option happens before the folder is touched, so a
-    # mistake never leaves a half-made folder, nor deletes the run --overwrite would replace.
     seed_everything(config.seed)
     model = build_model(model_name, model_config)
-    prepare_run_dir(run_dir, overwrite)
-    ckpt.write_run_config(run_dir, model, config)
-    trainer = Trainer(run_dir, model, data, config, progress=progress)
-    trainer.fit()
+    workdir = target.open(model, config)
+    try:
+        trainer = Trainer(workdir, model, data, config, progress=progress)
+        if target.replacing:
+            trainer.after_save = target.swap_in
+            trainer.nothing_saved = f"no epoch had completed, so {run_dir} still holds the previous run"
+        elif target.created:
+            trainer.nothing_saved = f"no epoch had completed, so nothing was saved ({run_dir} was removed)"
+        trainer.fit()
+    except TrainingInterrupted as e:
+        if target.replacing:
+            target.close(failed=True)
+            raise TrainingInterrupted(f"{e.signal_name}: stopped before the new run's first epoch was saved; "
+                                      f"{run_dir} still holds the previous run", e.signal_name) from None
+        target.close(failed=False)  # the interrupted run was saved: resumable
+        raise
+    except BaseException:
+        target.close(failed=True)
+        raise
+    target.close(failed=False)
     return trainer
 
 
 def resume(run_dir: str | Path, epochs: int | None = None, device: str | None = None,
            progress: bool = True, data: ImageData | None = None):
     """Continue a run from its last checkpoint with its stored configuration (`epochs` may
-    extend it)."""
+    extend it). A run killed before its first checkpoint starts from step 0 with the config in
+    its config.json, exactly as it would have trained."""
     run_dir = Path(run_dir)
-    cfg = ckpt.read_run_config(run_dir)
-    model, config = ckpt.build_from_config(cfg, run_dir / ckpt.CONFIG_FILE)
-    state = ckpt.load_checkpoint(run_dir)
+    ckpt.read_run_config(run_dir)  # a folder that is not a run gets no lock file
+    with ckpt.RunLock(run_dir):
+        ckpt.clean_run_folder(run_dir)
+        return _resume_locked(run_dir, epochs, device, progress, data)
+
+
+def _resume_locked(run_dir: Path, epochs: int | None, device: str | None, progress: bool,
+                   data: ImageData | None):
+    config_path = run_dir / ckpt.CONFIG_FILE
+    spec = ckpt.parse_spec(ckpt.read_run_config(run_dir), config_path)
+    fresh = not any((run_dir / name).exists() for name in (ckpt.CHECKPOINT_FILE, ckpt.MODEL_FILE, "history.csv"))
+    state, meta = None, {}
+    if not fresh:
+        state, meta = ckpt.load_checkpoint(run_dir, with_meta=True)
+        ckpt.check_unchanged(spec, meta, config_path, run_dir / ckpt.CHECKPOINT_FILE)
+    done = state["epoch"] if state else 0
     changes = {}
     if epochs is not None:
-        if epochs < state["epoch"] or (epochs == state["epoch"] and not state.get("partial")):
-            raise ConfigError(f"--epochs {epochs}: the run already has {state['epoch']} epochs")
+        if epochs < done or (epochs == done and not (state or {}).get("partial")):
+            raise ConfigError(f"--epochs {epochs}: the run already has {done} epochs")
         changes["epochs"] = epochs
     if device is not None:
         changes["device"] = device
+    config = spec.train
     if changes:
         config = config_from_dict(TrainConfig, {**config_to_dict(config), **changes}, where="train")
-        ckpt.write_run_config(run_dir, model, config)
+    # Options, device, model size and data are all resolved before anything is written.
+    torch_device = resolve_device(config.device)
     if data is None:
         data = load_training_data(config, quiet=not progress)
+    if fresh:
+        seed_everything(config.seed)  # as `train` does right before building the model
+    model = ckpt.build_spec(spec, config_path, training=True, device=torch_device)
     trainer = Trainer(run_dir, model, data, config, progress=progress)
-    try:
-        trainer.load_state_dict(state)
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise ckpt.CheckpointError(f"{run_dir / ckpt.CHECKPOINT_FILE}: inconsistent training state ({e})") from None
-    for stale in run_dir.glob(".*.tmp"):  # temp files of a save that a kill cut short
-        stale.unlink(missing_ok=True)
-    if not trainer.partial:
-        # A kill between the checkpoint's rename and theirs leaves these an epoch behind it.
-        ckpt.save_model(run_dir, trainer.model)
+    if state is not None:
+        try:
+            trainer.load_state_dict(state)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{run_dir / ckpt.CHECKPOINT_FILE}: inconsistent training state ({e})") from None
+    # Started: only now is anything written.
+    if changes:
+        ckpt.write_run_config(run_dir, model, config)
+    if state is not None and not trainer.partial:
+        # A kill between the checkpoint's rename and theirs leaves these an epoch behind it;
+        # otherwise this rewrites the same bytes.
+        ckpt.save_model(run_dir, trainer.model, meta.get("config"))
         trainer.write_history_files()
     if trainer.epoch >= config.epochs and not trainer.partial:
-        raise ConfigError(f"{run_dir} already finished its {config.epochs} epochs; pass --epochs N to extend it")
+        raise ConfigError(f"{run_dir} already finished its {config.epochs} epochs (its weights and history files "
+                          f"now match its checkpoint); pass --epochs N to extend it")
     trainer.fit()
     return trainer
