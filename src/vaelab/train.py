@@ -127,10 +127,26 @@ def configure_runtime() -> None:
     keep_freed_memory()  # see fastpath.py: freed tensors would page-fault back in every step
     # Denormals appear in the tails of trained weights and slow CPU matmuls by orders of magnitude.
     torch.set_flush_denormal(True)
-    # SMT siblings share one core's vector units: a second thread on them only adds barrier waits.
     # An explicit OMP_NUM_THREADS is the user's choice and wins.
     if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(physical_cores())
+        torch.set_num_threads(idle_cores())
+
+
+def idle_cores() -> int:
+    """Threads worth running: the physical cores (SMT siblings share one core's vector units, so a
+    second thread on them only adds barrier waits) less those other processes keep busy.
+
+    Every OpenMP region ends in a barrier: one thread descheduled by a busy neighbour stalls all
+    the others (on this 2-core machine with one core busy, `make demo`'s epochs took 54-120 s with two
+    threads; the whole 12-epoch demo took 4 minutes with one). The 1-minute load average, taken before this process adds to it,
+    counts the neighbours.
+    """
+    cores = physical_cores()
+    try:
+        busy = os.getloadavg()[0]
+    except (OSError, AttributeError):  # not available on this platform
+        return cores
+    return max(1, min(cores, cores - int(busy + 0.5)))
 
 
 def wants_channels_last(model: torch.nn.Module) -> bool:
