@@ -43,6 +43,6 @@ def test_quick_recipe_end_to_end_writes_a_filled_report(tmp_path, monkeypatch):
     assert not re.search(r"\bnan\b", text, flags=re.IGNORECASE)
     m = result.steps[0].metrics
     assert m["classifier"]["test_accuracy"] > 0.97
-    assert m["sample_quality"]["real_train"]["frechet_distance"] < m["sample_quality"]["samples"]["frechet_distance"]
+    assert m["sample_quality"]["real_train"]["fd"] < m["sample_quality"]["samples"]["fd"]
     assert m["iwae"]["nll"] < m["elbo"]["neg_elbo"]
     assert (tmp_path / "out" / "vae-2d" / "model.safetensors").is_file()
