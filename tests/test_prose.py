@@ -218,7 +218,8 @@ def test_captions_use_the_models_latent_size():
     what, look = figure_caption("reconstructions", latent_dim=16, variational=True, recon_mse=0.0123)
     assert "16-D" in look and "2-D" not in what + look and "0.0123" in what
     assert "not the details" in figure_caption("reconstructions", latent_dim=2, variational=True)[1]
-    assert "16-D codes projected" in figure_caption("latent_scatter", latent_dim=16, variational=True)[0]
+    assert "images, 16-D, projected" in figure_caption("latent_scatter", latent_dim=16, variational=True)[0]
+    assert "test images, coloured" in figure_caption("latent_scatter", latent_dim=2, variational=False)[0]
     assert figure_caption("manifold", latent_dim=16, variational=True) is None
     assert figure_caption("manifold", latent_dim=2, variational=True) is not None
 
@@ -243,3 +244,16 @@ def test_leaders_follow_the_numbers():
     swapped = prose.leaders((FD,), {"A": BAD, "B": GOOD})
     assert swapped == "Per metric, the leader: lowest Fréchet distance: B (50.0), clearly ahead of A (150.0)."
     assert prose.leaders((FD,), {"A": GOOD}) is None
+
+
+def test_comment_on_samples_says_whether_the_figure_is_a_typical_draw():
+    names = [str(i) for i in range(10)]
+    typical = prose.comment_on_samples([10] * 10, [5] * 10, names,
+                                       population={"confident_share": 0.48, "confident_share_se": 0.011, "n": 2000})
+    assert "the share is 48%, so these 100 are typical of the model" in typical
+    better = prose.comment_on_samples([10] * 10, [5] * 10, names,
+                                      population={"confident_share": 0.30, "confident_share_se": 0.01, "n": 2000})
+    assert "a better draw than the model's average" in better
+    worse = prose.comment_on_samples([10] * 10, [2] * 10, names,
+                                     population={"confident_share": 0.45, "confident_share_se": 0.01, "n": 2000})
+    assert "a worse draw" in worse

@@ -351,9 +351,9 @@ def figure_caption(key: str, *, latent_dim: int, variational: bool, prior: str =
             look = (f"where the codes lie against where the generator draws from ({prior}): "
                     f"regions it draws from that no code occupies decode to images the decoder "
                     f"never learned.")
-        where = (f"of {d}-D codes projected onto their first two principal axes" if d > 2 else
-                 "on the 1-D axis (the vertical axis is jitter)" if d == 1 else "")
-        what = f"{codes} of 5000 random test images {where}, coloured by their true class.".replace("  ", " ")
+        where = (f", {d}-D, projected onto their first two principal axes" if d > 2 else
+                 ", on the 1-D axis (the vertical axis is jitter)" if d == 1 else "")
+        what = f"{codes} of 5000 random test images{where}, coloured by their true class."
         return what, "clusters per class; how much classes overlap; " + look
     if key == "manifold":
         if d != 2:
@@ -556,12 +556,14 @@ def answer_vaegan_variant(v: Verdict, accuracies: tuple[float | None, float | No
 
 def comment_on_samples(predicted: Sequence[int], confident: Sequence[int], class_names: Sequence[str],
                        class_shares: Sequence[float] | None = None, threshold: float = 0.9,
-                       item: str = "digit") -> str:
+                       item: str = "digit", population: Mapping | None = None) -> str:
     """A comment on n generated images from their classification by the domain classifier.
 
     predicted[c]: samples whose most probable class is c; confident[c]: of those, how many have
     that probability > threshold. class_shares: the classes' shares of the training set (the
-    shares a perfect generator would reproduce); uniform when None.
+    shares a perfect generator would reproduce); uniform when None. population: the sample-
+    quality figures of a larger draw (confident_share, its se, n), to say whether these n are
+    typical of it.
     """
     n = sum(predicted)
     k = sum(confident)
@@ -572,6 +574,20 @@ def comment_on_samples(predicted: Sequence[int], confident: Sequence[int], class
     parts = [f"Of the {n} generated images above, the domain classifier recognizes {k} ({k / n:.0%}) as a "
              f"{item} with confidence > {threshold:g}; the other {n - k} are unrecognisable by that "
              f"standard (highest class probability ≤ {threshold:g})."]
+    share, big_n = number(population, "confident_share"), number(population, "n")
+    if share is not None and big_n is not None and big_n > n:
+        mine = k / n
+        se = combined_se(math.sqrt(mine * (1 - mine) / n), number(population, "confident_share_se"))
+        if se is None:  # the larger draw's own error is small beside these n samples'
+            se = math.sqrt(share * (1 - share) / n)
+        band = f"{CLEAR_SES:g} standard errors, {CLEAR_SES * se * 100:.0f} percentage points"
+        if abs(mine - share) <= CLEAR_SES * se:
+            typical = f"typical of the model (the difference is within {band})"
+        else:
+            typical = (f"{'a better' if mine > share else 'a worse'} draw than the model's average "
+                       f"(the difference exceeds {band})")
+        parts.append(f"Over the metrics' {big_n:.0f} samples the share is {share:.0%}, so these {n} are "
+                     f"{typical}.")
     parts.append("Confidently recognized, per " + item + ": "
                  + ", ".join(f"{name}: {c}" for name, c in zip(class_names, confident)) + ".")
     # If the generator drew each class as often as the data has it, a class's confident count

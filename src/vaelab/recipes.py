@@ -32,6 +32,7 @@ from .errors import ConfigError, VaelabError
 from .evaluate import EvalSettings, evaluate_run, generate, summary_rows
 from .figures import random_test_images, read_history, write_run_figures
 from .losses import mse
+from .metrics import CONFIDENT, KID_SUBSET_SIZE, classify, load_or_train_classifier
 from .models import MODELS, make_config
 from .prose import (RECON_MSE, SAMPLE_METRICS, answer_basic_vaegan, answer_naive_vs_normalized,
                     answer_vae_quality, answer_vaegan_variant, comment_on_samples, comparison_details,
@@ -39,11 +40,6 @@ from .prose import (RECON_MSE, SAMPLE_METRICS, answer_basic_vaegan, answer_naive
                     verdict, verdict_sentence, with_uncertainty)
 from .report import Report
 from .train import TrainConfig, is_run_folder, prepare_folder, train
-
-try:  # the classifier and its threshold are moving to vaelab.metrics
-    from .metrics import CONFIDENT, classify, load_or_train_classifier
-except ImportError:
-    from .evaluate import CONFIDENT, classify, load_or_train_classifier
 
 RECIPE_FILE = "recipe.json"
 
@@ -201,8 +197,8 @@ def _comparison_table(result: RecipeResult, report: Report) -> None:
                          "domain classifier; reconstructions and likelihoods on the test set. "
                          "± : the standard error for precision, recall and confident share; the "
                          "bootstrap standard deviation for FD; the standard deviation over "
-                         "1000-image subsets for KID (larger than the standard error of their "
-                         "mean, so a cautious yardstick).")
+                         f"{KID_SUBSET_SIZE}-image subsets for KID (larger than the standard error "
+                         "of their mean, so a cautious yardstick).")
     lead = leaders(SAMPLE_METRICS, {short_name(r): samples_quality(r.metrics) for r in result.steps})
     if lead:
         report.paragraph(lead)
@@ -331,7 +327,8 @@ def _lstm_discussion(result: RecipeResult, report: Report) -> None:
         shares = (torch.bincount(data.train_y, minlength=len(data.classes)).double() / len(data.train_y)).tolist()
         r.notes.setdefault("samples", []).append(
             "Comment on the performance: " + comment_on_samples(
-                predicted, confident, list(data.classes), shares, CONFIDENT, ITEMS.get(data.name, "image")))
+                predicted, confident, list(data.classes), shares, CONFIDENT, ITEMS.get(data.name, "image"),
+                population=samples_quality(r.metrics)))
 
 
 VAE_2D = Step("vae-2d", "MLP VAE 784-512-2", "vae", "mnist", (12, 50),
