@@ -26,15 +26,24 @@ BAD = quality(fd=150.0, kid=0.09, precision=0.4, recall=0.3, confident=0.5)
 def test_lower_is_better_metric_names_the_lower_model_and_swaps_with_the_numbers():
     c = compare(FD, "A", GOOD, "B", BAD)
     assert c.better == "A" and c.status == "clear"
-    assert "A clearly better" in c.sentence() and "lower by 100.0" in c.sentence()
+    assert "A clearly better" in c.sentence() and "lower by 100," in c.sentence()
     swapped = compare(FD, "A", BAD, "B", GOOD)
     assert swapped.better == "B" and "B clearly better" in swapped.sentence()
 
 
 def test_higher_is_better_metric_and_shares_in_percentage_points():
     c = compare(PRECISION, "A", GOOD, "B", BAD)
-    assert c.better == "A" and "higher by 30.0 percentage points" in c.sentence()
+    assert c.better == "A" and "higher by 0.300" in c.sentence()
     assert compare(PRECISION, "A", BAD, "B", GOOD).better == "B"
+    c = compare(CONFIDENT, "A", GOOD, "B", BAD)
+    assert "A 80.0%, B 50.0%" in c.sentence() and "higher by 30.0 percentage points" in c.sentence()
+
+
+def test_numbers_keep_three_significant_digits_whatever_the_scale():
+    assert prose.significant(0.5704, 3) == "0.570" and prose.significant(191.04, 3) == "191"
+    assert prose.significant(0.04981, 3) == "0.0498" and prose.significant(0.0, 3) == "0"
+    c = compare(FD, "A", quality(fd=0.57, fd_std=0.01), "B", quality(fd=0.41, fd_std=0.01))
+    assert "A 0.570, B 0.410" in c.sentence() and "lower by 0.16" in c.sentence()
 
 
 def test_clear_only_beyond_two_combined_standard_errors():
@@ -231,8 +240,10 @@ def test_latent_size_note_only_where_sizes_differ():
 
 
 def test_with_uncertainty_formats():
-    assert prose.with_uncertainty(PRECISION, GOOD) == "70.0% ± 1.0%"
-    assert prose.with_uncertainty(FD, {"fd": 103.46}) == "103.5"
+    assert prose.with_uncertainty(PRECISION, GOOD) == "0.700 ± 0.010"
+    assert prose.with_uncertainty(CONFIDENT, GOOD) == "80.0% ± 1.0%"
+    assert prose.with_uncertainty(FD, {"fd": 103.46}) == "103"
+    assert prose.with_uncertainty(FD, {"fd": 0.5704, "fd_std": 0.0123}) == "0.570 ± 0.012"
     assert prose.with_uncertainty(FD, {}) == "—"
 
 
@@ -240,9 +251,9 @@ def test_leaders_follow_the_numbers():
     values = {"A": GOOD, "B": BAD, "C": quality(fd=51.0, kid=0.09, precision=0.45, recall=0.3, confident=0.5)}
     text = prose.leaders((FD, PRECISION), values)
     assert "lowest Fréchet distance: A (50.0), not clearly ahead of C" in text
-    assert "highest precision: A (70.0%), clearly ahead of C (45.0%)" in text
+    assert "highest precision: A (0.700), clearly ahead of C (0.450)" in text
     swapped = prose.leaders((FD,), {"A": BAD, "B": GOOD})
-    assert swapped == "Per metric, the leader: lowest Fréchet distance: B (50.0), clearly ahead of A (150.0)."
+    assert swapped == "Per metric, the leader: lowest Fréchet distance: B (50.0), clearly ahead of A (150)."
     assert prose.leaders((FD,), {"A": GOOD}) is None
 
 

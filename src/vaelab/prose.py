@@ -37,28 +37,49 @@ class Metric:
     label: str
     lower_is_better: bool
     se_key: str | None = None  # the key of its standard error (or std) in the same mapping
-    share: bool = False  # a fraction, written as a percentage
-    digits: int = 1
+    # How values are written: "pct" a fraction as a percentage (differences in percentage
+    # points), "fixed" with `digits` decimals, "sig" with `digits` significant digits (for
+    # metrics whose scale depends on the feature space, such as FD and KID).
+    style: str = "fixed"
+    digits: int = 3
 
     @property
     def arrow(self) -> str:
         return "↓" if self.lower_is_better else "↑"
 
+    @property
+    def share(self) -> bool:
+        return self.style == "pct"
+
     def fmt(self, value: float) -> str:
-        return f"{value:.{self.digits}%}" if self.share else f"{value:.{self.digits}f}"
+        if self.style == "pct":
+            return f"{value:.{self.digits}%}"
+        if self.style == "sig":
+            return significant(value, self.digits)
+        return f"{value:.{self.digits}f}"
 
     def fmt_diff(self, diff: float) -> str:
-        """An absolute difference: percentage points for shares."""
-        if self.share:
+        """An absolute difference (or an uncertainty): percentage points for shares."""
+        if self.style == "pct":
             return f"{abs(diff) * 100:.{self.digits}f} percentage points"
+        if self.style == "sig":
+            return significant(abs(diff), 2)
         return f"{abs(diff):.{self.digits}f}"
 
 
-FD = Metric("fd", "Fréchet distance", True, "fd_std", digits=1)
-KID = Metric("kid", "KID", True, "kid_std", digits=4)
-PRECISION = Metric("precision", "precision", False, "precision_se", share=True)
-RECALL = Metric("recall", "recall", False, "recall_se", share=True)
-CONFIDENT = Metric("confident_share", "confident share", False, "confident_share_se", share=True)
+def significant(value: float, digits: int) -> str:
+    """`value` with `digits` significant digits, never in exponent notation: 0.0498, 191, 0.570."""
+    if value == 0 or not math.isfinite(value):
+        return f"{value:g}"
+    decimals = max(0, digits - 1 - math.floor(math.log10(abs(value))))
+    return f"{value:.{decimals}f}"
+
+
+FD = Metric("fd", "Fréchet distance", True, "fd_std", style="sig")
+KID = Metric("kid", "KID", True, "kid_std", style="sig")
+PRECISION = Metric("precision", "precision", False, "precision_se")
+RECALL = Metric("recall", "recall", False, "recall_se")
+CONFIDENT = Metric("confident_share", "confident share", False, "confident_share_se", style="pct", digits=1)
 SAMPLE_METRICS = (FD, KID, PRECISION, RECALL, CONFIDENT)
 RECON_MSE = Metric("recon_mse", "reconstruction MSE", True, "recon_mse_se", digits=4)
 
@@ -83,7 +104,9 @@ def with_uncertainty(metric: Metric, values: Mapping | None) -> str:
     if v is None:
         return "—"
     se = number(values, metric.se_key)
-    return metric.fmt(v) if se is None else f"{metric.fmt(v)} ± {metric.fmt(se)}"
+    if se is None:
+        return metric.fmt(v)
+    return f"{metric.fmt(v)} ± {significant(se, 2) if metric.style == 'sig' else metric.fmt(se)}"
 
 
 def join(items: Sequence[str], word: str = "and") -> str:
