@@ -1,7 +1,7 @@
 """Test-only entry point: `vaelab` on a synthetic "mnist", with optional pause points.
 
     python tests/_synthetic_cli.py --data DIR [--pause-at-step K] [--pause-before-replace NAME:N]
-                                   [--marker FILE] [--no-figures] -- <vaelab arguments>
+                                   [--marker FILE] [--no-figures] [--cache DIR] -- <vaelab arguments>
 
 The four IDX files in DIR (written on first use) become "mnist": the spec's checksums are set to
 theirs in this process only, the same way the `synthetic_mnist` fixture does in-process, so the
@@ -14,6 +14,8 @@ during the wait, and SIGKILL ends the process there.
   --pause-at-step K            after the K-th optimizer step of this process
   --pause-before-replace N:I   just before the I-th rename of a temp file onto a file named N
                                (the temp file is complete, the rename has not happened)
+--cache DIR makes DIR the cache vaelab sees (VAELAB_DATA holds the synthetic files already), so
+that `data fetch` has something to do.
 """
 
 from __future__ import annotations
@@ -103,8 +105,11 @@ def run(argv: list[str]) -> int:
     p.add_argument("--pause-before-replace")
     p.add_argument("--marker", type=Path)
     p.add_argument("--no-figures", action="store_true")
+    p.add_argument("--cache", type=Path)
     opts = p.parse_args(argv[:split])
     use_synthetic_mnist(opts.data, opts.n_train, opts.n_test)
+    if opts.cache:
+        os.environ["VAELAB_DATA"] = str(opts.cache)
     if opts.pause_at_step:
         pause_at_step(opts.pause_at_step, opts.marker)
     if opts.pause_before_replace:

@@ -161,11 +161,24 @@ def sigkill_inside_saves(workspace, model):
     ]
 
 
+def sigkill_before_first_checkpoint(workspace, model):
+    """Killed in epoch 1, before any checkpoint: the folder holds its config.json; --resume
+    trains from step 0 with it."""
+    run = workspace[0] / f"sigkill-early-{model}"
+    marker = run.parent / f"{run.name}.marker"
+    proc = cli(workspace, *train_args(model, run), pause=["--pause-at-step", "7"], marker=marker)
+    signal_at(proc, marker, signal.SIGKILL)
+    code, _, err = finish(proc)
+    left = sorted(p.name for p in run.iterdir())
+    return run, [(code, left), run_stage(workspace, run, resume_args(run))]
+
+
 @pytest.fixture(scope="module")
 def outcomes(workspace):
     jobs = {(f.__name__, m): (f, m) for m in RESUME_MODELS if m in MODELS
             for f in (straight, sigkill_mid_epoch, sigint_then_sigterm)}
     jobs[("sigkill_inside_saves", "vae")] = (sigkill_inside_saves, "vae")
+    jobs[("sigkill_before_first_checkpoint", "vae")] = (sigkill_before_first_checkpoint, "vae")
     with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
         futures = {key: pool.submit(f, workspace, m) for key, (f, m) in jobs.items()}
         return {key: fut.result() for key, fut in futures.items()}
@@ -233,3 +246,12 @@ def test_sigkill_inside_saves_keeps_the_last_checkpoint_and_resumes_exactly(outc
     assert repaired.code == 2 and "already finished" in repaired.err, repaired.err
     assert_identical_runs(run, outcomes["straight", "vae"][0])
     assert not list(run.glob(".*.tmp")), "resume removes the temp files of killed saves"
+
+
+@pytest.mark.skipif("vae" not in MODELS, reason="needs the MLP VAE")
+def test_sigkill_before_the_first_checkpoint_then_resume_is_bit_identical(outcomes):
+    run, ((code, left), resumed) = outcomes["sigkill_before_first_checkpoint", "vae"]
+    assert code == -signal.SIGKILL
+    assert left == [".lock", "config.json", "figures"]  # no checkpoint yet, but a resumable run
+    assert resumed.code == 0, resumed.err
+    assert_identical_runs(run, outcomes["straight", "vae"][0])

@@ -60,8 +60,9 @@ RESUMABLE_TRAIN_FIELDS = ("epochs", "device")
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """JSON written atomically; NaN and infinities are refused (vaelab never reads them back)."""
-    atomic_write(path, (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode())
+    """JSON written atomically (a metric that could not be computed may be NaN: see
+    `reading.read_json(..., finite=False)` to read such a file back)."""
+    atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 # `reading.read_json`: a bounded, depth-checked JSON object (a CheckpointError naming the file

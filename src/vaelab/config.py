@@ -73,6 +73,8 @@ def check_type(value: Any, hint: Any, where: str) -> Any:
     """Return `value` (ints widened to float, lists to tuples where asked) or raise ConfigError."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: {value} is not a finite number")
     if hint is Any:
         return value
     if origin in (Union, types.UnionType):

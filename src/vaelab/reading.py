@@ -70,10 +70,11 @@ def _refuse_constant(name: str):
 
 
 def parse_json(text: str | bytes, where: str, error: type[VaelabError] = CheckpointError,
-               max_depth: int = MAX_JSON_DEPTH) -> Any:
-    """JSON text -> Python values, with NaN/Infinity and nesting deeper than `max_depth` refused."""
+               max_depth: int = MAX_JSON_DEPTH, finite: bool = True) -> Any:
+    """JSON text -> Python values, with nesting deeper than `max_depth` refused, and NaN and
+    infinities too unless `finite` is False (metrics files may hold a NaN standard error)."""
     try:
-        value = json.loads(text, parse_constant=_refuse_constant)
+        value = json.loads(text, **({"parse_constant": _refuse_constant} if finite else {}))
     except RecursionError:
         raise error(f"{where}: nested deeper than {max_depth} levels") from None
     except UnicodeDecodeError:
@@ -87,7 +88,7 @@ def parse_json(text: str | bytes, where: str, error: type[VaelabError] = Checkpo
         v, depth = stack.pop()
         if depth > max_depth:
             raise error(f"{where}: nested deeper than {max_depth} levels")
-        if isinstance(v, float) and not math.isfinite(v):
+        if finite and isinstance(v, float) and not math.isfinite(v):
             raise error(f"{where}: non-finite number {v}")
         if isinstance(v, dict):
             stack.extend((x, depth + 1) for x in v.values())
@@ -97,10 +98,10 @@ def parse_json(text: str | bytes, where: str, error: type[VaelabError] = Checkpo
 
 
 def read_json(path: str | Path, max_bytes: int = MAX_JSON_BYTES, error: type[VaelabError] = CheckpointError,
-              expect: type | None = dict) -> Any:
+              expect: type | None = dict, finite: bool = True) -> Any:
     """A JSON file, bounded and checked as `parse_json`; the top level must be `expect` (a dict
     by default; None accepts any value)."""
-    value = parse_json(read_bytes(path, max_bytes, "JSON file", error), str(path), error)
+    value = parse_json(read_bytes(path, max_bytes, "JSON file", error), str(path), error, finite=finite)
     if expect is not None and not isinstance(value, expect):
         raise error(f"{path}: expected a JSON {_json_name(expect)}, got {_json_name(type(value))}")
     return value
