@@ -100,7 +100,28 @@ def test_verdict_says_when_metrics_disagree_instead_of_picking_one():
 def test_precision_recall_tradeoff_is_read_as_a_difference_in_kind():
     v = verdict((PRECISION, RECALL), "A", quality(precision=0.8, recall=0.2), "B", quality(precision=0.3, recall=0.7))
     s = verdict_sentence(v)
-    assert "A's samples more often look like real images" in s and "B's cover more" in s
+    assert "More of A's samples fall among real images' features (precision)" in s
+    assert "A is the more faithful, B the more varied" in s
+
+
+def test_disagreement_says_which_side_more_metrics_favour():
+    a = quality(fd=50.0, kid=0.02, precision=0.7, recall=0.2, confident=0.8)
+    b = quality(fd=150.0, kid=0.09, precision=0.4, recall=0.5, confident=0.5)
+    v = verdict(SAMPLE_METRICS, "A", a, "B", b)
+    assert v.outcome == "disagree" and v.lean == "a"
+    assert "On balance A: 4 of 5 metrics." in verdict_sentence(v)
+    w = verdict(SAMPLE_METRICS, "A", b, "B", a)
+    assert w.lean == "b" and "On balance B: 4 of 5 metrics." in verdict_sentence(w)
+
+
+def test_distance_metrics_against_the_classifiers_confidence_get_a_caveat():
+    """A failing generator's noise can sit close to real features yet be unrecognizable."""
+    noise = quality(fd=0.5, kid=0.03, precision=0.5, recall=0.0, confident=0.03, fd_std=0.01)
+    vae = quality(fd=1.8, kid=0.16, precision=0.03, recall=0.03, confident=0.32, fd_std=0.02)
+    s = verdict_sentence(verdict(SAMPLE_METRICS, "GAN", noise, "VAE", vae))
+    assert "Yet the classifier recognizes fewer of GAN's samples with confidence (3% against 32%)" in s
+    assert "before trusting Fréchet distance, KID and precision" in s
+    assert prose.recognisability_caveat(verdict(SAMPLE_METRICS, "A", GOOD, "B", BAD)) is None
 
 
 def test_verdict_names_missing_metrics_and_handles_nothing_to_compare():
@@ -152,6 +173,21 @@ def test_vae_quality_answer_the_user_reported():
     between = prose.answer_vae_quality(verdict(SAMPLE_METRICS, "VAE", b, "A", a),
                                        verdict(SAMPLE_METRICS, "VAE", b, "B", vae), {}, quick=False)
     assert "between the autoencoders'" in between and "better than B, worse than A" in between
+
+
+def test_vae_quality_on_balance_with_the_precision_recall_reading():
+    """This run's pattern: the AEs win FD, KID, precision and confidence; the VAE wins recall."""
+    vae = quality(fd=1.8, kid=0.16, precision=0.03, recall=0.034, confident=0.32, se=0.004)
+    a = quality(fd=0.65, kid=0.047, precision=0.31, recall=0.0, confident=0.66, se=0.004)
+    b = quality(fd=1.5, kid=0.13, precision=0.11, recall=0.0, confident=0.47, se=0.004)
+    text = prose.answer_vae_quality(verdict(SAMPLE_METRICS, "VAE", vae, "A", a),
+                                    verdict(SAMPLE_METRICS, "VAE", vae, "B", b), {}, quick=False)
+    assert "on balance the VAE's samples measure worse than both" in text
+    assert "its samples reach more of the data's variety" in text
+    swapped = prose.answer_vae_quality(verdict(SAMPLE_METRICS, "VAE", a, "A", vae),
+                                       verdict(SAMPLE_METRICS, "VAE", a, "B", vae), {}, quick=False)
+    assert "on balance the VAE's samples measure better than both" in swapped
+    assert "reach more of the data's variety" not in swapped
 
 
 def test_input_dependence_and_the_basic_vaegan():
@@ -231,6 +267,15 @@ def test_captions_use_the_models_latent_size():
     assert "test images, coloured" in figure_caption("latent_scatter", latent_dim=2, variational=False)[0]
     assert figure_caption("manifold", latent_dim=16, variational=True) is None
     assert figure_caption("manifold", latent_dim=2, variational=True) is not None
+
+
+def test_captions_follow_measured_facts():
+    look = figure_caption("latent_scatter", latent_dim=2, variational=True, active_units=0)[1]
+    assert "none of the 2 latent dimensions is active" in look and "clusters per class" not in look
+    look = figure_caption("reconstructions", latent_dim=2, variational=True, input_dependent=False)[1]
+    assert "not to depend on their input" in look and "keeps the class" not in look
+    look = figure_caption("loss_curves", latent_dim=2, variational=True, adversarial=True)[1]
+    assert "who is winning" in look and "KL term usually rises" not in look
 
 
 def test_latent_size_note_only_where_sizes_differ():

@@ -88,11 +88,16 @@ def answer_paragraphs(page: str) -> list[str]:
 
 
 def test_per_model_table_has_one_row_per_quantity():
-    gan = table_metrics(metrics("vae-gan", 2, GOOD))["test_terms"]
+    gan = table_metrics(metrics("vae-gan", 2, GOOD), {"feature_loss": True})["test_terms"]
     assert "dec_updated" not in gan and "dis_updated" not in gan
     assert "kl" not in gan and "recon" not in gan  # the ELBO rows have them
-    assert {"dis_acc_real", "dis_acc_fake", "dis_loss", "enc_loss"} <= set(gan)
-    assert "enc_loss" not in table_metrics(metrics("vae-gan", 2, GOOD), {"objective": "basic"})["test_terms"]
+    assert "loss" not in gan  # enc_loss + dis_loss
+    assert set(gan) == {"enc_loss", "dec_loss", "dis_loss", "dis_acc_real", "dis_acc_fake", "feature"}
+    # pixel BCE only: enc_loss is the negative ELBO and feature is always 0
+    pixel = table_metrics(metrics("vae-gan", 2, GOOD), {"feature_loss": False})["test_terms"]
+    assert set(pixel) == {"dec_loss", "dis_loss", "dis_acc_real", "dis_acc_fake"}
+    basic = table_metrics(metrics("vae-gan", 2, GOOD), {"objective": "basic", "pixel_weight": 1.0})["test_terms"]
+    assert "enc_loss" not in basic  # L_prior alone: the KL row
     assert table_metrics(metrics("vae", 2, GOOD))["test_terms"] == {}  # loss, recon, kl = the ELBO rows
     assert table_metrics(metrics("ae", 2, GOOD))["test_terms"] == {}  # loss = recon = recon MSE
 
@@ -135,7 +140,7 @@ def test_fashion_report_answers_follow_the_numbers(tmp_path, tiny_data, b_better
     assert "Do the reconstructions depend on the input?" in text
     # the conv VAE-GAN at its default latent size makes the comparison not like-for-like
     conv_dim = make_config("vae-gan", arch="conv").latent_dim
-    assert f"2 for A, B, VAE" in text and f"{conv_dim} for conv VAE-GAN, latent {conv_dim}" in text
+    assert "2 for A, B, VAE" in text and f"{conv_dim} for conv VAE-GAN (latent {conv_dim})" in text
     assert "not like-for-like" in text
     assert not re.search(r"\bnan\b", text, flags=re.IGNORECASE)
 

@@ -106,7 +106,13 @@ def with_uncertainty(metric: Metric, values: Mapping | None) -> str:
     se = number(values, metric.se_key)
     if se is None:
         return metric.fmt(v)
-    return f"{metric.fmt(v)} ± {significant(se, 2) if metric.style == 'sig' else metric.fmt(se)}"
+    if metric.style == "sig" and se > 0:
+        # the value to the decimals of its uncertainty's second significant digit
+        spread = significant(se, 2)
+        decimals = len(spread.split(".")[1]) if "." in spread else 0
+        text = f"{v:.{decimals}f}"
+        return f"{'0' if float(text) == 0 else text} ± {spread}"  # no "-0.0000"
+    return f"{metric.fmt(v)} ± {metric.fmt(se)}"
 
 
 def join(items: Sequence[str], word: str = "and") -> str:
@@ -234,6 +240,21 @@ class Verdict:
     def winner(self) -> str | None:
         return {"a": self.a, "b": self.b}.get(self.outcome)
 
+    @property
+    def lean(self) -> str | None:
+        """'a' or 'b': the model that clearly wins, or, where the metrics disagree, the one more
+        of them clearly favour; None when neither."""
+        if self.outcome in ("a", "b"):
+            return self.outcome
+        na, nb = len(self.clear_for(self.a)), len(self.clear_for(self.b))
+        return "a" if na > nb else "b" if nb > na else None
+
+    def value(self, metric_key: str, name: str) -> float | None:
+        for c in self.comparisons:
+            if c.metric.key == metric_key:
+                return c.va if name == self.a else c.vb
+        return None
+
     def favours(self, name: str, metric_key: str) -> bool:
         """Whether `metric_key` clearly favours model `name`."""
         return any(c.metric.key == metric_key for c in self.clear_for(name))
@@ -265,10 +286,13 @@ def verdict_sentence(v: Verdict) -> str:
                 f"{join(list(v.missing)) or 'no metric'} missing for at least one of them.")
     if outcome == "disagree":
         text = (f"The metrics disagree: {_labels(for_a)} clearly favour{'s' if len(for_a) == 1 else ''} "
-                f"{v.a}, {_labels(for_b)} clearly favour{'s' if len(for_b) == 1 else ''} {v.b}.")
-        trade = tradeoff(v)
-        if trade:
-            text += " " + trade
+                f"{v.a}; {_labels(for_b)} clearly favour{'s' if len(for_b) == 1 else ''} {v.b}.")
+        if v.lean is not None:
+            many = for_a if v.lean == "a" else for_b
+            text += f" On balance {v.winner or (v.a if v.lean == 'a' else v.b)}: {len(many)} of {len(v.comparisons)} metrics."
+        for extra in (tradeoff(v), recognisability_caveat(v)):
+            if extra:
+                text += " " + extra
     elif outcome in ("a", "b"):
         win, lose = (v.a, v.b) if outcome == "a" else (v.b, v.a)
         clear = for_a or for_b
@@ -297,9 +321,27 @@ def tradeoff(v: Verdict) -> str | None:
     """The precision/recall reading where the two clearly point to different models."""
     for x, y in ((v.a, v.b), (v.b, v.a)):
         if v.favours(x, "precision") and v.favours(y, "recall"):
-            return (f"{x}'s samples more often look like real images (precision), {y}'s cover "
-                    f"more of the real images' variety (recall): they differ in kind more than in "
-                    f"overall quality.")
+            return (f"More of {x}'s samples fall among real images' features (precision), while "
+                    f"{y}'s samples cover more of the real images (recall): {x} is the more "
+                    f"faithful, {y} the more varied.")
+    return None
+
+
+DISTANCE_KEYS = ("fd", "kid", "precision")  # metrics computed from feature distances alone
+
+
+def recognisability_caveat(v: Verdict) -> str | None:
+    """Where feature-distance metrics clearly favour one model and the classifier's confidence
+    clearly favours the other: a warning that close feature statistics are not recognizable
+    images."""
+    for x, y in ((v.a, v.b), (v.b, v.a)):
+        dist = [c for c in v.clear_for(x) if c.metric.key in DISTANCE_KEYS]
+        if dist and v.favours(y, "confident_share"):
+            cx, cy = v.value("confident_share", x), v.value("confident_share", y)
+            return (f"Yet the classifier recognizes fewer of {x}'s samples with confidence "
+                    f"({cx:.0%} against {cy:.0%}): samples whose features lie close to real ones "
+                    f"need not be recognizable, so look at the samples before trusting "
+                    f"{_labels(dist)} here.")
     return None
 
 
@@ -352,15 +394,23 @@ def latent_size_note(dims: Mapping[str, int]) -> str | None:
 
 
 def figure_caption(key: str, *, latent_dim: int, variational: bool, prior: str = "N(0, I)",
-                   recon_mse: float | None = None, item: str = "image") -> tuple[str, str] | None:
+                   recon_mse: float | None = None, item: str = "image", active_units: int | None = None,
+                   input_dependent: bool | None = None, adversarial: bool = False) -> tuple[str, str] | None:
     """(what the figure shows, what to look for) for figure `key` of a model with this latent
     size; `variational`: the encoder outputs a distribution q(z|x) (a VAE), not one code (an
-    autoencoder). None where the figure does not apply (the manifold of a latent that is not 2-D)."""
+    autoencoder). Measured facts where known: `active_units` (latent dimensions whose mean
+    varies over the test set), `input_dependent` (whether reconstructions were measured to depend
+    on their input), `adversarial` (trained against a discriminator). None where the figure does
+    not apply (the manifold of a latent that is not 2-D)."""
     d = latent_dim
     if key == "loss_curves":
         look = ("the total loss should fall quickly and flatten; train and test close together mean "
                 "no overfitting.")
-        if variational:
+        if adversarial:
+            look += (" The discriminator's accuracies on real and on fake images show who is "
+                     "winning: both near 100% mean the discriminator wins and the decoder learns "
+                     "little from it; near 50%, a balanced game.")
+        elif variational:
             look += (" The KL term usually rises while the decoder learns to use the code and the "
                      "reconstruction term falls.")
         return ("Training curves: each loss term per epoch (train and test) and per iteration "
@@ -377,6 +427,10 @@ def figure_caption(key: str, *, latent_dim: int, variational: bool, prior: str =
         where = (f", {d}-D, projected onto their first two principal axes" if d > 2 else
                  ", on the 1-D axis (the vertical axis is jitter)" if d == 1 else "")
         what = f"{codes} of 5000 random test images{where}, coloured by their true class."
+        if active_units == 0:
+            return what, (f"none of the {d} latent dimensions is active (the code's mean does not vary "
+                          f"over the test set): the codes carry no class information, so expect one "
+                          f"cloud, classes mixed.")
         return what, "clusters per class; how much classes overlap; " + look
     if key == "manifold":
         if d != 2:
@@ -400,6 +454,9 @@ def figure_caption(key: str, *, latent_dim: int, variational: bool, prior: str =
         look = (f"how much detail survives the {d}-D bottleneck"
                 + (": a code this small keeps the class and the rough shape, not the details."
                    if d <= 2 else "."))
+        if input_dependent is False:
+            look = ("these reconstructions were measured not to depend on their input (see the "
+                    "input-dependence table): expect images unrelated to the originals above them.")
         return f"10 random test images (top) and their reconstructions, {how} (bottom).{mse}", look
     if key == "interpolation":
         code = "means of q(z|x)" if variational else "codes"
@@ -456,6 +513,7 @@ def answer_vae_quality(vs_a: Verdict, vs_b: Verdict, mse: Mapping[str, float | N
     vae = vs_a.a
     text = f"Against {vs_a.b}: {verdict_sentence(vs_a)} Against {vs_b.b}: {verdict_sentence(vs_b)}"
     outcomes = {vs_a.outcome, vs_b.outcome}
+    leans = {vs_a.lean, vs_b.lean}
     if outcomes == {"a"}:
         why = ("So yes, the VAE's samples are measured better than both autoencoders'. Why: its "
                "KL term pulls every code distribution towards N(0, I), the very distribution "
@@ -466,17 +524,26 @@ def answer_vae_quality(vs_a: Verdict, vs_b: Verdict, mse: Mapping[str, float | N
         why = ("So the VAE's samples are measured worse than both autoencoders'; the expected "
                "advantage of its KL term (codes pulled onto the prior that samples are drawn "
                "from) did not show in these metrics.")
-    elif "a" in outcomes and "b" in outcomes:
-        better = vs_a.b if vs_a.outcome == "a" else vs_b.b
-        worse = vs_a.b if vs_a.outcome == "b" else vs_b.b
+    elif leans == {"a"}:
+        why = "So on balance the VAE's samples measure better than both autoencoders', though not on every metric."
+    elif leans == {"b"}:
+        why = ("So on balance the VAE's samples measure worse than both autoencoders', though not "
+               "on every metric; the expected advantage of its KL term did not show as better samples overall.")
+    elif leans == {"a", "b"}:
+        better = vs_a.b if vs_a.lean == "a" else vs_b.b
+        worse = vs_a.b if vs_a.lean == "b" else vs_b.b
         why = (f"So the VAE's quality lies between the autoencoders': better than {better}, "
                f"worse than {worse}.")
     elif outcomes <= {"none", "unmeasured"}:
         why = ("So this run shows no clear difference in sample quality between the VAE and the "
                "autoencoders.")
     else:
-        why = ("So the answer depends on the metric: the VAE's quality differs in kind (see the "
-               "disagreements above) rather than clearly for better or worse.")
+        why = ("So the answer depends on the metric: the VAE's samples differ from the "
+               "autoencoders' in kind rather than clearly for better or worse.")
+    if any(v.favours(vae, "recall") and v.favours(v.b, "precision") for v in (vs_a, vs_b)):
+        why += (" A reading consistent with the recall and precision measured: the KL term spreads "
+                "the VAE's codes over the prior it samples from, so its samples reach more of the "
+                "data's variety, while its sampling noise blurs them, which costs precision.")
     text += " " + why
     m_vae = mse.get(vae)
     others = {k: v for k, v in mse.items() if k != vae and v is not None}
@@ -486,7 +553,7 @@ def answer_vae_quality(vs_a: Verdict, vs_b: Verdict, mse: Mapping[str, float | N
                      f"{m_vae:.4f} against {join([f'{v:.4f} ({k})' for k, v in others.items()])}): the "
                      f"price of the KL term and the sampling noise, and the blur of a pixel-wise "
                      f"likelihood averaging over what a small code cannot pin down.")
-            if "b" in outcomes or "disagree" in {vs_a.outcome, vs_b.outcome}:
+            if "b" in leans:
                 text += (" Blurry images sit far from real ones in the classifier's features, "
                          "which is a likely reason its samples did not measure better.")
         elif all(m_vae <= v for v in others.values()):
@@ -511,7 +578,8 @@ def input_dependence(name: str, own: float, other: float, se: float | None) -> t
         return True, (f"{name}'s reconstructions are closer to their own images (MSE {own:.4f}) "
                       f"than to other test images ({other:.4f}; {ratio:.0%} of that distance): they "
                       f"carry information about the input.")
-    se_text = f"within {CLEAR_SES:g} standard errors ({CLEAR_SES:g} × {se:.4f})" if se is not None else "no uncertainty measured"
+    se_text = (f"a difference within {CLEAR_SES:g} standard errors = {CLEAR_SES * se:.4f}" if se is not None
+               else "no uncertainty measured")
     return False, (f"{name}'s reconstructions are no closer to their own images (MSE {own:.4f}) than "
                    f"to other test images ({other:.4f}; {se_text}): they ignore the input.")
 
@@ -533,7 +601,7 @@ def answer_basic_vaegan(name: str, depends: bool, dependence_sentence: str, kl: 
         parts.append("This is what L = L_prior + L_GAN asks for: nothing in it rewards the encoder "
                      "for keeping information about x, so L_prior pulls every q(z|x) onto N(0, I), "
                      "and the decoder, trained only to fool the discriminator, turns any code into "
-                     "some garment, not this one. Its \"reconstructions\" are samples; only its "
+                     "an image unrelated to x. Its \"reconstructions\" are samples; only its "
                      "samples can be judged, in the sample-quality columns.")
     else:
         parts.append("Unexpected for L = L_prior + L_GAN, where no term rewards the encoder for "

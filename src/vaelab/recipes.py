@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 from . import plots
-from .checkpoint import load_run, read_json, write_json
+from .checkpoint import load_run, read_json, read_run_config, write_json
 from .data import ImageData, load
 from .errors import ConfigError, VaelabError
 from .evaluate import EvalSettings, evaluate_run, generate, summary_rows
@@ -82,6 +82,8 @@ class StepResult:
     figures: dict[str, Path]
     train_seconds: float
     prior: str = "N(0, I)"  # what the generator draws codes from, in words (the model's prior_name)
+    # Facts a discussion measured beyond metrics.json, for the captions (e.g. "input_dependent").
+    facts: dict = field(default_factory=dict)
     # Comments a discussion computed for a figure, shown under it: figure key -> paragraphs.
     notes: dict[str, list[str]] = field(default_factory=dict)
 
@@ -110,18 +112,33 @@ TERMS_SHOWN_ELSEWHERE = {"with_elbo": frozenset({"recon", "kl"}), "ae": frozense
 
 def table_metrics(metrics: dict, config: dict | None = None) -> dict:
     """`metrics` with the test terms the per-model table should show: one row per quantity.
-    `config`: the model's config fields, where they decide what a term is."""
+    `config`: the model's config (its config.json "model_config"), where it decides what a term is."""
     terms = dict(metrics.get("test_terms", {}))
+    config = config or {}
     drop = set(BOOKKEEPING_TERMS)
     if "elbo" in metrics:
         drop |= TERMS_SHOWN_ELSEWHERE["with_elbo"]
         if set(terms) <= {"loss", "recon", "kl"}:  # loss = recon + kl: the negative ELBO again
             drop.add("loss")
-        if (config or {}).get("objective") == "basic":  # the encoder's loss is L_prior, the KL
-            drop.add("enc_loss")
+        if "dis_loss" in terms:  # a VAE-GAN
+            drop.add("loss")  # enc_loss + dis_loss, both listed
+            if not config.get("feature_loss", False):
+                drop.add("feature")  # not a term of this model (always 0)
+            if config.get("objective") == "basic":
+                drop.add("enc_loss")  # L_prior alone: the KL
+            elif not config.get("feature_loss", False) and config.get("pixel_weight", 1.0) == 1.0:
+                drop.add("enc_loss")  # KL + BCE: the negative ELBO
     elif set(terms) <= {"loss", "recon"}:
         drop |= TERMS_SHOWN_ELSEWHERE["ae"]
     return {**metrics, "test_terms": {k: v for k, v in terms.items() if k not in drop}}
+
+
+def model_config(r: StepResult) -> dict:
+    """The run's whole model config (defaults included), or the step's overrides if unreadable."""
+    try:
+        return read_run_config(r.run_dir)["model_config"]
+    except VaelabError:
+        return dict(r.step.config)
 
 
 def samples_quality(metrics: dict) -> dict | None:
@@ -160,8 +177,12 @@ def classify_figure_samples(model, data: ImageData, seed: int = 0, n: int = 100,
 
 
 def caption(r: StepResult, key: str, item: str) -> tuple[str, str] | None:
-    return figure_caption(key, latent_dim=int(r.metrics["latent_dim"]), variational="elbo" in r.metrics,
-                          prior=r.prior, recon_mse=r.metrics.get("recon_mse"), item=item)
+    m = r.metrics
+    return figure_caption(key, latent_dim=int(m["latent_dim"]), variational="elbo" in m, prior=r.prior,
+                          recon_mse=m.get("recon_mse"), item=item,
+                          active_units=m.get("latent", {}).get("active_units"),
+                          input_dependent=r.facts.get("input_dependent"),
+                          adversarial="dis_loss" in m.get("test_terms", {}))
 
 
 ITEMS = {"mnist": "digit", "fashion-mnist": "garment"}
@@ -241,6 +262,8 @@ def _fashion_discussion(result: RecipeResult, report: Report) -> None:
                          f"with their own images and with another test image. 'yes' where the first "
                          f"is smaller by more than 2 standard errors of the paired difference.")
     ignoring = [names[k] for k in models if not depends[k][0]]
+    for r in result.steps:
+        r.facts["input_dependent"] = depends[r.step.key][0]
 
     rows = [generate(m, 10, seed=0) for m in models.values()]
     path = plots.plot_image_rows(rows, list(names.values()), fig_dir / "samples_side_by_side.png",
@@ -293,7 +316,7 @@ def _fashion_discussion(result: RecipeResult, report: Report) -> None:
                     by_key["vae"].metrics.get("elbo", {}).get("kl"), mse_of[k], mse_of["vae"])
                 text += f" Its samples against the VAE's: {answer_vaegan_variant(v, acc, result.quick)}"
             else:
-                text = f"{names[k]}: {answer_vaegan_variant(v, acc, result.quick)}"
+                text = f"{names[k]} against the VAE: {answer_vaegan_variant(v, acc, result.quick)}"
                 if not depends[k][0]:
                     text += " " + depends[k][1]
             report.paragraph(text, css_class="answer")
@@ -390,10 +413,10 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
          Step("vae-gan-conv-2d", "VAE-GAN, convolutional (bonus 2), 2-D latent like the others", "vae-gan",
               "fashion-mnist", (2, 15), config={"arch": "conv", "latent_dim": 2, "feature_loss": True},
               seconds_per_epoch=30.0, measure_seconds=60.0, figures=FASHION_FIGURES,
-              short="conv VAE-GAN, latent {latent_dim}"),
+              short="conv VAE-GAN (latent {latent_dim})"),
          Step("vae-gan-conv", "VAE-GAN, convolutional (bonus 2), its default latent size", "vae-gan",
               "fashion-mnist", (2, 15), config={"arch": "conv", "feature_loss": True}, seconds_per_epoch=30.0,
-              measure_seconds=60.0, figures=FASHION_FIGURES, short="conv VAE-GAN, latent {latent_dim}")),
+              measure_seconds=60.0, figures=FASHION_FIGURES, short="conv VAE-GAN (latent {latent_dim})")),
         QUICK_EVAL, dataclasses.replace(FULL_EVAL, iw_samples=1000),
         discussion=_fashion_discussion),
 )}
@@ -501,7 +524,7 @@ def write_report(result: RecipeResult) -> Path:
         recipe.discussion(result, report)
     for r in result.steps:
         report.heading(f"{r.step.title} ({r.step.model})")
-        report.table(["metric", "value"], summary_rows(table_metrics(r.metrics, r.step.config)))
+        report.table(["metric", "value"], summary_rows(table_metrics(r.metrics, model_config(r))))
         if "grey-level" in r.metrics.get("likelihood_data", "") and "iwae" in r.metrics:
             report.paragraph("Likelihoods here are measured on grey-level images: " + r.metrics["likelihood_data"],
                              css_class="note")
