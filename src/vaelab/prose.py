@@ -290,7 +290,8 @@ def verdict_sentence(v: Verdict) -> str:
         if v.lean is not None:
             many = for_a if v.lean == "a" else for_b
             text += f" On balance {v.winner or (v.a if v.lean == 'a' else v.b)}: {len(many)} of {len(v.comparisons)} metrics."
-        for extra in (tradeoff(v), recognisability_caveat(v)):
+        caveat = recognisability_caveat(v)
+        for extra in (tradeoff(v, conclude=caveat is None), caveat):
             if extra:
                 text += " " + extra
     elif outcome in ("a", "b"):
@@ -317,13 +318,15 @@ def verdict_sentence(v: Verdict) -> str:
     return text
 
 
-def tradeoff(v: Verdict) -> str | None:
-    """The precision/recall reading where the two clearly point to different models."""
+def tradeoff(v: Verdict, conclude: bool = True) -> str | None:
+    """The precision/recall reading where the two clearly point to different models; `conclude`
+    adds which is the more faithful and which the more varied (left out where a caveat says the
+    feature metrics are not to be trusted here)."""
     for x, y in ((v.a, v.b), (v.b, v.a)):
         if v.favours(x, "precision") and v.favours(y, "recall"):
+            end = f": {x} is the more faithful, {y} the more varied." if conclude else "."
             return (f"More of {x}'s samples fall among real images' features (precision), while "
-                    f"{y}'s samples cover more of the real images (recall): {x} is the more "
-                    f"faithful, {y} the more varied.")
+                    f"{y}'s samples cover more of the real images (recall){end}")
     return None
 
 
@@ -353,7 +356,7 @@ def comparison_details(v: Verdict) -> str:
 def leaders(metrics: Sequence[Metric], values: Mapping[str, Mapping | None]) -> str | None:
     """Per metric, which model leads among `values` (name -> metrics mapping) and whether clearly
     ahead of the runner-up; None when fewer than two models have any of the metrics."""
-    parts = []
+    parts, clear_leaders = [], set()
     for m in metrics:
         have = [(name, number(v, m.key)) for name, v in values.items() if number(v, m.key) is not None]
         if len(have) < 2:
@@ -364,6 +367,7 @@ def leaders(metrics: Sequence[Metric], values: Mapping[str, Mapping | None]) -> 
         best = "lowest" if m.lower_is_better else "highest"
         if c.status == "clear":
             tail = f"clearly ahead of {second} ({m.fmt(c.vb)})"
+            clear_leaders.add(first)
         elif c.status == "unquantified":
             tail = f"ahead of {second} ({m.fmt(c.vb)}) by a margin of unknown noise"
         else:
@@ -372,7 +376,11 @@ def leaders(metrics: Sequence[Metric], values: Mapping[str, Mapping | None]) -> 
         parts.append(f"{best} {m.label}: {first} ({m.fmt(v1)}), {tail}")
     if not parts:
         return None
-    return "Per metric, the leader: " + "; ".join(parts) + "."
+    text = "Per metric, the leader: " + "; ".join(parts) + "."
+    if len(clear_leaders) > 1:
+        text += (f" Different models clearly lead different metrics ({join(sorted(clear_leaders))}), "
+                 f"so no model is best on all of them.")
+    return text
 
 
 # ---------------------------------------------------------------------------------------------
