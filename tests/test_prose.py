@@ -298,7 +298,8 @@ def test_leaders_follow_the_numbers():
     assert "lowest Fréchet distance: A (50.0), not clearly ahead of C" in text
     assert "highest precision: A (0.700), clearly ahead of C (0.450)" in text
     assert "Different models" not in text  # A leads both (FD only not clearly)
-    split = prose.leaders((FD, CONFIDENT), {"A": quality(fd=50.0, confident=0.2), "B": quality(fd=150.0, confident=0.6)})
+    split = prose.leaders((FD, CONFIDENT), {"A": quality(fd=50.0, confident=0.2),
+                                            "B": quality(fd=150.0, confident=0.6)})
     assert "Different models clearly lead different metrics (A and B)" in split
     swapped = prose.leaders((FD,), {"A": BAD, "B": GOOD})
     assert swapped == "Per metric, the leader: lowest Fréchet distance: B (50.0), clearly ahead of A (150)."

@@ -177,7 +177,9 @@ class Comparison:
             return f"{head} — the same value."
         word = "lower" if (self.better == self.a) == (self.va < self.vb) else "higher"
         size = f"{word} by {m.fmt_diff(self.diff)}"
-        band = f"{CLEAR_SES:g} combined standard errors = {m.fmt_diff(CLEAR_SES * self.se)}" if self.se is not None else ""
+        band = ""
+        if self.se is not None:
+            band = f"{CLEAR_SES:g} combined standard errors = {m.fmt_diff(CLEAR_SES * self.se)}"
         if status == "clear":
             return f"{head} — {self.better} clearly better ({size}, beyond {band})."
         if status == "noise":
@@ -289,7 +291,8 @@ def verdict_sentence(v: Verdict) -> str:
                 f"{v.a}; {_labels(for_b)} clearly favour{'s' if len(for_b) == 1 else ''} {v.b}.")
         if v.lean is not None:
             many = for_a if v.lean == "a" else for_b
-            text += f" On balance {v.winner or (v.a if v.lean == 'a' else v.b)}: {len(many)} of {len(v.comparisons)} metrics."
+            ahead = v.a if v.lean == "a" else v.b
+            text += f" On balance {ahead}: {len(many)} of {len(v.comparisons)} metrics."
         caveat = recognisability_caveat(v)
         for extra in (tradeoff(v, conclude=caveat is None), caveat):
             if extra:
@@ -310,7 +313,7 @@ def verdict_sentence(v: Verdict) -> str:
         else:
             text = f"No metric with a measured uncertainty separates {v.a} and {v.b}."
     if unq:
-        leaning = join([f"{c.metric.label} ({c.better or 'neither'} {'lower' if c.metric.lower_is_better else 'higher'})"
+        leaning = join([f"{c.metric.label} ({c.better} {'lower' if c.metric.lower_is_better else 'higher'})"
                         if c.better else f"{c.metric.label} (equal)" for c in unq])
         text += f" Without a measured uncertainty: {leaning}."
     if v.missing and outcome != "unmeasured":
@@ -701,7 +704,8 @@ def comment_on_samples(predicted: Sequence[int], confident: Sequence[int], class
         elif c < mean - 2 * sd:
             rare.append(f"{name} ({c})")
     even = max(shares) - min(shares) < 0.03
-    expected = f"about {k / nc:.0f} confident samples of each" if even else "confident samples in the data's proportions"
+    expected = (f"about {k / nc:.0f} confident samples of each" if even else
+                "confident samples in the data's proportions")
     if often or rare or never:
         named = lambda names: join([f"{item} {x}" for x in names])  # noqa: E731
         pieces = []

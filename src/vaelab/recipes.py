@@ -36,7 +36,7 @@ from .metrics import CONFIDENT, KID_SUBSET_SIZE, classify, load_or_train_classif
 from .models import MODELS, make_config
 from .prose import (RECON_MSE, SAMPLE_METRICS, answer_basic_vaegan, answer_naive_vs_normalized,
                     answer_vae_quality, answer_vaegan_variant, comment_on_samples, comparison_details,
-                    describe_training, figure_caption, input_dependence, join, latent_size_note, leaders,
+                    describe_training, figure_caption, input_dependence, latent_size_note, leaders,
                     verdict, verdict_sentence, with_uncertainty)
 from .report import Report
 from .train import TrainConfig, is_run_folder, prepare_folder, train
@@ -298,9 +298,9 @@ def _fashion_discussion(result: RecipeResult, report: Report) -> None:
         vae = names["vae"]
         vs_a = verdict(SAMPLE_METRICS, vae, q["vae"], names["ae"], q["ae"])
         vs_b = verdict(SAMPLE_METRICS, vae, q["vae"], names["ae-normalized"], q["ae-normalized"])
-        report.paragraph(
-            f"Does the VAE produce a different quality? {answer_vae_quality(vs_a, vs_b, {names[k]: mse_of[k] for k in ('vae', 'ae', 'ae-normalized')}, result.quick)}",
-            css_class="answer")
+        mses = {names[k]: mse_of[k] for k in ("vae", "ae", "ae-normalized")}
+        report.paragraph(f"Does the VAE produce a different quality? "
+                         f"{answer_vae_quality(vs_a, vs_b, mses, result.quick)}", css_class="answer")
     gans = [k for k in by_key if by_key[k].step.model == "vae-gan"]
     if gans and "vae" in by_key:
         report.paragraph(
