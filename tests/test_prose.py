@@ -150,7 +150,11 @@ def test_naive_vs_normalized_explanation_follows_the_measured_direction():
     assert "pins each code neuron" not in a_better and "--quick" in a_better
     mixed = prose.answer_naive_vs_normalized(
         verdict(SAMPLE_METRICS, "A", quality(fd=50.0, precision=0.4), "B", quality(fd=150.0, precision=0.7)), False)
-    assert "disagree" in mixed and "differ in kind" in mixed
+    assert "disagree" in mixed and "differ in kind" in mixed  # one metric each way
+    leaning = prose.answer_naive_vs_normalized(
+        verdict(SAMPLE_METRICS, "A", quality(fd=50.0, kid=0.01, precision=0.4),
+                "B", quality(fd=150.0, kid=0.09, precision=0.7)), False)
+    assert "On balance A: 2 of 5 metrics" in leaning and "did not show" in leaning
     tie = prose.answer_naive_vs_normalized(verdict(SAMPLE_METRICS, "A", quality(), "B", quality()), False)
     assert "did not show as a clear difference" in tie
 
@@ -173,6 +177,9 @@ def test_vae_quality_answer_the_user_reported():
     between = prose.answer_vae_quality(verdict(SAMPLE_METRICS, "VAE", b, "A", a),
                                        verdict(SAMPLE_METRICS, "VAE", b, "B", vae), {}, quick=False)
     assert "between the autoencoders'" in between and "better than B, worse than A" in between
+    mixed = prose.answer_vae_quality(verdict(SAMPLE_METRICS, "VAE", b, "A", b),
+                                     verdict(SAMPLE_METRICS, "VAE", b, "B", a), {}, quick=False)
+    assert "measure not clearly different from A and worse than B." in mixed
 
 
 def test_vae_quality_on_balance_with_the_precision_recall_reading():

@@ -488,6 +488,8 @@ def answer_naive_vs_normalized(v: Verdict, quick: bool) -> str:
     normalized bottleneck) differ, given how they measured. v.a is A, v.b is B."""
     head = verdict_sentence(v)
     outcome = v.outcome
+    if outcome == "disagree" and v.lean is not None:
+        outcome = v.lean  # explained as the side most metrics favour; the head says they disagree
     short = "; and --quick's short training leaves both decoders rough" if quick else ""
     if outcome == "b":
         why = ("Why: the plain autoencoder's codes lie wherever training put them, in clusters "
@@ -503,7 +505,7 @@ def answer_naive_vs_normalized(v: Verdict, quick: bool) -> str:
                "normalization matches only each neuron's mean and variance, so N(0, I) draws "
                f"still fall between its class clusters and beyond their edges{short}. The latent "
                "scatters of A and B below show where each model's codes lie.")
-    elif outcome == "disagree":
+    elif outcome == "disagree":  # as many metrics each way
         why = ("So the two generators differ in kind rather than one being better: both decoders "
                "only know the region their codes occupy, A draws from the box spanning its codes "
                "and B from N(0, I), which matches its codes' mean and variance; which of the two "
@@ -516,6 +518,19 @@ def answer_naive_vs_normalized(v: Verdict, quick: bool) -> str:
     else:
         why = ""
     return f"{head} {why}".strip()
+
+
+def _relation(v: Verdict) -> str:
+    """How v.a measured against v.b, as a phrase."""
+    if v.outcome in ("a", "b"):
+        return f"{'better' if v.outcome == 'a' else 'worse'} than {v.b}"
+    if v.lean is not None:
+        return f"{'better' if v.lean == 'a' else 'worse'} than {v.b} on balance"
+    if v.outcome == "unmeasured":
+        return f"not comparable with {v.b}"
+    if v.outcome == "none":
+        return f"not clearly different from {v.b}"
+    return f"better than {v.b} on some metrics and worse on as many others"
 
 
 def answer_vae_quality(vs_a: Verdict, vs_b: Verdict, mse: Mapping[str, float | None], quick: bool) -> str:
@@ -549,8 +564,7 @@ def answer_vae_quality(vs_a: Verdict, vs_b: Verdict, mse: Mapping[str, float | N
         why = ("So this run shows no clear difference in sample quality between the VAE and the "
                "autoencoders.")
     else:
-        why = ("So the answer depends on the metric: the VAE's samples differ from the "
-               "autoencoders' in kind rather than clearly for better or worse.")
+        why = f"So the VAE's samples measure {_relation(vs_a)} and {_relation(vs_b)}."
     if any(v.favours(vae, "recall") and v.favours(v.b, "precision") for v in (vs_a, vs_b)):
         why += (" A reading consistent with the recall and precision measured: the KL term spreads "
                 "the VAE's codes over the prior it samples from, so its samples reach more of the "
