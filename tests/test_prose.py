@@ -324,3 +324,10 @@ def test_comment_on_samples_says_whether_the_figure_is_a_typical_draw():
     worse = prose.comment_on_samples([10] * 10, [2] * 10, names,
                                      population={"confident_share": 0.45, "confident_share_se": 0.01, "n": 2000})
     assert "a worse draw" in worse
+
+
+def test_comment_on_samples_names_the_cleanest_digits_when_none_is_clean():
+    names = [str(i) for i in range(10)]
+    text = prose.comment_on_samples([17, 14, 3, 6, 2, 7, 9, 10, 20, 12], [8, 12, 1, 4, 0, 2, 3, 3, 8, 5], names)
+    assert "No digit is drawn cleanly" in text and "the cleanest: 1 (12 of 14) and 3 (4 of 6)" in text
+    assert "Drawn poorly (fewer than half confident): 5 (2 of 7)" in text

@@ -746,6 +746,11 @@ def comment_on_samples(predicted: Sequence[int], confident: Sequence[int], class
         if best:
             parts.append(f"Drawn cleanly (≥ 90% of the samples whose best guess is that {item} are "
                          f"confident): {join(best[:5])}.")
+        else:
+            top = [f"{name} ({c} of {p})" for r, name, c, p in reversed(clean) if r >= 0.5][:3]
+            if top:
+                parts.append(f"No {item} is drawn cleanly (≥ 90% of the samples whose best guess it is "
+                             f"confident); the cleanest: {join(top)}.")
         if worst:
             parts.append(f"Drawn poorly (fewer than half confident): {join(worst)}.")
     return " ".join(parts)
