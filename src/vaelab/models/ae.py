@@ -50,6 +50,7 @@ class AEConfig:
 class AE(GenerativeModel):
     config_class = AEConfig
     term_names = ("recon",)
+    generation_fields = ("gen_prior",)
     regularizer_term = None
     description = "fully connected autoencoder, 784-512-2, MSE; normalize_latent=true batch-norms the code"
 

@@ -46,6 +46,9 @@ class GenerativeModel(nn.Module):
     term_names: ClassVar[tuple[str, ...]] = ()
     # The name of the term shown as "regularisation" in loss-curve figures (KL for VAEs).
     regularizer_term: ClassVar[str | None] = None
+    # Config fields that only change how the trained model generates, never its training: they
+    # may change after training (`vaelab config RUN key=value`, or by hand in config.json).
+    generation_fields: ClassVar[tuple[str, ...]] = ()
     description: ClassVar[str] = ""
 
     def __init__(self, config):
