@@ -483,9 +483,10 @@ def figure_caption(key: str, *, latent_dim: int, variational: bool, prior: str =
 # ---------------------------------------------------------------------------------------------
 
 
-def answer_naive_vs_normalized(v: Verdict, quick: bool) -> str:
+def answer_naive_vs_normalized(v: Verdict, quick: bool, latent_dim: int = 2) -> str:
     """Why A (uniform draws over the box of the plain AE's codes) and B (N(0, I) draws into the
-    normalized bottleneck) differ, given how they measured. v.a is A, v.b is B."""
+    normalized bottleneck) differ, given how they measured. v.a is A, v.b is B; `latent_dim`:
+    their code neurons."""
     head = verdict_sentence(v)
     outcome = v.outcome
     if outcome == "disagree" and v.lean is not None:
@@ -501,7 +502,8 @@ def answer_naive_vs_normalized(v: Verdict, quick: bool) -> str:
     elif outcome == "a":
         why = ("The expected advantage of the normalized bottleneck did not show here. Possible "
                "reasons: A's box is not arbitrary, it spans exactly the extremes of its training "
-               "codes, so with two code neurons much of it may be covered by codes; B's "
+               f"codes, so with {latent_dim} code neuron{'s' if latent_dim != 1 else ''} much of it "
+               "may be covered by codes; B's "
                "normalization matches only each neuron's mean and variance, so N(0, I) draws "
                f"still fall between its class clusters and beyond their edges{short}. The latent "
                "scatters of A and B below show where each model's codes lie.")

@@ -292,7 +292,8 @@ def _fashion_discussion(result: RecipeResult, report: Report) -> None:
         report.paragraph(
             f"Are the images of A) (uniform draws over the box spanned by the plain autoencoder's "
             f"training codes) and B) (N(0, I) draws into the normalized bottleneck) different? "
-            f"Measured: {comparison_details(v)} {answer_naive_vs_normalized(v, result.quick)}",
+            f"Measured: {comparison_details(v)} "
+            f"{answer_naive_vs_normalized(v, result.quick, by_key['ae'].metrics['latent_dim'])}",
             css_class="answer")
     if {"vae", "ae", "ae-normalized"} <= set(by_key):
         vae = names["vae"]
