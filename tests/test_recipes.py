@@ -198,3 +198,35 @@ def test_lstm_report_comments_on_its_100_samples(tmp_path, tiny_data, monkeypatc
     assert "KL term rose from 10.0 to 17.0" in training and "The usual trade" in training
     latent = model.latent_dim
     assert f"{latent}-D bottleneck" in text and "2-D" not in text.replace("2-D latent plane", "")
+
+
+def test_recipe_overwrite_keeps_the_old_output_until_the_new_one_finishes(tmp_path, monkeypatch):
+    """--overwrite builds beside the old recipe folder and swaps it in only at the end: a run
+    that fails (or is interrupted) leaves the previous output exactly as it was."""
+    from vaelab.checkpoint import write_json
+
+    out = tmp_path / "out"
+
+    def steps_writing(marker, fail=False):
+        def run_steps(recipe, configs, work, quick, progress, data_override):
+            write_json(work / recipes.RECIPE_FILE, {"recipe": recipe.name, "quick": quick, "steps": []})
+            (work / "report.html").write_text(marker)
+            if fail:
+                raise KeyboardInterrupt
+            return RecipeResult(recipe, work, quick, [], {})
+        return run_steps
+
+    monkeypatch.setattr(recipes, "_run_steps", steps_writing("first"))
+    recipes.run_recipe("vae-2d-mnist", out, quick=True, progress=False)
+    assert (out / "report.html").read_text() == "first"
+
+    monkeypatch.setattr(recipes, "_run_steps", steps_writing("half-made", fail=True))
+    with pytest.raises(KeyboardInterrupt):
+        recipes.run_recipe("vae-2d-mnist", out, quick=True, overwrite=True, progress=False)
+    assert (out / "report.html").read_text() == "first"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no build folder left behind
+
+    monkeypatch.setattr(recipes, "_run_steps", steps_writing("second"))
+    result = recipes.run_recipe("vae-2d-mnist", out, quick=True, overwrite=True, progress=False)
+    assert (out / "report.html").read_text() == "second" and result.out == out
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

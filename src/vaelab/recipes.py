@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,7 +30,8 @@ from . import plots
 from .checkpoint import load_run, read_json, read_run_config, write_json
 from .data import ImageData, load
 from .errors import ConfigError, VaelabError
-from .evaluate import EvalSettings, evaluate_run, generate, summary_rows
+from .atomic import exchange, owner_alive, temp_path
+from .evaluate import METRICS_FILE, EvalSettings, evaluate_run, generate, summary_rows
 from .figures import random_test_images, read_history, write_run_figures
 from .losses import mse
 from .metrics import CONFIDENT, KID_SUBSET_SIZE, classify, load_or_train_classifier
@@ -39,7 +41,7 @@ from .prose import (RECON_MSE, SAMPLE_METRICS, answer_basic_vaegan, answer_naive
                     describe_training, figure_caption, input_dependence, latent_size_note, leaders,
                     verdict, verdict_sentence, with_uncertainty)
 from .report import Report
-from .train import TrainConfig, is_run_folder, prepare_folder, train
+from .train import TrainConfig, check_target, is_run_folder, prepare_folder, train
 
 RECIPE_FILE = "recipe.json"
 
@@ -451,8 +453,32 @@ def is_recipe_folder(folder: Path) -> bool:
         return is_run_folder(folder)
 
 
-def prepare_out(out: Path, overwrite: bool) -> None:
-    prepare_folder(out, overwrite, is_recipe_folder, "recipe")
+def prepare_out(out: Path, overwrite: bool) -> Path:
+    """The folder the recipe builds in: `out` itself when it is new or empty; with --overwrite of
+    an existing recipe folder, a hidden sibling that replaces it only once the whole recipe has
+    finished, so a failed or interrupted run leaves the previous output as it was."""
+    if not check_target(out, overwrite, is_recipe_folder, "recipe"):
+        prepare_folder(out, overwrite, is_recipe_folder, "recipe")
+        return out
+    clean_stale_temps_dirs(out.parent, out.name)
+    work = temp_path(out, ".new")
+    work.mkdir()
+    return work
+
+
+def clean_stale_temps_dirs(parent: Path, name: str) -> None:
+    """Remove the hidden build folders of `name` that killed recipe runs left beside it."""
+    for p in parent.glob(f".{name}.*.new"):
+        if p.is_dir() and not owner_alive(p.name):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def swap_in(work: Path, out: Path) -> None:
+    """Put the finished build folder `work` in place of `out` in one step, then drop the old one."""
+    if work == out:
+        return
+    exchange(out, work)  # `work` now holds the previous output
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def _log(msg: str, progress: bool) -> None:
@@ -476,7 +502,26 @@ def run_recipe(name: str, out: str | Path, quick: bool = False, overwrite: bool 
                for s in recipe.steps]
     for _, _, tc in configs:
         tc.validate()
-    prepare_out(out, overwrite)
+    final, out = out, prepare_out(out, overwrite)
+    try:
+        result = _run_steps(recipe, configs, out, quick, progress, data_override)
+    except BaseException:
+        if out != final:
+            shutil.rmtree(out, ignore_errors=True)
+            _log(f"{final}: left as it was (the new run did not finish)", progress)
+        raise
+    swap_in(out, final)
+    result.out = final
+    for r in result.steps:
+        r.run_dir = final / r.run_dir.name
+        if r.metrics.get("run") not in (None, str(r.run_dir)):
+            r.metrics["run"] = str(r.run_dir)  # it was measured in the build folder
+            write_json(r.run_dir / METRICS_FILE, r.metrics)
+    return result
+
+
+def _run_steps(recipe: Recipe, configs, out: Path, quick: bool, progress: bool, data_override) -> RecipeResult:
+    name = recipe.name
     write_json(out / RECIPE_FILE, {"recipe": name, "quick": quick,
                                    "steps": [s.key for s in recipe.steps]})
     mode = "quick" if quick else "full"
