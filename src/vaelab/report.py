@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .atomic import atomic_write
+from .reading import read_bytes
 
 STYLE = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; max-width: 1100px;
@@ -26,6 +27,9 @@ figcaption b { color: #222; }
 .note { background: #fff8e0; border-left: 4px solid #e0b000; padding: .5em .8em; }
 .answer { background: #eef5ff; border-left: 4px solid #3a78c2; padding: .5em .8em; }
 """
+
+
+MAX_FIGURE_BYTES = 64 * 1024 * 1024  # a figure larger than this is not one vaelab drew
 
 
 class Report:
@@ -55,7 +59,7 @@ class Report:
 
     def figure(self, path: str | Path, what: str, look_for: str | None = None) -> None:
         """Embed a PNG with a caption saying what it shows and what to look for."""
-        data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+        data = base64.b64encode(read_bytes(path, MAX_FIGURE_BYTES, "figure")).decode("ascii")
         caption = f"<b>{html.escape(what)}</b>"
         if look_for:
             caption += f" What to look for: {html.escape(look_for)}"
