@@ -25,11 +25,20 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
-def _png_path(text: str) -> Path:
-    path = Path(text)
-    if path.suffix.lower() != ".png":
-        raise argparse.ArgumentTypeError(f"{text!r}: the image is written as PNG, so name it *.png")
-    return path
+def _path_ending(suffix: str, written_as: str):
+    """An argparse type: a path that must end in `suffix`, the format the file is written in."""
+
+    def parse(text: str) -> Path:
+        path = Path(text)
+        if path.suffix.lower() != suffix:
+            raise argparse.ArgumentTypeError(f"{text!r}: the {written_as}, so name it *{suffix}")
+        return path
+
+    return parse
+
+
+_png_path = _path_ending(".png", "image is written as PNG")
+_npy_path = _path_ending(".npy", "array is written as NumPy .npy")
 
 
 def _reconstruct_count(text: str) -> int:
@@ -61,11 +70,6 @@ def _grid_size(text: str) -> int:
     return value
 
 
-def _npy_path(text: str) -> Path:
-    path = Path(text)
-    if path.suffix.lower() != ".npy":
-        raise argparse.ArgumentTypeError(f"{text!r}: the array is written as NumPy .npy, so name it *.npy")
-    return path
 
 
 def _output_file(path: Path) -> Path:
