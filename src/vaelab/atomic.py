@@ -85,6 +85,21 @@ def clean_stale_temps(folder: Path) -> list[Path]:
     return removed
 
 
+def clean_stale_siblings(dest: Path) -> None:
+    """Remove the hidden sibling folders of `dest` (`temp_path(dest, ".new")` builds, ".old" swaps)
+    that killed processes left behind."""
+    import shutil
+
+    dest = Path(dest)
+    try:
+        siblings = list(dest.parent.glob(f".{dest.name}.*"))
+    except OSError:
+        return
+    for p in siblings:
+        if p.suffix in (".new", ".old") and p.is_dir() and not p.is_symlink() and not owner_alive(p.name):
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def exchange(a: Path, b: Path) -> None:
     """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE): a reader sees either
     the old pair or the new one. Where the system or filesystem lacks it, `a` is renamed away and

@@ -35,7 +35,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from . import __version__
-from .atomic import atomic_write, clean_stale_temps, owner_alive
+from .atomic import atomic_write, clean_stale_siblings, clean_stale_temps
 from .config import config_from_dict, config_to_dict
 from .errors import CheckpointError, RunInUseError, VaelabError
 from .memory import device_memory, meta_model, parameter_count, require_memory
@@ -489,18 +489,10 @@ class RunLock:
 def clean_run_folder(run_dir: Path) -> None:
     """What killed processes left: temp files in the run folder and figures/, and the sibling
     folders of an `--overwrite` that never finished. Called by the command that holds the lock."""
-    import shutil
-
     run_dir = Path(run_dir)
     clean_stale_temps(run_dir)
     clean_stale_temps(run_dir / "figures")
-    try:
-        siblings = list(run_dir.parent.glob(f".{run_dir.name}.*"))
-    except OSError:
-        return
-    for p in siblings:
-        if p.suffix in (".new", ".old") and p.is_dir() and not p.is_symlink() and not owner_alive(p.name):
-            shutil.rmtree(p, ignore_errors=True)
+    clean_stale_siblings(run_dir)
 
 
 def _read_pid(fd: int) -> str:

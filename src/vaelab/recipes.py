@@ -29,8 +29,8 @@ import torch
 from . import plots
 from .checkpoint import load_run, read_json, read_run_config, write_json
 from .data import ImageData, load
-from .errors import ConfigError, VaelabError
-from .atomic import exchange, owner_alive, temp_path
+from .errors import ConfigError, VaelabError, WriteError
+from .atomic import clean_stale_siblings, exchange, temp_path
 from .evaluate import METRICS_FILE, EvalSettings, evaluate_run, generate, summary_rows
 from .figures import random_test_images, read_history, write_run_figures
 from .losses import mse
@@ -460,24 +460,21 @@ def prepare_out(out: Path, overwrite: bool) -> Path:
     if not check_target(out, overwrite, is_recipe_folder, "recipe"):
         prepare_folder(out, overwrite, is_recipe_folder, "recipe")
         return out
-    clean_stale_temps_dirs(out.parent, out.name)
+    clean_stale_siblings(out)
     work = temp_path(out, ".new")
     work.mkdir()
     return work
-
-
-def clean_stale_temps_dirs(parent: Path, name: str) -> None:
-    """Remove the hidden build folders of `name` that killed recipe runs left beside it."""
-    for p in parent.glob(f".{name}.*.new"):
-        if p.is_dir() and not owner_alive(p.name):
-            shutil.rmtree(p, ignore_errors=True)
 
 
 def swap_in(work: Path, out: Path) -> None:
     """Put the finished build folder `work` in place of `out` in one step, then drop the old one."""
     if work == out:
         return
-    exchange(out, work)  # `work` now holds the previous output
+    try:
+        exchange(out, work)  # `work` now holds the previous output
+    except OSError as e:
+        raise WriteError(f"{out}: cannot replace it with the finished recipe in {work} ({e.strerror or e}); "
+                         f"the previous output is unchanged") from None
     shutil.rmtree(work, ignore_errors=True)
 
 
