@@ -15,6 +15,7 @@ layers through oneDNN on the CPU (fastpath.py), the MLP VAE's hand-derived step 
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import math
 import os
@@ -132,14 +133,16 @@ def configure_runtime() -> None:
         torch.set_num_threads(idle_cores())
 
 
+@functools.cache
 def idle_cores() -> int:
     """Threads worth running: the physical cores (SMT siblings share one core's vector units, so a
     second thread on them only adds barrier waits) less those other processes keep busy.
 
     Every OpenMP region ends in a barrier: one thread descheduled by a busy neighbour stalls all
-    the others (on this 2-core machine with one core busy, `make demo`'s epochs took 54-120 s with two
-    threads; the whole 12-epoch demo took 4 minutes with one). The 1-minute load average, taken before this process adds to it,
-    counts the neighbours.
+    the others (on this 2-core machine with one core busy, `make demo`'s epochs took 54-120 s with
+    two threads; the whole 12-epoch demo took 4 minutes with one). The 1-minute load average counts
+    the neighbours; it is read once, at the first call, before this process's own work adds to it
+    (a recipe configures the runtime again for every model it trains).
     """
     cores = physical_cores()
     try:
