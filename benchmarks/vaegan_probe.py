@@ -1,0 +1,86 @@
+"""A per-epoch probe of one VAE-GAN configuration: train it with the model's own training step
+and, after every epoch, decode 5,000 fixed prior samples and report the share the domain
+classifier assigns to one class with probability above 0.9, with the class histogram; with
+`--ema D` the same for an exponential moving average (decay D) of the decoder's weights.
+
+    python benchmarks/vaegan_probe.py NAME [--cfg '{"latent_dim": 8}'] [--lr 2e-4] [--ema 0.999]
+
+Cheaper than `vaegan_ablation.py` (no run folder, no test pass) and it shows the trajectory, so
+a variant can be stopped early; docs/vae-gan.md ("Further attempts") lists what it measured.
+Writes OUT/NAME.log (one line per epoch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from vaelab.data import load, to_float
+from vaelab.metrics import classify, load_or_train_classifier
+from vaelab.models import build_model, make_config
+
+
+def confident_share(decoder: torch.nn.Module, clf, z: torch.Tensor) -> tuple[float, list[int]]:
+    was_training = decoder.training
+    decoder.eval()
+    with torch.no_grad():
+        images = torch.sigmoid(decoder(z))
+    decoder.train(was_training)
+    _, probs = classify(clf, images)
+    return float((probs.max(1).values > 0.9).float().mean()), torch.bincount(probs.argmax(1), minlength=10).tolist()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("name")
+    p.add_argument("--cfg", default="{}", help="VAE-GAN config overrides as JSON")
+    p.add_argument("--dataset", default="mnist")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ema", type=float, default=None, help="also score a moving average of the decoder")
+    p.add_argument("--out", default="runs/probe")
+    a = p.parse_args()
+
+    torch.manual_seed(a.seed)
+    data = load(a.dataset, quiet=True)
+    clf, _ = load_or_train_classifier(data)
+    model = build_model("vae-gan", make_config("vae-gan", **json.loads(a.cfg)))
+    optimizers = model.configure_optimizers(a.lr)
+    ema = copy.deepcopy(model.decoder).requires_grad_(False) if a.ema else None
+    x_train = to_float(data.train_x)
+    z = torch.randn(5000, model.config.latent_dim, generator=torch.Generator().manual_seed(1))
+    order = torch.Generator().manual_seed(a.seed)
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    log = open(Path(a.out) / f"{a.name}.log", "w")
+    for epoch in range(1, a.epochs + 1):
+        start, perm, terms = time.time(), torch.randperm(len(x_train), generator=order), []
+        for i in range(0, len(x_train) - a.batch + 1, a.batch):
+            out = model.training_step(x_train[perm[i : i + a.batch]], optimizers)
+            if ema is not None:
+                with torch.no_grad():
+                    for e, m in zip(ema.state_dict().values(), model.decoder.state_dict().values()):
+                        e.lerp_(m, 1 - a.ema) if e.dtype.is_floating_point else e.copy_(m)
+            if i % (50 * a.batch) == 0:  # every 50th step's terms sample the epoch
+                terms.append({k: float(v) for k, v in out.terms.items()})
+        seconds = time.time() - start
+        share, hist = confident_share(model.decoder, clf, z)
+        mean = {k: sum(t[k] for t in terms) / len(terms) for k in ("kl", "recon")}
+        line = (f"{a.name} epoch {epoch} {seconds:.0f}s confident={share:.3f} classes={hist} "
+                f"train kl={mean['kl']:.1f} recon={mean['recon']:.1f}")
+        if ema is not None:
+            share_e, hist_e = confident_share(ema, clf, z)
+            line += f" | ema confident={share_e:.3f} classes={hist_e}"
+        print(line, flush=True)
+        log.write(line + "\n")
+        log.flush()
+
+
+if __name__ == "__main__":
+    main()
