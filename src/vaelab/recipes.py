@@ -236,11 +236,14 @@ def _fashion_discussion(result: RecipeResult, report: Report) -> None:
     by_key = {r.step.key: r for r in result.steps}
     report.heading("Comparison of every model")
     _comparison_table(result, report)
-    report.paragraph("Fréchet distance and KID: between the classifier's penultimate-layer features "
-                     "of the model's samples and of the test images (0 = indistinguishable feature "
-                     "statistics; real training images give the floor). Precision: the share of "
-                     "samples that fall within the real images' feature manifold (fidelity); recall: "
-                     "the share of real images within the samples' manifold (variety). Confident "
+    report.paragraph("Fréchet distance and KID: between the classifier's features (its pooled last "
+                     "convolutional stage and its hidden layer) of the model's samples and of the "
+                     "test images (0 = indistinguishable feature statistics; real training images "
+                     "give the floor). Precision: the share of samples that fall within the real "
+                     "images' feature manifold (fidelity); recall: the share of real images within "
+                     "the samples' manifold (variety). A sample counts as inside when it is near any "
+                     "one real image, so samples crowded onto a few real images can score a high "
+                     "precision with a recall near 0: read the two together. Confident "
                      "share: samples the classifier assigns to one class with probability > 0.9. "
                      "The likelihoods are on grey-level images, so they compare the VAEs here but "
                      "not with binarized-MNIST numbers elsewhere. A difference is called clear only "
