@@ -75,6 +75,13 @@ def use_onednn_linear(model: nn.Module) -> list[nn.Linear]:
     return changed
 
 
+def forward_replaced(module: nn.Module) -> bool:
+    """Whether `module`'s forward was replaced on the instance by anything but `use_onednn_linear`
+    (which computes the same y = x W^T + b)."""
+    forward = vars(module).get("forward")
+    return forward is not None and getattr(forward, "__func__", None) is not _fast_linear_forward
+
+
 def restore_linear(layers: list[nn.Linear]) -> None:
     for module in layers:
         vars(module).pop("forward", None)
