@@ -19,17 +19,11 @@ from vaelab.errors import CheckpointError, DataError, DivergenceError
 from vaelab.models import MODELS, build_model, make_config, register
 from vaelab.models.base import ModelOutput
 from vaelab.models.vae import VAE
-from vaelab.train import TrainConfig, resume, train
+from vaelab.train import resume, train
 
-from conftest import write_dataset_files
+from conftest import quick_config, write_dataset_files
 
 RUN_FILES = ("checkpoint.safetensors", "model.safetensors", "history.csv", "steps.csv", "config.json")
-
-
-def quick_config(**kw):
-    # tiny_data: 256 training images in batches of 64 -> 4 steps per epoch
-    base = dict(epochs=1, batch_size=64, eval_batch_size=64, device="cpu", log_every=2)
-    return TrainConfig(**{**base, **kw})
 
 
 def snapshot(run):
@@ -179,7 +173,6 @@ def test_divergence_names_the_network(tmp_path, tiny_data, monkeypatch, two_netw
               tmp_path / "run", progress=False, data=tiny_data)
 
 
-@pytest.mark.skipif("vae-gan" not in MODELS, reason="vae-gan not registered yet")
 def test_vae_gan_divergence_names_the_network(tmp_path, tiny_data, monkeypatch):
     cls = MODELS["vae-gan"]
     term = next(t for t in ("dec_loss", "dis_loss", "enc_loss") if t in cls.term_names)
