@@ -10,8 +10,14 @@ import pytest
 import torch
 
 from vaelab import data as data_mod
+from vaelab import runtime
 from vaelab.data import ImageData, sha256, write_idx
 from vaelab.train import TrainConfig
+
+
+def pytest_configure(config):
+    # The tests compute as the command line does; the library itself changes no process setting.
+    runtime.configure()
 
 
 def synthetic_arrays(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -10,8 +10,6 @@ does between any two BLAS libraries.
 
 from __future__ import annotations
 
-import ctypes
-import sys
 import types
 from contextlib import contextmanager
 
@@ -96,20 +94,3 @@ def onednn_linear(model: nn.Module, enabled: bool = True):
         yield layers
     finally:
         restore_linear(layers)
-
-
-def keep_freed_memory() -> bool:
-    """Stop glibc from handing freed blocks back to the kernel. By default it unmaps big blocks
-    and trims the heap on free, so each training step's megabyte-sized tensors page-fault in
-    afresh: on the VM of benchmarks/RESULTS.md that doubled the time of the weight-gradient
-    multiplies. Freed memory stays reserved for reuse instead: blocks under 32 MB come from the
-    heap, and up to 512 MB of free heap is kept before it is returned. Returns whether it took
-    effect (glibc only)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
-    return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 512 << 20))
