@@ -57,12 +57,9 @@ def _positive_int(text: str) -> int:
 
 def _thread_count(text: str) -> int:
     try:
-        value = int(text)
+        return _positive_int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"a whole number of threads, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _add_threads(p) -> None:
