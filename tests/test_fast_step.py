@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 from vaelab.models import build_model, make_config, vae_step
 from vaelab.models.base import GenerativeModel
@@ -75,6 +76,12 @@ def test_the_step_is_only_taken_where_it_computes_the_same_update():
     assert not vae_step.applies(model, x, packed, derivation)
     handle.remove()
     assert vae_step.applies(model, x, packed, derivation)
+    model.decoder.net[0].forward = lambda z: z  # a forward replaced after the check
+    assert not vae_step.applies(model, x, packed, derivation)
+    del model.decoder.net[0].forward
+    assert vae_step.applies(model, x, packed, derivation)
+    nn.utils.parametrizations.weight_norm(model.decoder.net[0])  # changes the layer's class in place
+    assert not vae_step.applies(model, x, packed, derivation)
     model.heads = ClampedHeads(16, 2)  # a part replaced after the check
     assert not vae_step.applies(model, x, packed, derivation)
     lstm = build_model("lstm-vae", make_config("lstm-vae"))

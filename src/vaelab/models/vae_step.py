@@ -8,8 +8,9 @@ derivatives are a few whole-batch passes, and `PackedAdam.update` takes the grad
 from the multiplies. tests/test_fast_step.py checks the gradients against autograd's.
 
 The derivation holds for one model only, so the step is taken only for it: exactly `VAE` built of
-exactly its own blocks (`derived_for`, by class identity, checked once when the optimizer is made).
-A subclass, whatever it changes (clamped heads, its own forward), trains by autograd.
+exactly its own blocks (`derived_for`, by class identity, found once when the optimizer is made and
+confirmed by identity checks each step). A subclass, whatever it changes (clamped heads, its own
+forward), trains by autograd.
 
 The gradients, for a batch of B images x, logits l, posterior (mu, log sigma^2 = v), eps ~ N(0, I)
 and z = mu + eps * sigma, of loss = mean_b[BCE(l_b, x_b)] + beta * mean_b[KL_b]:
@@ -33,14 +34,23 @@ from .base import ModelOutput
 
 class Derivation:
     """What the step was derived for, found in one model once (`derived_for`): its trunk, heads and
-    decoder objects and the Linear layers of the first and last."""
+    decoder objects, every module inside them with its exact class, and the Linear layers of the
+    trunk and the decoder."""
 
     def __init__(self, trunk: nn.Module, heads: nn.Module, decoder: nn.Module,
                  encoder_layers: list[nn.Linear], decoder_layers: list[nn.Linear]):
-        self.modules = (trunk, heads, decoder)
+        self.parts = (trunk, heads, decoder)
         self.layers = (encoder_layers, decoder_layers)
-        self.all_modules = [m for part in self.modules for m in part.modules()]
-        self.params = [p for part in self.modules for p in part.parameters()]
+        self.modules = [m for part in self.parts for m in part.modules()]
+        self.classes = [type(m) for m in self.modules]
+        self.params = [p for part in self.parts for p in part.parameters()]
+
+    def holds(self, model) -> bool:
+        """Whether the model is still what was found: the same parts, and no module's class changed
+        (a parametrization such as weight_norm changes it in place) or forward replaced. Identity
+        checks only: microseconds a step."""
+        return (all(a is b for a, b in zip((model.trunk, model.heads, model.decoder), self.parts))
+                and all(type(m) is c and not forward_replaced(m) for m, c in zip(self.modules, self.classes)))
 
 
 def linear_layers(seq: nn.Module, final_relu: bool) -> list[nn.Linear] | None:
@@ -77,7 +87,7 @@ def derived_for(model) -> Derivation | None:
     if encoder_layers is None or decoder_layers is None:
         return None
     derivation = Derivation(trunk, heads, decoder, encoder_layers, decoder_layers)
-    return None if any(forward_replaced(m) for m in derivation.all_modules) else derivation
+    return derivation if derivation.holds(model) else None
 
 
 def _has_hooks(derivation: Derivation) -> bool:
@@ -87,21 +97,19 @@ def _has_hooks(derivation: Derivation) -> bool:
             "_global_backward_pre_hooks")):
         return True
     return (any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                for m in derivation.all_modules)
+                for m in derivation.modules)
             or any(p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None) for p in derivation.params))
 
 
 def applies(model, x: torch.Tensor, optimizer, derivation: Derivation | None) -> bool:
     """Whether `training_step` computes what the autograd step would here: `derivation` (from
-    `derived_for`, once) still describes the model, which runs in fp32 on the CPU with oneDNN, no
-    autocast, no hooks, and is updated by a `PackedAdam` that can take the gradients."""
-    return (derivation is not None
-            and all(a is b for a, b in zip((model.trunk, model.heads, model.decoder), derivation.modules))
+    `derived_for`, once) still holds, the model runs in fp32 on the CPU with oneDNN, no autocast and
+    no hooks, and a `PackedAdam` that can take the gradients updates it."""
+    return (derivation is not None and derivation.holds(model) and not _has_hooks(derivation)
             and x.device.type == "cpu" and x.dtype == torch.float32 and onednn_available()
             and not torch.is_autocast_enabled("cpu") and torch.is_grad_enabled()
             and isinstance(optimizer, PackedAdam) and optimizer.can_update()
-            and all(p.dtype == torch.float32 and p.device.type == "cpu" for p in derivation.params)
-            and not _has_hooks(derivation))
+            and all(p.dtype == torch.float32 and p.device.type == "cpu" for p in derivation.params))
 
 
 def weight_grad(dy: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
