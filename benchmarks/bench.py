@@ -73,7 +73,7 @@ VARIANTS = {
 
 
 def machine_info() -> dict:
-    from vaelab.train import physical_cores
+    from vaelab.runtime import physical_cores
 
     model = platform.processor() or platform.machine()
     flags = ""
@@ -174,9 +174,9 @@ def time_gemms(gemms, dtype=torch.float32, seconds: float = 1.0, repeats: int = 
 
 
 def matmul_throughput(batch: int, seconds: float) -> dict:
-    from vaelab.train import configure_runtime
+    from vaelab import runtime
 
-    configure_runtime()
+    runtime.configure()
     step = mlp_step_gemms(batch)
     square = [(batch, 1024, 1024, "square")]
     from vaelab.fastpath import onednn_available
@@ -316,10 +316,12 @@ def subset(data, n_train: int | None, n_test: int | None):
 def run_vaelab(model: str, overrides: dict, epochs: int, n_train: int | None, n_test: int | None,
                precision: str = "fp32", compile: bool = False, seed: int = 1, sample_n: int = 0) -> dict:
     """Train through `vaelab.train.train` (what `vaelab train` runs) into a temporary folder."""
+    from vaelab import runtime
     from vaelab.data import load
     from vaelab.models import make_config
     from vaelab.train import TrainConfig, train
 
+    runtime.configure()  # as `vaelab train` does
     data = subset(load("mnist", quiet=True), n_train, n_test)
     config = TrainConfig(dataset="mnist", epochs=epochs, batch_size=BATCH, lr=LR, seed=seed, device="cpu",
                          precision=precision, compile=compile)
@@ -601,8 +603,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true", help="also run vaelab with torch.compile")
     p.add_argument("--no-models", action="store_true", help="skip the per-model table")
     p.add_argument("--threads", type=int, default=None,
-                   help="OMP_NUM_THREADS for every run (default: one per physical core; 1 is steadier "
-                        "on a busy machine)")
+                   help="OMP_NUM_THREADS for every run (default: vaelab's choice, runtime.default_threads, "
+                        "for vaelab's runs and PyTorch's for the baseline)")
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results.json", help="where to write JSON")
     p.add_argument("--worker", nargs=2, metavar=("KIND", "KWARGS"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)

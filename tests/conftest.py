@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from vaelab import data as data_mod
+from vaelab import runtime
 from vaelab.data import ImageData, sha256, write_idx
+from vaelab.train import TrainConfig
+
+
+def pytest_configure(config):
+    # The tests compute as the command line does; the library itself changes no process setting.
+    runtime.configure()
 
 
 def synthetic_arrays(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -35,6 +42,12 @@ def synthetic_data(n_train: int = 256, n_test: int = 64, seed: int = 0) -> Image
     return ImageData("mnist", tuple(str(i) for i in range(10)),
                      torch.from_numpy(tx), torch.from_numpy(ty.astype(np.int64)),
                      torch.from_numpy(vx), torch.from_numpy(vy.astype(np.int64)))
+
+
+def quick_config(**fields) -> TrainConfig:
+    """A TrainConfig for tests: on the CPU, one epoch of `tiny_data` is 4 steps of 64 images, the
+    test split is scored in batches of 50 (a short last one) and the loop syncs every 2 steps."""
+    return TrainConfig(**{**dict(epochs=1, batch_size=64, eval_batch_size=50, device="cpu", log_every=2), **fields})
 
 
 @pytest.fixture

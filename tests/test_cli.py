@@ -175,3 +175,27 @@ def test_evaluation_of_a_statically_binarized_run_uses_the_binarized_test_set(tm
                          "--quiet", "--device", "cpu")
     metrics = json.loads((run / "metrics.json").read_text())
     assert code == 0 and "statically binarized" in json.dumps(metrics)
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two"])
+@pytest.mark.parametrize("command", [["train", "vae"], ["recipe", "vae-2d-mnist"]], ids=["train", "recipe"])
+def test_threads_below_one_or_not_a_number_is_a_one_line_error(capsys, tmp_path, command, value):
+    err = one_line_error(capsys, *command, "--out", str(tmp_path / "nowhere"), "--threads", value)
+    assert "--threads" in err and (f"got {value}" in err or f"got '{value}'" in err)
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_threads_sets_the_thread_count_and_goes_with_resume(trained_run, capsys):
+    import torch
+
+    from vaelab.runtime import physical_cores
+
+    run, _ = trained_run
+    before = torch.get_num_threads()
+    torch.set_num_threads(physical_cores() + 1)
+    try:
+        code, _, err = run_cli(capsys, "train", "--resume", str(run), "--epochs", "2", "--threads", "1", "--quiet")
+        assert code == 0, err
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

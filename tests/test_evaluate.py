@@ -110,11 +110,12 @@ def test_evaluate_cli_writes_metrics_json(tmp_path, synthetic_mnist, capsys):
 def test_metrics_of_a_loaded_run_are_reproducible(tmp_path, synthetic_mnist):
     from vaelab.data import load
     from vaelab.models import make_config
-    from vaelab.train import TrainConfig, train
+    from vaelab.train import train
+
+    from conftest import quick_config
 
     data = load("mnist", quiet=True)
-    train("vae", make_config("vae", hidden_dims=[16]), TrainConfig(epochs=1, batch_size=64, device="cpu"),
-          tmp_path / "run", progress=False, data=data)
+    train("vae", make_config("vae", hidden_dims=[16]), quick_config(), tmp_path / "run", progress=False, data=data)
     s = ev.EvalSettings(iw_samples=10, iw_images=20, n_samples=0)
     a = ev.evaluate_run(load_run(tmp_path / "run"), data, s)
     b = ev.evaluate_run(load_run(tmp_path / "run"), data, s)

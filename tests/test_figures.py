@@ -8,7 +8,9 @@ from PIL import Image
 from vaelab import plots
 from vaelab.figures import FIGURE_FILES, class_samples, pca_2d, write_run_figures
 from vaelab.models import make_config
-from vaelab.train import TrainConfig, train
+from vaelab.train import train
+
+from conftest import quick_config
 
 
 def png_size(path):
@@ -89,8 +91,7 @@ def test_class_samples_are_distinct_when_few_candidates_pass():
 
 @pytest.mark.parametrize("latent_dim", [2, 3])
 def test_write_run_figures_on_a_tiny_run(tmp_path, tiny_data, latent_dim):
-    cfg = TrainConfig(epochs=1, batch_size=64, device="cpu", log_every=2)
-    trainer = train("vae", make_config("vae", hidden_dims=[16], latent_dim=latent_dim), cfg, tmp_path / "run",
+    trainer = train("vae", make_config("vae", hidden_dims=[16], latent_dim=latent_dim), quick_config(), tmp_path / "run",
                     progress=False, data=tiny_data)
     written = write_run_figures(tmp_path / "run", trainer.model, tiny_data, n_scatter=64, grid_size=5)
     expected = set(FIGURE_FILES) - ({"manifold"} if latent_dim != 2 else set())

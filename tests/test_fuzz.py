@@ -18,7 +18,9 @@ from vaelab import checkpoint as ckpt
 from vaelab.data import MAX_IDX_BYTES, decompress_if_gzip, read_idx, write_idx
 from vaelab.errors import CheckpointError, DataError, VaelabError
 from vaelab.models import make_config
-from vaelab.train import TrainConfig, train
+from vaelab.train import train
+
+from conftest import quick_config
 
 FUZZ = settings(max_examples=200, deadline=2000, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -112,7 +114,7 @@ def real_run(tmp_path_factory):
     from conftest import synthetic_data
 
     run = tmp_path_factory.mktemp("fuzz") / "run"
-    config = TrainConfig(epochs=1, batch_size=64, eval_batch_size=64, device="cpu", log_every=2)
+    config = quick_config()
     train("vae", make_config("vae", hidden_dims=[8], latent_dim=2), config, run, progress=False,
           data=synthetic_data(n_train=128, n_test=32))
     return run, (run / ckpt.CHECKPOINT_FILE).read_bytes(), (run / ckpt.MODEL_FILE).read_bytes()

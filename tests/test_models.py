@@ -13,7 +13,9 @@ from vaelab.errors import ConfigError
 from vaelab.losses import generator_loss
 from vaelab.models import MODELS, build_model, make_config
 from vaelab.models.blocks import ConvDecoder
-from vaelab.train import TrainConfig, train
+from vaelab.train import train
+
+from conftest import quick_config
 
 # Small configurations of every model (and of each model's variants), so the suite stays fast.
 CASES = {
@@ -30,10 +32,6 @@ CASES = {
 
 def test_every_registered_model_has_a_case():
     assert {name for name, _ in CASES.values()} == set(MODELS)
-
-
-def quick_config(**kw):
-    return TrainConfig(**{**dict(epochs=1, batch_size=64, eval_batch_size=50, device="cpu", log_every=2), **kw})
 
 
 def images(n=8, seed=0):
@@ -360,7 +358,7 @@ def mean_image_mse(data):
 ], ids=["ae", "ae-normalized", "lstm-vae", "vae-gan-conv", "vae-gan-mlp"])
 def test_short_real_run(name, cfg, check, tmp_path):
     data = real_subset()
-    trainer = train(name, make_config(name, **cfg), TrainConfig(epochs=2, batch_size=64, device="cpu"),
+    trainer = train(name, make_config(name, **cfg), quick_config(epochs=2, eval_batch_size=1000),
                     tmp_path / "run", progress=False, data=data)
     test = [r for r in trainer.history if r["split"] == "test"][-1]
     assert check(test, data), test

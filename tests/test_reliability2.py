@@ -34,8 +34,8 @@ from vaelab.errors import CheckpointError, RunInUseError, WriteError
 from vaelab.models import MODELS
 from vaelab.models.vae import VAE
 
-from conftest import synthetic_data, write_dataset_files
-from test_reliability import fail_at_step, nan_term, quick_config, snapshot
+from conftest import quick_config, synthetic_data, write_dataset_files
+from test_reliability import fail_at_step, nan_term, snapshot
 
 SMALL = ["--batch-size", "256", "--set", "hidden_dims=[16]", "--device", "cpu", "--quiet"]
 

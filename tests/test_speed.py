@@ -1,6 +1,7 @@
-"""The fast path's functions, on the CPU: oneDNN linear against PyTorch's, the trainer's runtime
-choices, the bf16 autocast path the GPU also takes, and a tiny run of the benchmark's functions.
-No timing assertions: speed targets are checked by benchmarks/bench.py, never by unit tests."""
+"""The fast path's functions, on the CPU: oneDNN linear against PyTorch's, the runtime's thread
+policy (on faked topologies, loads and timings), the bf16 autocast path the GPU also takes, and a
+tiny run of the benchmark's functions. No timing assertions: speed targets are checked by
+benchmarks/bench.py, never by unit tests."""
 
 import importlib.util
 from pathlib import Path
@@ -12,8 +13,11 @@ from torch import nn
 from vaelab.data import Batcher
 from vaelab.fastpath import OneDNNLinearFunction, onednn_available, onednn_linear
 from vaelab.models import build_model, make_config
-from vaelab.train import (TrainConfig, autocast, evaluate_terms, physical_cores, rng_state, train,
-                          wants_channels_last)
+from vaelab import runtime
+from vaelab.errors import ConfigError
+from vaelab.train import autocast, evaluate_terms, train, wants_channels_last
+
+from conftest import quick_config
 
 needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN")
 
@@ -58,8 +62,7 @@ def test_onednn_function_without_bias_passes_gradcheck_shapes():
     torch.testing.assert_close(dw, torch.ones(3, 4) @ x, rtol=1e-5, atol=1e-5)
 
 
-def test_runtime_choices():
-    assert 1 <= physical_cores() <= (torch.get_num_threads() + 1024)
+def test_channels_last_is_chosen_for_convolutions_unless_declared():
     assert not wants_channels_last(build_model("vae", make_config("vae", hidden_dims=[8])))
     conv = nn.Sequential(nn.Conv2d(1, 4, 3))
     assert wants_channels_last(conv)
@@ -67,10 +70,75 @@ def test_runtime_choices():
     assert not wants_channels_last(conv)
 
 
+def test_physical_cores_counts_smt_siblings_once(tmp_path):
+    for cpu, siblings in {0: "0,2", 1: "1,3", 2: "0,2", 3: "1,3"}.items():
+        (tmp_path / f"cpu{cpu}" / "topology").mkdir(parents=True)
+        (tmp_path / f"cpu{cpu}" / "topology" / "thread_siblings_list").write_text(siblings + "\n")
+    assert runtime.physical_cores({0, 1, 2, 3}, sysfs=tmp_path) == 2
+    assert runtime.physical_cores({0, 2}, sysfs=tmp_path) == 1
+    assert runtime.physical_cores({0, 1, 7}, sysfs=tmp_path) == 3  # no topology: a core of its own
+
+
+@pytest.mark.parametrize("cores, load, idle", [(2, 0.1, 2), (2, 1.0, 1), (2, 3.7, 1), (8, 2.4, 6)])
+def test_idle_cores_subtracts_the_load_average(monkeypatch, cores, load, idle):
+    monkeypatch.setattr(runtime, "physical_cores", lambda: cores)
+    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (load, load, load))
+    assert runtime.idle_cores.__wrapped__() == idle
+
+
+@pytest.mark.parametrize("seconds, chosen", [
+    ({1: 1.0, 2: 0.5}, 2),  # a quiet machine: two threads twice as fast
+    ({1: 1.0, 2: 0.9}, 1),  # within the margin: fewer threads
+    ({1: 1.2, 2: 16.0}, 1),  # a busy neighbour stalls every barrier (as measured on a 2-core VM)
+    ({1: 4.0, 3: 1.0, 6: 2.0}, 3),
+], ids=["quiet", "marginal", "busy", "middle"])
+def test_fastest_threads_picks_the_fastest_probe_and_restores_the_thread_count(monkeypatch, seconds, chosen):
+    monkeypatch.setattr(runtime, "probe_seconds", lambda threads, a, b: seconds[threads])
+    before = torch.get_num_threads()
+    assert runtime.fastest_threads(list(seconds)) == chosen
+    assert torch.get_num_threads() == before
+
+
+def test_configure_takes_threads_then_the_environment_then_the_probe(monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.setattr(runtime, "default_threads", lambda: 1)
+    try:
+        assert runtime.configure(threads=2) == 2 == torch.get_num_threads()
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert runtime.configure() == 2  # the user's environment wins over the default
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        assert runtime.configure() == 1
+        with pytest.raises(ConfigError, match="--threads must be at least 1, got 0"):
+            runtime.configure(threads=0)
+    finally:
+        torch.set_num_threads(before)
+
+
+def flushes_denormals() -> bool:
+    return float(torch.tensor([1e-40]) * 1.0) == 0.0
+
+
+def test_training_as_a_library_changes_no_process_setting(tmp_path, tiny_data):
+    """`train()` leaves threads and denormals as the caller set them (only runtime.configure,
+    which the CLI calls, changes them)."""
+    before = torch.get_num_threads()
+    unusual = runtime.physical_cores() + 1  # a count the runtime's policy never picks
+    torch.set_num_threads(unusual)
+    torch.set_flush_denormal(False)
+    try:
+        train("vae", make_config("vae", hidden_dims=[16]), quick_config(), tmp_path / "run", progress=False,
+              data=tiny_data)
+        assert torch.get_num_threads() == unusual and not flushes_denormals()
+    finally:
+        torch.set_num_threads(before)
+        torch.set_flush_denormal(True)
+    assert flushes_denormals()  # the check above can see a flushing process
+
+
 def test_bf16_autocast_path_trains_and_evaluates_on_cpu(tmp_path, tiny_data):
     """The GPU's `--precision bf16` path runs the same functions: autocast around the step and
     the evaluation, fp32 weights and optimizer state, finite results."""
-    cfg = TrainConfig(epochs=1, batch_size=64, eval_batch_size=50, device="cpu", precision="bf16")
+    cfg = quick_config(precision="bf16")
     trainer = train("vae", make_config("vae", hidden_dims=[32]), cfg, tmp_path / "run", progress=False,
                     data=tiny_data)
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
@@ -80,14 +148,13 @@ def test_bf16_autocast_path_trains_and_evaluates_on_cpu(tmp_path, tiny_data):
         assert trainer.model.decode(torch.randn(2, 2)).dtype == torch.bfloat16
 
 
-def test_batcher_generator_lives_on_the_data_device(tiny_data):
+def test_batcher_state_replays_the_same_batches(tiny_data):
     b = Batcher(tiny_data.train_x, 32, "cpu", binarize="dynamic", seed=3)
-    assert b.generator.device == b.images.device
     state = b.state_dict()
     first = [x.clone() for x in b]
+    assert not all(torch.equal(x, y) for x, y in zip(first, b))  # the next epoch is another draw
     b.load_state_dict(state)
     assert all(torch.equal(x, y) for x, y in zip(first, b))
-    assert "cuda" not in rng_state() or torch.cuda.is_available()
 
 
 def _bench_module():

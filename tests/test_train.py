@@ -6,17 +6,14 @@ import torch
 from vaelab import checkpoint as ckpt
 from vaelab.errors import CheckpointError, ConfigError, DivergenceError, RunExistsError
 from vaelab.models import make_config
-from vaelab.train import TrainConfig, resume, train
+from vaelab.train import resume, train
 
-
-def quick_config(**kw):
-    base = dict(epochs=2, batch_size=64, eval_batch_size=50, device="cpu", log_every=2)
-    return TrainConfig(**{**base, **kw})
+from conftest import quick_config
 
 
 def test_train_writes_a_complete_run_folder(tmp_path, tiny_data):
     run = tmp_path / "run"
-    trainer = train("vae", make_config("vae", hidden_dims=[32]), quick_config(), run,
+    trainer = train("vae", make_config("vae", hidden_dims=[32]), quick_config(epochs=2), run,
                     progress=False, data=tiny_data)
     for name in ("config.json", "model.safetensors", "checkpoint.safetensors", "history.csv", "steps.csv"):
         assert (run / name).is_file(), name
@@ -42,9 +39,9 @@ def test_run_folder_reloads_to_identical_outputs(tmp_path, tiny_data):
 
 def test_same_seed_same_numbers(tmp_path, tiny_data):
     cfg = make_config("vae", hidden_dims=[32])
-    a = train("vae", cfg, quick_config(seed=7), tmp_path / "a", progress=False, data=tiny_data)
-    b = train("vae", cfg, quick_config(seed=7), tmp_path / "b", progress=False, data=tiny_data)
-    c = train("vae", cfg, quick_config(seed=8), tmp_path / "c", progress=False, data=tiny_data)
+    a = train("vae", cfg, quick_config(epochs=2, seed=7), tmp_path / "a", progress=False, data=tiny_data)
+    b = train("vae", cfg, quick_config(epochs=2, seed=7), tmp_path / "b", progress=False, data=tiny_data)
+    c = train("vae", cfg, quick_config(epochs=2, seed=8), tmp_path / "c", progress=False, data=tiny_data)
     strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
     assert strip(a.history) == strip(b.history)
     assert strip(a.history) != strip(c.history)
@@ -116,6 +113,6 @@ def test_a_signal_during_the_last_step_of_the_run_just_finishes(tmp_path, tiny_d
         return out
 
     monkeypatch.setattr(cls, "training_step", step_then_interrupt)
-    trainer = train("vae", make_config("vae", hidden_dims=[16]), quick_config(), tmp_path / "run",
+    trainer = train("vae", make_config("vae", hidden_dims=[16]), quick_config(epochs=2), tmp_path / "run",
                     progress=False, data=tiny_data)
     assert trainer.epoch == 2 and ckpt.load_checkpoint(tmp_path / "run")["partial"] is None

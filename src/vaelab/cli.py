@@ -55,6 +55,19 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _thread_count(text: str) -> int:
+    try:
+        return _positive_int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a whole number of threads, got {text!r}") from None
+
+
+def _add_threads(p) -> None:
+    p.add_argument("--threads", type=_thread_count, default=None, metavar="N",
+                   help="intra-op CPU threads (default: OMP_NUM_THREADS if set, else what a short probe "
+                        "finds fastest now: 1 on a machine whose other cores are busy)")
+
+
 def _seed(text: str) -> int:
     value = int(text)
     if not 0 <= value <= MAX_SEED:
@@ -105,6 +118,7 @@ def _add_train(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("--resume", type=Path, metavar="RUN", help="continue RUN from its last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_threads(p)
     p.set_defaults(func=cmd_train)
 
 
@@ -119,8 +133,8 @@ def cmd_train(args) -> int:
 
     progress = not args.quiet
     if args.resume is not None:
-        # Only --epochs, --device and --quiet go with --resume: anything else would either be
-        # ignored silently or break the promise that a resumed run equals a straight one.
+        # Only --epochs, --device, --threads and --quiet go with --resume: anything else would
+        # either be ignored silently or break the promise that a resumed run equals a straight one.
         stored = [flag for flag, value in (
             ("MODEL", args.model), ("--out", args.out), ("--set", args.overrides), ("--dataset", args.dataset),
             ("--lr", args.lr), ("--batch-size", args.batch_size), ("--latent-dim", args.latent_dim),
@@ -346,6 +360,7 @@ def _add_recipe(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing recipe folder")
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_threads(p)
     p.set_defaults(func=cmd_recipe)
 
 
@@ -442,14 +457,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import runtime
     from .errors import VaelabError
-    from .train import TrainingInterrupted, configure_runtime
+    from .train import TrainingInterrupted
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    # Every command runs as training does (threads, denormals, allocator): evaluate, generate and
-    # plot then compute as the evaluation inside training did, and as fast.
-    configure_runtime()
+    # Every command tunes the process alike (threads, denormals, allocator): evaluate, generate and
+    # plot then compute as the evaluation inside `vaelab train` did, and as fast.
+    runtime.configure(threads=getattr(args, "threads", None))
     try:
         return args.func(args)
     except TrainingInterrupted as e:

@@ -10,8 +10,6 @@ does between any two BLAS libraries.
 
 from __future__ import annotations
 
-import ctypes
-import sys
 import types
 from contextlib import contextmanager
 
@@ -75,6 +73,13 @@ def use_onednn_linear(model: nn.Module) -> list[nn.Linear]:
     return changed
 
 
+def forward_replaced(module: nn.Module) -> bool:
+    """Whether `module`'s forward was replaced on the instance by anything but `use_onednn_linear`
+    (which computes the same y = x W^T + b)."""
+    forward = vars(module).get("forward")
+    return forward is not None and getattr(forward, "__func__", None) is not _fast_linear_forward
+
+
 def restore_linear(layers: list[nn.Linear]) -> None:
     for module in layers:
         vars(module).pop("forward", None)
@@ -89,20 +94,3 @@ def onednn_linear(model: nn.Module, enabled: bool = True):
         yield layers
     finally:
         restore_linear(layers)
-
-
-def keep_freed_memory() -> bool:
-    """Stop glibc from handing freed blocks back to the kernel. By default it unmaps big blocks
-    and trims the heap on free, so each training step's megabyte-sized tensors page-fault in
-    afresh: on the VM of benchmarks/RESULTS.md that doubled the time of the weight-gradient
-    multiplies. Freed memory stays reserved for reuse instead: blocks under 32 MB come from the
-    heap, and up to 512 MB of free heap is kept before it is returned. Returns whether it took
-    effect (glibc only)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
-    return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 512 << 20))

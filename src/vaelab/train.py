@@ -5,20 +5,18 @@ Nothing here knows which model it trains: a model brings its optimizers and its 
 
 Speed notes (see benchmarks/): batches are indexed out of a uint8 tensor on the device, the
 per-step loss terms stay on the device and are copied to the host once every `log_every` steps,
-and evaluation runs in large batches under inference mode. One intra-op thread per physical core,
-denormals flushed, freed memory kept by the allocator, fused Adam (models/base.py), fp32 linear
-layers through oneDNN on the CPU (fastpath.py), the MLP VAE's hand-derived step with PackedAdam
-(models/vae_step.py, optim.py), channels-last weights for convolutional models, and an optional
-`compile` (torch.compile of the model's forward and backward).
+and evaluation runs in large batches under inference mode. Fused Adam (models/base.py), fp32
+linear layers through oneDNN on the CPU (fastpath.py), the MLP VAE's hand-derived step with
+PackedAdam (models/vae_step.py, optim.py), channels-last weights for convolutional models, and an
+optional `compile` (torch.compile of the model's forward and backward). Process-wide settings
+(threads, denormals, the allocator) are not changed here: see runtime.py.
 """
 
 from __future__ import annotations
 
 import csv
-import functools
 import io
 import math
-import os
 import random
 import shutil
 import signal
@@ -39,7 +37,9 @@ from .atomic import atomic_write, exchange, temp_path
 from .config import config_from_dict, config_to_dict, require
 from .data import BINARIZE_CHOICES, Batcher, ImageData, load
 from .errors import CheckpointError, ConfigError, DivergenceError, RunExistsError, RunInUseError, VaelabError
-from .fastpath import keep_freed_memory, onednn_linear
+from .fastpath import onednn_linear
+# recipes.describe_time imports these two from here; they live in runtime.py.
+from .runtime import idle_cores, physical_cores  # noqa: F401
 
 PRECISIONS = ("fp32", "bf16")
 # Seeds go to NumPy's legacy generator, which takes 32 bits; counts to torch's int64 indexing.
@@ -107,49 +107,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ConfigError(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s)")
     return device
-
-
-def physical_cores() -> int:
-    """Physical cores this process may run on: SMT siblings of one core count once."""
-    try:
-        cpus = os.sched_getaffinity(0)
-    except AttributeError:  # not Linux
-        return max(1, (os.cpu_count() or 2) // 2)
-    cores = set()
-    for cpu in cpus:
-        try:
-            cores.add(Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip())
-        except OSError:
-            cores.add(str(cpu))
-    return max(1, len(cores))
-
-
-def configure_runtime() -> None:
-    keep_freed_memory()  # see fastpath.py: freed tensors would page-fault back in every step
-    # Denormals appear in the tails of trained weights and slow CPU matmuls by orders of magnitude.
-    torch.set_flush_denormal(True)
-    # An explicit OMP_NUM_THREADS is the user's choice and wins.
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(idle_cores())
-
-
-@functools.cache
-def idle_cores() -> int:
-    """Threads worth running: the physical cores (SMT siblings share one core's vector units, so a
-    second thread on them only adds barrier waits) less those other processes keep busy.
-
-    Every OpenMP region ends in a barrier: one thread descheduled by a busy neighbour stalls all
-    the others (on this 2-core machine with one core busy, `make demo`'s epochs took 54-120 s with
-    two threads; the whole 12-epoch demo took 4 minutes with one). The 1-minute load average counts
-    the neighbours; it is read once, at the first call, before this process's own work adds to it
-    (a recipe configures the runtime again for every model it trains).
-    """
-    cores = physical_cores()
-    try:
-        busy = os.getloadavg()[0]
-    except (OSError, AttributeError):  # not available on this platform
-        return cores
-    return max(1, min(cores, cores - int(busy + 0.5)))
 
 
 def wants_channels_last(model: torch.nn.Module) -> bool:
@@ -345,7 +302,6 @@ class Trainer:
     # --- the loop -----------------------------------------------------------------------------
 
     def fit(self) -> list[dict]:
-        configure_runtime()
         self.model.train()
         # fp32 linear layers through oneDNN while training on the CPU (see fastpath.py); inductor
         # has its own kernels, so not with compile.

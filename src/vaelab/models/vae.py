@@ -55,6 +55,7 @@ class GaussianVAE(GenerativeModel):
 class VAE(GaussianVAE):
     config_class = VAEConfig
     description = "MLP VAE, 784-512-2 by default: BCE + KL, the 2-D latent-space assignment"
+    _derivation: vae_step.Derivation | None = None  # set by configure_optimizers
 
     def __init__(self, config: VAEConfig):
         super().__init__(config)
@@ -63,18 +64,16 @@ class VAE(GaussianVAE):
         self.decoder = MLPDecoder(config.latent_dim, config.hidden_dims)
 
     def configure_optimizers(self, lr: float) -> dict[str, torch.optim.Optimizer]:
+        # Whether the hand-derived step (vae_step.py) computes this model's update is decided here,
+        # once, by exact classes: a subclass, or a part of another class, trains by autograd.
+        self._derivation = vae_step.derived_for(self)
         return {"model": PackedAdam(self.parameters(), lr=lr)}
 
     def training_step(self, x: torch.Tensor, optimizers: dict[str, torch.optim.Optimizer],
                       clip_grad: float | None = None) -> ModelOutput:
-        # On the CPU the hand-derived step (vae_step.py) does the same update about 1.6x faster;
-        # gradient clipping, autocast, compile and CUDA take the autograd step.
-        # A subclass that changes the math (forward, encode, decode_logits) gets autograd too.
+        # On the CPU the hand-derived step does the same update about 1.6x faster; gradient
+        # clipping, hooks, autocast, compile and CUDA take the autograd step.
         opt = optimizers["model"]
-        own_math = all(getattr(type(self), m) is getattr(GaussianVAE, m)
-                       for m in ("forward", "encode", "decode_logits"))
-        if clip_grad is None and own_math and not self.is_compiled:
-            layers = vae_step.applies(self, x, opt)
-            if layers is not None:
-                return vae_step.training_step(self, x, opt, layers)
+        if clip_grad is None and not self.is_compiled and vae_step.applies(self, x, opt, self._derivation):
+            return vae_step.training_step(self, x, opt, self._derivation)
         return super().training_step(x, optimizers, clip_grad)

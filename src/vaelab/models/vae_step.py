@@ -7,6 +7,11 @@ Here every multiply runs through oneDNN (with the ReLU fused into the forward on
 derivatives are a few whole-batch passes, and `PackedAdam.update` takes the gradients straight
 from the multiplies. tests/test_fast_step.py checks the gradients against autograd's.
 
+The derivation holds for one model only, so the step is taken only for it: exactly `VAE` built of
+exactly its own blocks (`derived_for`, by class identity, found once when the optimizer is made and
+confirmed by identity checks each step). A subclass, whatever it changes (clamped heads, its own
+forward), trains by autograd.
+
 The gradients, for a batch of B images x, logits l, posterior (mu, log sigma^2 = v), eps ~ N(0, I)
 and z = mu + eps * sigma, of loss = mean_b[BCE(l_b, x_b)] + beta * mean_b[KL_b]:
     dloss/dl  = (sigmoid(l) - x) / B
@@ -20,15 +25,39 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as torch_module
 
-from ..fastpath import onednn_available, onednn_mm
+from ..fastpath import forward_replaced, onednn_available, onednn_mm
 from ..optim import PackedAdam
 from .base import ModelOutput
 
 
-def linear_layers(seq: nn.Sequential, final_relu: bool) -> list[nn.Linear] | None:
-    """The Linear layers of a Linear, ReLU, Linear, ... stack (ending in a ReLU or not, as
-    asked), or None for anything else."""
+class Derivation:
+    """What the step was derived for, found in one model once (`derived_for`): its trunk, heads and
+    decoder objects, every module inside them with its exact class, and the Linear layers of the
+    trunk and the decoder."""
+
+    def __init__(self, trunk: nn.Module, heads: nn.Module, decoder: nn.Module,
+                 encoder_layers: list[nn.Linear], decoder_layers: list[nn.Linear]):
+        self.parts = (trunk, heads, decoder)
+        self.layers = (encoder_layers, decoder_layers)
+        self.modules = [m for part in self.parts for m in part.modules()]
+        self.classes = [type(m) for m in self.modules]
+        self.params = [p for part in self.parts for p in part.parameters()]
+
+    def holds(self, model) -> bool:
+        """Whether the model is still what was found: the same parts, and no module's class changed
+        (a parametrization such as weight_norm changes it in place) or forward replaced. Identity
+        checks only: microseconds a step."""
+        return (all(a is b for a, b in zip((model.trunk, model.heads, model.decoder), self.parts))
+                and all(type(m) is c and not forward_replaced(m) for m, c in zip(self.modules, self.classes)))
+
+
+def linear_layers(seq: nn.Module, final_relu: bool) -> list[nn.Linear] | None:
+    """The Linear layers of an nn.Sequential of exactly Linear, ReLU, Linear, ... (ending in a ReLU
+    or not, as asked), or None for anything else (subclasses included)."""
+    if type(seq) is not nn.Sequential:
+        return None
     layers = [m for m in seq if type(m) is nn.Linear]
     expected = [nn.Linear, nn.ReLU] * len(layers)
     if [type(m) for m in seq] != (expected if final_relu else expected[:-1]):
@@ -36,18 +65,51 @@ def linear_layers(seq: nn.Sequential, final_relu: bool) -> list[nn.Linear] | Non
     return layers
 
 
-def applies(model, x: torch.Tensor, optimizer) -> tuple[list[nn.Linear], list[nn.Linear]] | None:
-    """The (encoder, decoder) Linear layers `training_step` needs if it computes what the autograd
-    step would here (an fp32 MLP VAE on the CPU with oneDNN, no autocast, a `PackedAdam`), else
-    None."""
-    if not (x.device.type == "cpu" and x.dtype == torch.float32 and onednn_available()
+def derived_for(model) -> Derivation | None:
+    """A `Derivation` if `model` is exactly what the gradients above were derived for, else None.
+
+    Exact classes, not a look at the methods: `VAE` itself (no subclass, whatever it overrides),
+    holding an `MLPEncoderTrunk`, `GaussianHeads` and `MLPDecoder` (none a subclass) built of
+    nn.Sequential, nn.Linear and nn.ReLU, with no module's forward replaced on the instance. Any
+    other model, a VAE subclass whose heads clamp the log-variance included, is trained by autograd.
+    """
+    from .blocks import GaussianHeads, MLPDecoder, MLPEncoderTrunk
+    from .vae import VAE
+
+    if type(model) is not VAE:
+        return None
+    trunk, heads, decoder = model.trunk, model.heads, model.decoder
+    if (type(trunk) is not MLPEncoderTrunk or type(heads) is not GaussianHeads or type(decoder) is not MLPDecoder
+            or type(heads.mu) is not nn.Linear or type(heads.logvar) is not nn.Linear):
+        return None
+    encoder_layers = linear_layers(trunk.net, final_relu=True)
+    decoder_layers = linear_layers(decoder.net, final_relu=False)
+    if encoder_layers is None or decoder_layers is None:
+        return None
+    derivation = Derivation(trunk, heads, decoder, encoder_layers, decoder_layers)
+    return derivation if derivation.holds(model) else None
+
+
+def _has_hooks(derivation: Derivation) -> bool:
+    """Whether a hook would see the autograd step's tensors: the hand step would skip it."""
+    if any(getattr(torch_module, name) for name in (
+            "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+            "_global_backward_pre_hooks")):
+        return True
+    return (any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                for m in derivation.modules)
+            or any(p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None) for p in derivation.params))
+
+
+def applies(model, x: torch.Tensor, optimizer, derivation: Derivation | None) -> bool:
+    """Whether `training_step` computes what the autograd step would here: `derivation` (from
+    `derived_for`, once) still holds, the model runs in fp32 on the CPU with oneDNN, no autocast and
+    no hooks, and a `PackedAdam` that can take the gradients updates it."""
+    return (derivation is not None and derivation.holds(model) and not _has_hooks(derivation)
+            and x.device.type == "cpu" and x.dtype == torch.float32 and onednn_available()
             and not torch.is_autocast_enabled("cpu") and torch.is_grad_enabled()
             and isinstance(optimizer, PackedAdam) and optimizer.can_update()
-            and all(p.dtype == torch.float32 and p.device.type == "cpu" for p in model.parameters())):
-        return None
-    encoder = linear_layers(model.trunk.net, final_relu=True)
-    decoder = linear_layers(model.decoder.net, final_relu=False)
-    return None if encoder is None or decoder is None else (encoder, decoder)
+            and all(p.dtype == torch.float32 and p.device.type == "cpu" for p in derivation.params))
 
 
 def weight_grad(dy: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -61,11 +123,10 @@ def weight_grad(dy: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return onednn_mm(a.t(), dy.t()).t()  # ((in, B) @ (B, out))^T
 
 
-def training_step(model, x: torch.Tensor, optimizer: PackedAdam,
-                  layers: tuple[list[nn.Linear], list[nn.Linear]]) -> ModelOutput:
-    """One Adam step of an MLP VAE on batch x (B, 1, 28, 28), with the layers `applies` returned;
-    returns what `forward` would."""
-    encoder, decoder = layers
+def training_step(model, x: torch.Tensor, optimizer: PackedAdam, derivation: Derivation) -> ModelOutput:
+    """One Adam step of an MLP VAE on batch x (B, 1, 28, 28), where `applies`; returns what
+    `forward` would."""
+    encoder, decoder = derivation.layers
     batch, latent = x.shape[0], model.latent_dim
     beta = model.config.beta
     with torch.no_grad():

@@ -1,0 +1,155 @@
+"""Process-wide settings for fast CPU work: the intra-op thread count, denormal flushing, and
+glibc keeping freed memory for reuse.
+
+They change the whole process, so nothing in the library applies them by itself: the command line
+does, for every command (`--threads N` overrides the thread count), and a program that uses
+vaelab as a library opts in with one call, `vaelab.runtime.configure()` (or `configure(threads=N)`).
+Training computes the same numbers either way, up to rounding.
+
+The thread count, in order: `threads` given (the CLI's `--threads`), then `OMP_NUM_THREADS` in the
+environment (the user's choice), then `default_threads()`: what is fastest here and now. Every
+OpenMP region ends in a barrier, so one thread descheduled by a busy neighbour stalls all the
+others: on a 2-core machine with one core busy, `make demo`'s epochs took 54-120 s with two
+threads, and the whole 12-epoch demo 4 minutes with one. The load average sees such a neighbour
+only after it has run for a minute, so the default is measured: a short timed probe of the
+candidate thread counts on a training-sized matrix multiply.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigError
+
+# The probe's work: one (128, 784) x (784, 512) multiply, the MLP VAE's first layer at batch 128,
+# repeated for PROBE_SECONDS per round, PROBE_ROUNDS rounds per candidate, interleaved.
+PROBE_SHAPE = (128, 784, 512)
+PROBE_SECONDS = 0.02
+PROBE_ROUNDS = 3
+# More threads must be this much faster than fewer to be chosen: a busy machine's timings are
+# noisy, and too few threads costs less than too many (a stalled barrier costs whole time slices).
+PROBE_MARGIN = 0.85
+
+
+def physical_cores(cpus: set[int] | None = None, sysfs: Path = Path("/sys/devices/system/cpu")) -> int:
+    """Physical cores among `cpus` (default: those this process may run on): SMT siblings of one
+    core count once."""
+    if cpus is None:
+        try:
+            cpus = os.sched_getaffinity(0)
+        except AttributeError:  # not Linux
+            return max(1, (os.cpu_count() or 2) // 2)
+    cores = set()
+    for cpu in cpus:
+        try:
+            cores.add((sysfs / f"cpu{cpu}" / "topology" / "thread_siblings_list").read_text().strip())
+        except OSError:
+            cores.add(str(cpu))
+    return max(1, len(cores))
+
+
+@functools.cache
+def idle_cores() -> int:
+    """The physical cores (SMT siblings share one core's vector units, so a second thread on them
+    only adds barrier waits) less those the 1-minute load average says other processes keep busy.
+
+    Read once, at the first call, before this process's own work adds to it (a recipe estimates its
+    time with it after its first model has trained)."""
+    cores = physical_cores()
+    try:
+        busy = os.getloadavg()[0]
+    except (OSError, AttributeError):  # not available on this platform
+        return cores
+    return max(1, min(cores, cores - int(busy + 0.5)))
+
+
+def probe_seconds(threads: int, a: torch.Tensor, b: torch.Tensor) -> float:
+    """Seconds per multiply of a @ b with `threads` intra-op threads, over PROBE_SECONDS."""
+    torch.set_num_threads(threads)
+    torch.mm(a, b)  # warm-up: the thread pool resizes on first use
+    n, start = 0, time.perf_counter()
+    while True:
+        torch.mm(a, b)
+        n += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= PROBE_SECONDS:
+            return elapsed / n
+
+
+def fastest_threads(candidates: list[int]) -> int:
+    """The candidate thread count that multiplies fastest now; a larger one wins only if it is
+    faster than the best smaller one by PROBE_MARGIN. Leaves the thread count as it found it."""
+    candidates = sorted(set(candidates))
+    if len(candidates) == 1:
+        return candidates[0]
+    before = torch.get_num_threads()
+    m, k, n = PROBE_SHAPE
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.rand(m, k, generator=generator), torch.rand(k, n, generator=generator)
+    times: dict[int, list[float]] = {t: [] for t in candidates}
+    try:
+        for _ in range(PROBE_ROUNDS):  # interleaved, so a neighbour's burst hits every candidate
+            for t in candidates:
+                times[t].append(probe_seconds(t, a, b))
+    finally:
+        torch.set_num_threads(before)
+    best = candidates[0]
+    for t in candidates[1:]:
+        if statistics.median(times[t]) < PROBE_MARGIN * statistics.median(times[best]):
+            best = t
+    return best
+
+
+@functools.cache
+def default_threads() -> int:
+    """Intra-op threads for this process when nobody chose: 1, the cores the load average calls
+    idle, or all physical cores, whichever a probe finds fastest (measured once per process)."""
+    cores = physical_cores()
+    if cores == 1:
+        return 1
+    return fastest_threads([1, idle_cores(), cores])
+
+
+def check_threads(threads: int) -> int:
+    if threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {threads}")
+    return threads
+
+
+def keep_freed_memory() -> bool:
+    """Stop glibc from handing freed blocks back to the kernel. By default it unmaps big blocks
+    and trims the heap on free, so each training step's megabyte-sized tensors page-fault in
+    afresh: on the VM of benchmarks/RESULTS.md that doubled the time of the weight-gradient
+    multiplies. Freed memory stays reserved for reuse instead: blocks under 32 MB come from the
+    heap, and up to 512 MB of free heap is kept before it is returned. Returns whether it took
+    effect (glibc only)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 512 << 20))
+
+
+def configure(threads: int | None = None) -> int:
+    """Tune this process for vaelab's CPU work: freed memory kept for reuse, denormals flushed
+    (they appear in the tails of trained weights and slow CPU multiplies by orders of magnitude),
+    and the intra-op thread count: `threads`, else OMP_NUM_THREADS, else `default_threads()`.
+    Returns the thread count now in use."""
+    keep_freed_memory()
+    torch.set_flush_denormal(True)
+    if threads is not None:
+        torch.set_num_threads(check_threads(threads))
+    elif "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(default_threads())
+    return torch.get_num_threads()
