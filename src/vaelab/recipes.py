@@ -591,7 +591,7 @@ def write_report(result: RecipeResult) -> Path:
 def describe_time(quiet_seconds: float) -> str:
     """The estimate in words, scaled to this machine's current load: the steps' seconds were
     measured on 2 idle cores, and with some of them busy training runs on the free ones only."""
-    from .train import idle_cores, physical_cores
+    from .runtime import idle_cores, physical_cores
 
     cores, free = physical_cores(), idle_cores()
     text = f"about {quiet_seconds / 60:.0f} min on 2 idle CPU cores"

@@ -38,8 +38,6 @@ from .config import config_from_dict, config_to_dict, require
 from .data import BINARIZE_CHOICES, Batcher, ImageData, load
 from .errors import CheckpointError, ConfigError, DivergenceError, RunExistsError, RunInUseError, VaelabError
 from .fastpath import onednn_linear
-# recipes.describe_time imports these two from here; they live in runtime.py.
-from .runtime import idle_cores, physical_cores  # noqa: F401
 
 PRECISIONS = ("fp32", "bf16")
 # Seeds go to NumPy's legacy generator, which takes 32 bits; counts to torch's int64 indexing.
