@@ -23,6 +23,19 @@ def autograd_twin(model):
     return twin, {"model": torch.optim.Adam(twin.parameters(), lr=1e-2, fused=True)}
 
 
+def step_both(model, opts, twin, twin_opts, steps: int = 5) -> list[tuple]:
+    """`steps` training steps of `model` (its own step) and of `twin` (the autograd step) on the
+    same batches and noise: the (model's, twin's) outputs of each step."""
+    outputs = []
+    for step in range(steps):
+        x = torch.rand(40, 1, 28, 28)
+        torch.manual_seed(step)
+        out = model.training_step(x, opts)
+        torch.manual_seed(step)
+        outputs.append((out, GenerativeModel.training_step(twin, x, twin_opts)))
+    return outputs
+
+
 @pytest.mark.parametrize("hidden,latent,beta", [([48, 24], 3, 0.7), ([32], 2, 1.0), ([], 4, 1.0)],
                          ids=["two-hidden-beta", "one-hidden", "no-hidden"])
 def test_hand_derived_gradients_and_loss_match_autograd(hidden, latent, beta, monkeypatch):
@@ -213,12 +226,7 @@ def test_a_changed_vae_trains_exactly_as_autograd_and_adam(make):
     twin, twin_opts = autograd_twin(model)
     opts = model.configure_optimizers(1e-2)
     assert model._derivation is None
-    for step in range(5):
-        x = torch.rand(40, 1, 28, 28)
-        torch.manual_seed(step)
-        out = model.training_step(x, opts)
-        torch.manual_seed(step)
-        ref = GenerativeModel.training_step(twin, x, twin_opts)
+    for out, ref in step_both(model, opts, twin, twin_opts):
         torch.testing.assert_close(out.loss, ref.loss, rtol=0, atol=0)
     for (name, p), q in zip(model.named_parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0, msg=f"{name} after 5 steps")
@@ -230,12 +238,7 @@ def test_the_plain_vae_takes_the_hand_step_and_matches_autograd_and_adam_after_s
     twin, twin_opts = autograd_twin(model)
     opts = model.configure_optimizers(1e-2)
     assert model._derivation is not None
-    for step in range(5):
-        x = torch.rand(40, 1, 28, 28)
-        torch.manual_seed(step)
-        model.training_step(x, opts)
-        torch.manual_seed(step)
-        GenerativeModel.training_step(twin, x, twin_opts)
+    step_both(model, opts, twin, twin_opts)
     assert all(p.grad is None for p in model.parameters())  # the hand step ran, every time
     for (name, p), q in zip(model.named_parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=TOLERANCE, msg=f"{name} after 5 steps")
@@ -248,10 +251,5 @@ def test_the_comparison_sees_the_hand_step_forced_on_a_subclass():
     opts = model.configure_optimizers(1e-2)
     model._derivation = vae_step.Derivation(model.trunk, model.heads, model.decoder,  # what the old heuristic let through
                                             [model.trunk.net[0]], [model.decoder.net[0], model.decoder.net[2]])
-    for step in range(5):
-        x = torch.rand(40, 1, 28, 28)
-        torch.manual_seed(step)
-        model.training_step(x, opts)
-        torch.manual_seed(step)
-        GenerativeModel.training_step(twin, x, twin_opts)
+    step_both(model, opts, twin, twin_opts)
     assert float((model.heads.logvar.weight - twin.heads.logvar.weight).detach().abs().max()) > 100 * TOLERANCE
