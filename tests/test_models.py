@@ -312,6 +312,27 @@ def test_vae_gan_basic_objective_is_prior_plus_gan_only():
         make_config("vae-gan", ["objective='basic'", "feature_loss=true"])
 
 
+@pytest.mark.parametrize("fakes", ["both", "prior"])
+def test_vae_gan_fakes_prior_leaves_reconstructions_out_of_the_game(fakes):
+    """With fakes=prior the adversarial losses see only prior samples, so they have no path to the
+    encoder (which moves only the reconstructions); with fakes=both they do. In eval mode: in
+    training the decoder's batch norm normalises codes and prior draws together, a coupling through
+    the batch statistics only (no network steps on another's loss either way)."""
+    torch.manual_seed(0)
+    model = build_model("vae-gan", dict(CASES["vae-gan-conv"][1], fakes=fakes)).eval()
+    t = model.losses(images(16))
+    encoder = list(model.encoder.parameters())
+    for name, loss in (("dis_loss", t["dis_loss"]),
+                       ("the decoder's adversarial term", t["dec_loss"] - model.config.gamma * t["recon"])):
+        grads = torch.autograd.grad(loss, encoder, retain_graph=True, allow_unused=True)
+        reach = sum(float(g.abs().sum()) for g in grads if g is not None)
+        assert (reach == 0) == (fakes == "prior"), (name, reach)
+    with pytest.raises(ConfigError, match="needs fakes=both"):
+        make_config("vae-gan", ["fakes='prior'", "feature_loss=true"])
+    with pytest.raises(ConfigError, match="fakes must be one of"):
+        make_config("vae-gan", ["fakes='recon'"])
+
+
 def test_stored_vae_gan_config_from_before_new_fields_rebuilds_the_old_networks():
     """A run saved before spectral norm, the projection's batch norm and the learning-rate scales
     existed stores none of those fields: it must rebuild with them off, not with today's defaults."""

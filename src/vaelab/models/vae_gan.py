@@ -15,7 +15,8 @@ cross-entropy over each set), so real and fake images weigh equally in the discr
 objective; with the plain sum the fakes would count twice, biasing the discriminator towards
 "fake" (its optimum becomes p(x) / (p(x) + p_x~(x) + p_p(x))). The decoder's non-saturating term, -log D(fake), is likewise the mean
 over the 2B fakes. This balanced form is what the defaults (`equilibrium`, `margin`, `gamma`) were
-measured with.
+measured with. `fakes=prior` leaves the reconstructions out of L_GAN: the B prior samples are the
+only fakes, for the discriminator and for the decoder's adversarial term.
 
 The paper's update rule (its Algorithm 1, section 2.3):
     encoder       minimises L_prior + L_llike
@@ -77,6 +78,7 @@ ARCHS = ("conv", "mlp")
 
 
 OBJECTIVES = ("full", "basic")
+FAKES = ("both", "prior")
 
 
 @dataclass
@@ -88,6 +90,10 @@ class VAEGANConfig:
     # full: L_prior + L_llike + L_GAN (L_llike = pixel BCE and/or the feature loss);
     # basic: the literal L_prior + L_GAN, nothing that rewards reconstructing the input
     objective: str = "full"
+    # The fakes the discriminator sees: "both" reconstructions and prior samples (the paper), or
+    # "prior" samples only, so the adversarial game is played on the images generation draws and
+    # reconstructions are shaped by L_llike alone (docs/vae-gan.md, "Further attempts").
+    fakes: str = "both"
     # arch=mlp: encoder widths (the decoder mirrors them) and the discriminator's widths
     hidden_dims: list[int] = field(default_factory=lambda: [512])
     dis_hidden_dims: list[int] = field(default_factory=lambda: [512, 256])
@@ -116,12 +122,15 @@ class VAEGANConfig:
 
     # Fields added after runs were first saved, with the values that rebuild those older runs
     # (a stored config lacking them predates them).
-    legacy_defaults: ClassVar[dict] = {"objective": "full", "project_norm": False, "spectral_norm": False,
+    legacy_defaults: ClassVar[dict] = {"objective": "full", "fakes": "both", "project_norm": False, "spectral_norm": False,
                                        "enc_lr_scale": 1.0, "dec_lr_scale": 1.0, "dis_lr_scale": 1.0}
 
     def validate(self) -> None:
         require(self.arch in ARCHS, f"arch must be one of {', '.join(ARCHS)}")
         require(self.objective in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}")
+        require(self.fakes in FAKES, f"fakes must be one of {', '.join(FAKES)}")
+        require(self.fakes == "both" or not self.feature_loss,
+                "feature_loss compares reconstructions in the discriminator's features: it needs fakes=both")
         require(self.latent_dim >= 1, "latent_dim must be at least 1")
         require(all(h >= 1 for h in [*self.hidden_dims, *self.dis_hidden_dims]), "hidden sizes must be positive")
         require(self.arch != "mlp" or len(self.dis_hidden_dims) >= 1, "dis_hidden_dims needs a layer")
@@ -196,7 +205,8 @@ class VAEGAN(GenerativeModel):
         z_p = torch.randn_like(z)
         # One decoder pass for reconstructions and samples, so batch norm sees both.
         logits = self.decoder(torch.cat([z, z_p]))  # (2B, 1, 28, 28)
-        features, d_logits = self.discriminator(torch.cat([x, torch.sigmoid(logits)]))  # (3B,)
+        fakes = logits if c.fakes == "both" else logits[b:]  # (2B or B, 1, 28, 28)
+        features, d_logits = self.discriminator(torch.cat([x, torch.sigmoid(fakes)]))  # (3B or 2B,)
         real_logits, fake_logits = d_logits[:b], d_logits[b:]
 
         kl = kl_normal(mu, logvar).mean()
