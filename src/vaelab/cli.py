@@ -83,8 +83,6 @@ def _grid_size(text: str) -> int:
     return value
 
 
-
-
 def _output_file(path: Path) -> Path:
     """An output the command will write: refused before any work if a folder is in the way."""
     from .errors import ConfigError
