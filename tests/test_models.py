@@ -312,6 +312,23 @@ def test_vae_gan_basic_objective_is_prior_plus_gan_only():
         make_config("vae-gan", ["objective='basic'", "feature_loss=true"])
 
 
+@pytest.mark.parametrize("beta", [0.0, 1.0, 2.5])
+def test_vae_gan_beta_weighs_the_prior_term_in_the_encoder_loss_only(beta):
+    """beta scales L_prior in the encoder's loss (beta=1 is the paper) and nothing else."""
+    x, t = images(16), {}
+    for b in (beta, 1.0):
+        torch.manual_seed(0)
+        model = build_model("vae-gan", dict(CASES["vae-gan-conv"][1], beta=b))
+        torch.manual_seed(1)
+        t[b] = model.losses(x)
+    torch.testing.assert_close(t[beta]["enc_loss"], beta * t[beta]["kl"] + t[beta]["recon"])
+    assert t[beta]["kl"] > 0
+    for name in ("dec_loss", "dis_loss"):
+        torch.testing.assert_close(t[beta][name], t[1.0][name])
+    with pytest.raises(ConfigError, match="non-negative"):
+        make_config("vae-gan", ["beta=-1"])
+
+
 @pytest.mark.parametrize("fakes", ["both", "prior"])
 def test_vae_gan_fakes_prior_leaves_reconstructions_out_of_the_game(fakes):
     """With fakes=prior the adversarial losses see only prior samples, so they have no path to the

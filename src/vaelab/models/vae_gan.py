@@ -19,7 +19,7 @@ measured with. `fakes=prior` leaves the reconstructions out of L_GAN: the B prio
 only fakes, for the discriminator and for the decoder's adversarial term.
 
 The paper's update rule (its Algorithm 1, section 2.3):
-    encoder       minimises L_prior + L_llike
+    encoder       minimises beta * L_prior + L_llike    (beta = 1, the default, is the paper)
     decoder       minimises gamma * L_llike - L_GAN   (non-saturating: -log D(fake) instead)
     discriminator maximises L_GAN                     (minimises its cross-entropy)
 
@@ -112,6 +112,7 @@ class VAEGANConfig:
     # with arch=mlp.
     feature_layer: int = 1
     gamma: float = 0.03  # weight of L_llike against L_GAN in the decoder's loss
+    beta: float = 1.0  # weight of L_prior in the encoder's loss (1 = the paper)
     pixel_weight: float = 1.0  # weight of the pixel BCE in L_llike (see the module docstring)
     equilibrium: float = 0.68  # the discriminator's cross-entropy at balance (ln 2 = chance)
     margin: float | None = 0.35  # equilibrium rule margin; none = always update all three
@@ -138,7 +139,8 @@ class VAEGANConfig:
                 "channels must hold one or two positive widths (28 halves twice at most)")
         require(self.fc_dim >= 1, "fc_dim must be positive")
         require(not self.project_norm or self.batch_norm, "project_norm needs batch_norm=true")
-        require(self.gamma >= 0 and self.pixel_weight >= 0, "gamma and pixel_weight must be non-negative")
+        require(self.gamma >= 0 and self.pixel_weight >= 0 and self.beta >= 0,
+                "gamma, pixel_weight and beta must be non-negative")
         require(self.objective == "basic" or self.pixel_weight > 0 or self.feature_loss,
                 "with pixel_weight=0 and feature_loss=false nothing trains the encoder to reconstruct "
                 "(objective=basic is that choice made explicitly)")
@@ -220,7 +222,7 @@ class VAEGAN(GenerativeModel):
         else:
             feature = torch.zeros((), device=x.device)
         return {
-            "enc_loss": kl + llike,
+            "enc_loss": c.beta * kl + llike,
             "dec_loss": c.gamma * llike + generator_loss(fake_logits),
             "dis_loss": discriminator_loss(real_logits, fake_logits),
             "dis_acc_real": (real_logits > 0).float().mean(),
