@@ -117,3 +117,21 @@ def test_recipe_folder_rules(tmp_path):
     assert set(RECIPES) == {"vae-2d-mnist", "lstm-vae-mnist", "fashion-generative"}
     # The demo's budget: quick vae-2d-mnist estimated well under 2.5 minutes.
     assert estimate_seconds(RECIPES["vae-2d-mnist"], quick=True) < 150
+
+
+def test_recipe_re_estimates_what_is_left_from_the_pace_so_far():
+    """After each model the recipe scales the table's figures for the remaining steps by how much
+    slower (or faster) this machine ran the finished ones: a busy machine's estimate holds."""
+    from dataclasses import replace
+
+    from vaelab.recipes import RECIPES, seconds_left, step_seconds
+
+    recipe = RECIPES["fashion-generative"]
+    steps = [replace(s, seconds_per_epoch=1.0, measure_seconds=10.0, epochs=(2, 5)) for s in recipe.steps[:3]]
+    recipe = replace(recipe, steps=steps)
+    assert [step_seconds(s, quick=False) for s in steps] == [15.0, 15.0, 15.0]
+    # the first step took 45 s against 15 planned: 3x, so the two left take 3 x 30 s
+    assert seconds_left(recipe, quick=False, done=1, elapsed=45.0) == (90.0, 3.0)
+    # quick: 2 epochs + 20 s of metrics = 22 s a step; running at half the planned time
+    assert seconds_left(recipe, quick=True, done=2, elapsed=22.0) == (11.0, 0.5)
+    assert seconds_left(recipe, quick=True, done=3, elapsed=70.0)[0] == 0.0

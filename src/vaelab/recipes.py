@@ -442,10 +442,23 @@ def get_recipe(name: str) -> Recipe:
         raise ConfigError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}") from None
 
 
+def step_seconds(step: Step, quick: bool) -> float:
+    """One step's time on 2 idle CPU cores: its measured seconds per epoch, plus its metrics."""
+    return step.epochs[0 if quick else 1] * step.seconds_per_epoch + (20 if quick else step.measure_seconds)
+
+
 def estimate_seconds(recipe: Recipe, quick: bool) -> float:
-    """Training time on 2 CPU cores from each step's measured seconds per epoch, plus metrics."""
-    train_s = sum(s.epochs[0 if quick else 1] * s.seconds_per_epoch for s in recipe.steps)
-    return train_s + sum(20 if quick else s.measure_seconds for s in recipe.steps)
+    """The whole recipe's time on 2 idle CPU cores."""
+    return sum(step_seconds(s, quick) for s in recipe.steps)
+
+
+def seconds_left(recipe: Recipe, quick: bool, done: int, elapsed: float) -> tuple[float, float]:
+    """(seconds the remaining steps should take, how many times the idle-machine estimate the
+    first `done` steps took): the table's figures for what is left, scaled by how this machine,
+    at its load, has actually run so far."""
+    planned = sum(step_seconds(s, quick) for s in recipe.steps[:done])
+    pace = elapsed / planned if planned > 0 else 1.0
+    return pace * sum(step_seconds(s, quick) for s in recipe.steps[done:]), pace
 
 
 def is_recipe_folder(folder: Path) -> bool:
@@ -479,6 +492,10 @@ def swap_in(work: Path, out: Path) -> None:
         raise WriteError(f"{out}: cannot replace it with the finished recipe in {work} ({e.strerror or e}); "
                          f"the previous output is unchanged") from None
     shutil.rmtree(work, ignore_errors=True)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
 def _log(msg: str, progress: bool) -> None:
@@ -544,6 +561,10 @@ def _run_steps(recipe: Recipe, configs, out: Path, quick: bool, progress: bool, 
         _log(f"[{step.key}] measuring", progress)
         metrics = evaluate_run(run, data, settings, progress=progress)
         results.append(StepResult(step, run.path, metrics, figures, train_s, prior=run.model.prior_name))
+        if len(results) < len(configs):
+            left, pace = seconds_left(recipe, quick, len(results), time.perf_counter() - start)
+            _log(f"[{step.key}] done; {len(configs) - len(results)} model(s) to go, about {_duration(left)} "
+                 f"at this pace ({pace:.1f}x the idle-machine figures)", progress)
     result = RecipeResult(recipe, out, quick, results, datasets, time.perf_counter() - start)
     write_report(result)
     return result
