@@ -7,7 +7,8 @@ classifier assigns to one class with probability above 0.9, with the class histo
 
 Cheaper than `vaegan_ablation.py` (no run folder, no test pass) and it shows the trajectory, so
 a variant can be stopped early; docs/vae-gan.md ("Further attempts") lists what it measured.
-Writes OUT/NAME.log (one line per epoch).
+Writes OUT/NAME.log (one line per epoch), and at the end NAME.pt (the model's weights) and
+NAME.png (100 of the scored samples).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from vaelab.data import load, to_float
 from vaelab.metrics import classify, load_or_train_classifier
 from vaelab.models import build_model, make_config
+from vaelab.plots import save_image_grid
 
 
 def confident_share(decoder: torch.nn.Module, clf, z: torch.Tensor) -> tuple[float, list[int]]:
@@ -80,6 +82,11 @@ def main() -> None:
         print(line, flush=True)
         log.write(line + "\n")
         log.flush()
+    # The last epoch's weights and 100 of the scored samples, to look at and score further.
+    torch.save(model.state_dict(), Path(a.out) / f"{a.name}.pt")
+    model.decoder.eval()
+    with torch.no_grad():
+        save_image_grid(torch.sigmoid(model.decoder(z[:100])), Path(a.out) / f"{a.name}.png")
 
 
 if __name__ == "__main__":
