@@ -100,7 +100,7 @@ def test_load_with_validation_split_and_static_binarization(synthetic_mnist):
 def test_batcher_shapes_order_and_determinism(tiny_data):
     b1 = Batcher(tiny_data.train_x, 100, shuffle=True, seed=5)
     b2 = Batcher(tiny_data.train_x, 100, shuffle=True, seed=5)
-    batches1, batches2 = list(b1), list(b2)
+    batches1, batches2 = [b.x for b in b1], [b.x for b in b2]
     assert [len(x) for x in batches1] == [100, 100, 56] and len(b1) == 3
     assert batches1[0].shape == (100, 1, 28, 28) and batches1[0].dtype == torch.float32
     assert 0 <= batches1[0].min() and batches1[0].max() <= 1
@@ -112,7 +112,7 @@ def test_batcher_shapes_order_and_determinism(tiny_data):
 
 def test_batcher_dynamic_binarization_resamples_each_epoch(tiny_data):
     b = Batcher(tiny_data.train_x, 256, shuffle=False, binarize="dynamic", seed=0)
-    first, second = next(iter(b)), next(iter(b))
+    first, second = next(iter(b)).x, next(iter(b)).x
     assert set(torch.unique(first).tolist()) <= {0.0, 1.0}
     assert not torch.equal(first, second)
 
@@ -124,7 +124,28 @@ def test_batcher_state_restores_the_same_batches(tiny_data):
     expected = list(b)
     b.load_state_dict(state)
     for x, y in zip(list(b), expected):
-        torch.testing.assert_close(x, y)
+        torch.testing.assert_close(x.x, y.x)
+
+
+@pytest.mark.parametrize("binarize", ["none", "dynamic"])
+def test_batcher_carries_each_images_label_and_the_labels_change_no_draw(tiny_data, binarize):
+    """Labels index with the images' order and take no randomness: the same seed gives the same
+    images with or without them, and each image comes with its own label."""
+    images, labels = tiny_data.train_x, tiny_data.train_y
+    with_y = list(Batcher(images, 100, seed=5, binarize=binarize, labels=labels))
+    without = list(Batcher(images, 100, seed=5, binarize=binarize))
+    assert all(b.y is None for b in without) and [len(b.y) for b in with_y] == [100, 100, 56]
+    for a, b in zip(with_y, without):
+        assert torch.equal(a.x, b.x) and a.y.dtype == torch.int64
+    # Each image's label: find each batch image among the (non-binarized) dataset by its pixels.
+    plain = list(Batcher(images, 100, seed=5, labels=labels))
+    flat = images.reshape(len(images), -1).float() / 255
+    for b in plain:
+        index = torch.cdist(b.x.reshape(len(b), -1), flat).argmin(1)
+        assert torch.equal(b.y, labels[index])
+    assert sorted(torch.cat([b.y for b in plain]).tolist()) == sorted(labels.tolist())
+    with pytest.raises(ValueError, match="255 labels for 256 images"):
+        Batcher(images, 100, labels=labels[1:])
 
 
 def test_unwritable_cache_is_a_clear_error(synthetic_mnist, tmp_path):

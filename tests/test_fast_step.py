@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from vaelab.batch import Batch, StepState
 from vaelab.models import build_model, make_config, vae_step
 from vaelab.models.base import GenerativeModel
 from vaelab.models.blocks import GaussianHeads
@@ -28,11 +29,11 @@ def step_both(model, opts, twin, twin_opts, steps: int = 5) -> list[tuple]:
     same batches and noise: the (model's, twin's) outputs of each step."""
     outputs = []
     for step in range(steps):
-        x = torch.rand(40, 1, 28, 28)
+        batch, state = Batch(torch.rand(40, 1, 28, 28)), StepState(step=step, steps_per_epoch=steps)
         torch.manual_seed(step)
-        out = model.training_step(x, opts)
+        out = model.training_step(batch, opts, state)
         torch.manual_seed(step)
-        outputs.append((out, GenerativeModel.training_step(twin, x, twin_opts)))
+        outputs.append((out, GenerativeModel.training_step(twin, batch, twin_opts, state)))
     return outputs
 
 
@@ -49,11 +50,11 @@ def test_hand_derived_gradients_and_loss_match_autograd(hidden, latent, beta, mo
                                                                   original(opt, grads)))
     assert vae_step.applies(model, torch.rand(40, 1, 28, 28), opts["model"], model._derivation)
     for step in range(4):
-        x = torch.rand(40, 1, 28, 28)
+        batch, state = Batch(torch.rand(40, 1, 28, 28)), StepState(step=step, steps_per_epoch=4)
         torch.manual_seed(step)  # the same eps on both sides
-        fast = model.training_step(x, opts)
+        fast = model.training_step(batch, opts, state)
         torch.manual_seed(step)
-        ref = GenerativeModel.training_step(twin, x, twin_opts)
+        ref = GenerativeModel.training_step(twin, batch, twin_opts, state)
         torch.testing.assert_close(fast.loss, ref.loss.detach(), rtol=1e-5, atol=1e-4)
         for name in ("recon", "kl"):
             torch.testing.assert_close(fast.terms[name], ref.terms[name], rtol=1e-5, atol=1e-5)
@@ -106,9 +107,9 @@ def test_gradient_clipping_takes_the_autograd_step(monkeypatch):
     opts = model.configure_optimizers(1e-3)
     taken = []
     monkeypatch.setattr(vae_step, "training_step", lambda *a: taken.append(a))
-    model.training_step(torch.rand(8, 1, 28, 28), opts, clip_grad=1.0)
+    model.training_step(Batch(torch.rand(8, 1, 28, 28)), opts, StepState(clip_grad=1.0))
     assert taken == [] and all(p.grad is not None for p in model.parameters())
-    model.training_step(torch.rand(8, 1, 28, 28), opts)
+    model.training_step(Batch(torch.rand(8, 1, 28, 28)), opts, StepState())
     assert len(taken) == 1
 
 
@@ -172,7 +173,7 @@ def test_moved_parameters_leave_the_packed_update_for_adams_step():
     x = torch.rand(8, 1, 28, 28)
     assert not opts["model"].can_update() and not vae_step.applies(model, x, opts["model"], model._derivation)
     before = [p.detach().clone() for p in model.parameters()]
-    model.training_step(x, opts)
+    model.training_step(Batch(x), opts, StepState())
     assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))  # every tensor trained
 
 
@@ -191,8 +192,8 @@ class ClampedVAE(VAE):
 
 
 class PenalizedVAE(VAE):
-    def forward(self, x):
-        out = super().forward(x)
+    def forward(self, batch, state=None):
+        out = super().forward(batch, state)
         out.loss = out.loss + 10.0 * self.heads.logvar.weight.square().sum()
         return out
 

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from vaelab.batch import Batch, StepState
 from vaelab.checkpoint import load_run
 from vaelab.data import ImageData, load, to_float
 from vaelab.errors import ConfigError
@@ -45,7 +46,7 @@ def test_forward_shapes_and_finite_terms(case):
     torch.manual_seed(0)
     model = build_model(name, cfg)
     x = images()
-    out = model(x)
+    out = model(Batch(x))
     assert out.loss.shape == () and torch.isfinite(out.loss)
     assert list(out.terms) == list(model.term_names)
     assert all(v.shape == () and torch.isfinite(v) for v in out.terms.values())
@@ -62,7 +63,7 @@ def test_one_training_step_changes_every_weight(case):
     torch.manual_seed(0)
     model = build_model(name, cfg)
     before = {k: p.detach().clone() for k, p in model.named_parameters()}
-    out = model.training_step(images(16), model.configure_optimizers(1e-3), clip_grad=5.0)
+    out = model.training_step(Batch(images(16)), model.configure_optimizers(1e-3), StepState(clip_grad=5.0))
     assert torch.isfinite(out.loss)
     for k, p in model.named_parameters():
         assert not torch.equal(before[k], p), k
@@ -245,7 +246,7 @@ def test_vae_gan_each_optimizer_steps_on_its_own_loss_only(case):
     # The reference: the same losses (same noise) on a copy, each differentiated on its own.
     ref = copy.deepcopy(model)
     torch.manual_seed(1)
-    t = ref.losses(x)
+    t = ref.losses(Batch(x))
     expected = {}
     for net, loss in (("encoder", t["enc_loss"]), ("decoder", t["dec_loss"]), ("discriminator", t["dis_loss"])):
         params = dict(ref.networks()[net].named_parameters())
@@ -262,7 +263,7 @@ def test_vae_gan_each_optimizer_steps_on_its_own_loss_only(case):
     log = []
     opts = {k: Recorder(k, o, model, log) for k, o in model.configure_optimizers(1e-3).items()}
     torch.manual_seed(1)
-    model.training_step(x, opts)
+    model.training_step(Batch(x), opts, StepState())
     assert [name for name, _ in log] == ["encoder", "decoder", "discriminator"]
     for net, grads in log:
         for k, g in grads.items():
@@ -272,7 +273,7 @@ def test_vae_gan_each_optimizer_steps_on_its_own_loss_only(case):
                 assert g is None, f"{k} holds a gradient when the {net} steps"
     # Every step ran before any backward on changed weights would have raised; a second step
     # on the updated model works too.
-    model.training_step(x, model.configure_optimizers(1e-3))
+    model.training_step(Batch(x), model.configure_optimizers(1e-3), StepState(step=1))
 
 
 def test_vae_gan_equilibrium_rule_skips_the_winning_side():
@@ -280,7 +281,7 @@ def test_vae_gan_equilibrium_rule_skips_the_winning_side():
     cfg = dict(CASES["vae-gan-conv"][1], equilibrium=5.0, margin=0.5)  # D's ~0.7 nats: far "winning"
     model = build_model("vae-gan", cfg)
     before = {k: p.detach().clone() for k, p in model.named_parameters()}
-    out = model.training_step(images(16), model.configure_optimizers(1e-3))
+    out = model.training_step(Batch(images(16)), model.configure_optimizers(1e-3), StepState())
     assert out.terms["dis_updated"] == 0 and out.terms["dec_updated"] == 1
     for k, p in model.named_parameters():
         assert torch.equal(before[k], p) == (network_of(k) == "discriminator"), k
@@ -299,7 +300,7 @@ def test_vae_gan_basic_objective_is_prior_plus_gan_only():
     model = build_model("vae-gan", dict(CASES["vae-gan-conv"][1], objective="basic", gamma=1.0))
     x = images(16)
     torch.manual_seed(1)
-    t = model.losses(x)
+    t = model.losses(Batch(x))
     assert torch.equal(t["enc_loss"], t["kl"]) and t["recon"] > 0
     b = len(x)
     torch.manual_seed(1)
@@ -320,7 +321,7 @@ def test_vae_gan_beta_weighs_the_prior_term_in_the_encoder_loss_only(beta):
         torch.manual_seed(0)
         model = build_model("vae-gan", dict(CASES["vae-gan-conv"][1], beta=b))
         torch.manual_seed(1)
-        t[b] = model.losses(x)
+        t[b] = model.losses(Batch(x))
     torch.testing.assert_close(t[beta]["enc_loss"], beta * t[beta]["kl"] + t[beta]["recon"])
     assert t[beta]["kl"] > 0
     for name in ("dec_loss", "dis_loss"):
@@ -337,7 +338,7 @@ def test_vae_gan_fakes_prior_leaves_reconstructions_out_of_the_game(fakes):
     the batch statistics only (no network steps on another's loss either way)."""
     torch.manual_seed(0)
     model = build_model("vae-gan", dict(CASES["vae-gan-conv"][1], fakes=fakes)).eval()
-    t = model.losses(images(16))
+    t = model.losses(Batch(images(16)))
     encoder = list(model.encoder.parameters())
     for name, loss in (("dis_loss", t["dis_loss"]),
                        ("the decoder's adversarial term", t["dec_loss"] - model.config.gamma * t["recon"])):

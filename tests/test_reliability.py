@@ -41,12 +41,12 @@ def fail_at_step(monkeypatch, cls, step: int, corrupt) -> None:
     which runs either before the update (to poison gradients) or after it (to poison the loss)."""
     original, count = cls.training_step, {"n": 0}
 
-    def training_step(self, x, optimizers, clip_grad=None):
+    def training_step(self, batch, optimizers, state):
         count["n"] += 1
         hit = count["n"] == step
         handles = corrupt(self, None) if hit and corrupt.before else []
         try:
-            out = original(self, x, optimizers, clip_grad=clip_grad)
+            out = original(self, batch, optimizers, state)
         finally:
             for h in handles:
                 h.remove()
@@ -135,18 +135,18 @@ class TwoNetworks(VAE):
 
     term_names = ("enc_loss", "dec_loss")
 
-    def forward(self, x):
-        out = super().forward(x)
+    def forward(self, batch, state=None):
+        out = super().forward(batch, state)
         return ModelOutput(out.loss, {"enc_loss": out.terms["kl"], "dec_loss": out.terms["recon"]})
 
     def configure_optimizers(self, lr):
         enc = [*self.trunk.parameters(), *self.heads.parameters()]
         return {"encoder": torch.optim.Adam(enc, lr=lr), "decoder": torch.optim.Adam(self.decoder.parameters(), lr=lr)}
 
-    def training_step(self, x, optimizers, clip_grad=None):
+    def training_step(self, batch, optimizers, state):
         for opt in optimizers.values():
             opt.zero_grad(set_to_none=True)
-        out = self(x)
+        out = self(batch, state)
         out.loss.backward()
         for opt in optimizers.values():
             opt.step()

@@ -151,10 +151,10 @@ def test_bf16_autocast_path_trains_and_evaluates_on_cpu(tmp_path, tiny_data):
 def test_batcher_state_replays_the_same_batches(tiny_data):
     b = Batcher(tiny_data.train_x, 32, "cpu", binarize="dynamic", seed=3)
     state = b.state_dict()
-    first = [x.clone() for x in b]
-    assert not all(torch.equal(x, y) for x, y in zip(first, b))  # the next epoch is another draw
+    first = [batch.x.clone() for batch in b]
+    assert not all(torch.equal(x, y.x) for x, y in zip(first, b))  # the next epoch is another draw
     b.load_state_dict(state)
-    assert all(torch.equal(x, y) for x, y in zip(first, b))
+    assert all(torch.equal(x, y.x) for x, y in zip(first, b))
 
 
 def _bench_module():

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from vaelab.batch import Batch, StepState
 from vaelab.config import apply_overrides
 from vaelab.errors import ConfigError
 from vaelab.models import MODELS, build_model, make_config
@@ -23,7 +24,7 @@ def test_forward_shapes_and_terms():
     torch.manual_seed(0)
     model = build_model("vae", {"latent_dim": 3, "hidden_dims": [64, 32]})
     x = torch.rand(5, 1, 28, 28)
-    out = model(x)
+    out = model(Batch(x))
     assert out.loss.shape == () and torch.isfinite(out.loss)
     assert list(out.terms) == ["recon", "kl"]
     torch.testing.assert_close(out.loss, out.terms["recon"] + out.terms["kl"])
@@ -40,17 +41,17 @@ def test_loss_falls_on_a_tiny_problem(tiny_data):
     model = build_model("vae", {"hidden_dims": [128]})
     opts = model.configure_optimizers(lr=3e-3)
     x = tiny_data.train_x[:128].unsqueeze(1).float() / 255
-    first = model(x).loss.item()
-    for _ in range(60):
-        model.training_step(x, opts)
-    assert model(x).loss.item() < 0.7 * first
+    first = model(Batch(x)).loss.item()
+    for step in range(60):
+        model.training_step(Batch(x), opts, StepState(step=step, steps_per_epoch=60))
+    assert model(Batch(x)).loss.item() < 0.7 * first
 
 
 def test_training_step_changes_every_weight():
     torch.manual_seed(0)
     model = build_model("vae", {"hidden_dims": [32]})
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    model.training_step(torch.rand(8, 1, 28, 28), model.configure_optimizers(1e-3))
+    model.training_step(Batch(torch.rand(8, 1, 28, 28)), model.configure_optimizers(1e-3), StepState())
     for k, v in model.state_dict().items():
         assert not torch.equal(before[k], v), k
 

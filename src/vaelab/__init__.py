@@ -10,6 +10,7 @@ the command line's (threads, denormal flushing, the allocator) to a program that
 
 __version__ = "0.1.0"
 
+from .batch import Batch, StepState  # noqa: E402
 from .checkpoint import Run, load_run  # noqa: E402
 from .data import DATASETS, ImageData, fetch, load  # noqa: E402
 from .errors import (  # noqa: E402
@@ -20,7 +21,7 @@ from .models import MODELS, GenerativeModel, ModelOutput, build_model, make_conf
 from .train import TrainConfig, train  # noqa: E402
 
 __all__ = [
-    "__version__", "Run", "load_run", "DATASETS", "ImageData", "fetch", "load",
+    "__version__", "Batch", "StepState", "Run", "load_run", "DATASETS", "ImageData", "fetch", "load",
     "CheckpointError", "ConfigError", "DataError", "DivergenceError", "RunExistsError",
     "VaelabError", "MODELS", "GenerativeModel", "ModelOutput", "build_model", "make_config",
     "TrainConfig", "train", "runtime",

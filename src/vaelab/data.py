@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .atomic import atomic_write, clean_stale_temps
+from .batch import Batch
 from .errors import DataError, WriteError
 from .reading import read_bytes
 
@@ -442,16 +443,22 @@ def to_float(x_uint8: torch.Tensor) -> torch.Tensor:
 
 
 class Batcher:
-    """Yields float batches (B, 1, 28, 28) from a uint8 tensor kept on the training device.
+    """Yields `Batch`es: float images (B, 1, 28, 28) from a uint8 tensor kept on the training
+    device, with their labels when `labels` is given.
 
     The order and dynamic binarization come from one generator whose state is part of a
-    checkpoint, so a resumed run sees the same batches.
+    checkpoint, so a resumed run sees the same batches. The labels take no randomness: with or
+    without them, the images come in the same order.
     """
 
     def __init__(self, images: torch.Tensor, batch_size: int, device: torch.device | str = "cpu",
-                 shuffle: bool = True, binarize: str = "none", seed: int = 0):
+                 shuffle: bool = True, binarize: str = "none", seed: int = 0,
+                 labels: torch.Tensor | None = None):
         self.device = torch.device(device)
         self.images = images.to(self.device)
+        if labels is not None and len(labels) != len(images):
+            raise ValueError(f"{len(labels)} labels for {len(images)} images")
+        self.labels = None if labels is None else labels.to(self.device)
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.binarize = binarize
@@ -467,11 +474,12 @@ class Batcher:
         else:
             order = torch.arange(n, device=self.device)
         for start in range(0, n, self.batch_size):
+            index = order[start : start + self.batch_size]
             # index_select copies whole rows: ~10x faster than advanced indexing on CPU.
-            x = to_float(torch.index_select(self.images, 0, order[start : start + self.batch_size]))
+            x = to_float(torch.index_select(self.images, 0, index))
             if self.binarize == "dynamic":
                 x = (torch.rand(x.shape, generator=self.generator, device=self.device) < x).float()
-            yield x
+            yield Batch(x, None if self.labels is None else torch.index_select(self.labels, 0, index))
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}

@@ -182,7 +182,7 @@ def evaluate_run(run, data: ImageData, settings: EvalSettings | None = None, pro
                      "latent_dim": model.latent_dim, "settings": asdict(settings)}
 
     start = time.perf_counter()
-    metrics["test_terms"] = evaluate_terms(model, data.test_x, cfg, device)
+    metrics["test_terms"] = evaluate_terms(model, data.test_x, cfg, device, labels=data.test_y)
     targets, what = likelihood_images(data, cfg.binarize, settings.seed)
     metrics["likelihood_data"] = what
     metrics.update(latent_terms(model, to_float(data.test_x), targets, settings.batch_size, settings.seed))

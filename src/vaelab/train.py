@@ -1,7 +1,9 @@
 """The generic training loop: epochs, logging, evaluation, checkpoints, resume, interruption.
 
 Nothing here knows which model it trains: a model brings its optimizers and its update step
-(`GenerativeModel.training_step`), and reports named loss terms that become history columns.
+(`GenerativeModel.training_step`), and reports named loss terms that become history columns. The
+loop hands each step a `Batch` (images and labels) and a `StepState` (where the step stands in
+the run, and the gradient-norm limit).
 
 Speed notes (see benchmarks/): batches are indexed out of a uint8 tensor on the device, the
 per-step loss terms stay on the device and are copied to the host once every `log_every` steps,
@@ -34,6 +36,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .atomic import atomic_write, exchange, temp_path
+from .batch import StepState
 from .config import config_from_dict, config_to_dict, require
 from .data import BINARIZE_CHOICES, Batcher, ImageData, load
 from .errors import CheckpointError, ConfigError, DivergenceError, RunExistsError, RunInUseError, VaelabError
@@ -196,23 +199,25 @@ def stop_on_signals():
 
 @torch.inference_mode()
 def evaluate_terms(model, images: torch.Tensor, config: TrainConfig, device: torch.device,
-                   seed: int = 1234) -> dict[str, float]:
-    """Mean loss and terms over a whole split. Own RNG stream, so evaluating neither depends on
-    nor disturbs the training randomness, and every epoch is scored on the same noise."""
+                   seed: int = 1234, labels: torch.Tensor | None = None) -> dict[str, float]:
+    """Mean loss and terms over a whole split (its `labels` go into the batches where given). Own
+    RNG stream, so evaluating neither depends on nor disturbs the training randomness, and every
+    epoch is scored on the same noise."""
     was_training = model.training
     model.eval()
     batches = Batcher(images, config.eval_batch_size, device, shuffle=False,
-                      binarize="dynamic" if config.binarize == "dynamic" else "none", seed=seed)
+                      binarize="dynamic" if config.binarize == "dynamic" else "none", seed=seed,
+                      labels=labels)
     names = ("loss", *model.term_names)
     totals = torch.zeros(len(names), dtype=torch.float64, device=device)
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        for x in batches:
+        for batch in batches:
             with autocast(device, config.precision):
-                out = model(x)
+                out = model(batch)
             row = torch.stack([out.loss.detach(), *(out.terms[n] for n in model.term_names)])
-            totals += row.double() * len(x)
+            totals += row.double() * len(batch)
     model.train(was_training)
     return dict(zip(names, (totals / len(images)).tolist()))
 
@@ -237,10 +242,10 @@ class Trainer:
         self.optimizers = model.configure_optimizers(config.lr)
         self.batches = Batcher(data.train_x, config.batch_size, self.device, shuffle=True,
                                binarize="dynamic" if config.binarize == "dynamic" else "none",
-                               seed=config.seed)
-        self.eval_splits = {"test": data.test_x}
+                               seed=config.seed, labels=data.train_y)
+        self.eval_splits = {"test": (data.test_x, data.test_y)}  # split -> (images, labels)
         if data.val_x is not None:
-            self.eval_splits["val"] = data.val_x
+            self.eval_splits["val"] = (data.val_x, data.val_y)
         self.term_names = ("loss", *model.term_names)
         self.epoch = 0  # completed epochs
         self.step = 0  # completed optimizer steps
@@ -326,15 +331,18 @@ class Trainer:
         bar = tqdm(total=len(self.batches), initial=done, desc=f"epoch {epoch}/{cfg.epochs}",
                    disable=not self.progress, leave=False, unit="batch", file=sys.stderr)
 
-        for i, x in enumerate(self.batches):
+        for i, batch in enumerate(self.batches):
             if i < done:
                 continue  # replaying the interrupted epoch's batches up to where it stopped
+            # self.step: the steps completed before this loop began (a resumed epoch's included).
+            state = StepState(step=self.step + len(rows), epoch=epoch, epochs=cfg.epochs,
+                              steps_per_epoch=len(self.batches), clip_grad=cfg.clip_grad)
             with autocast(self.device, cfg.precision):
-                out = model.training_step(x, self.optimizers, clip_grad=cfg.clip_grad)
+                out = model.training_step(batch, self.optimizers, state)
             row = torch.stack([out.loss.detach(), *(out.terms[n] for n in model.term_names)]).float()
             rows.append(row)
-            sums += row.double() * len(x)
-            seen += len(x)
+            sums += row.double() * len(batch)
+            seen += len(batch)
             last = i + 1 == len(self.batches)
             if len(rows) - checked >= cfg.log_every or last or signals["stop"]:
                 recent = torch.stack(rows[checked:]).cpu()  # the only host sync in the loop
@@ -377,8 +385,8 @@ class Trainer:
         train_terms = dict(zip(self.term_names, (sums / seen).tolist()))
         self.history.append({"epoch": epoch, "split": "train", **train_terms, "seconds": round(seconds, 3)})
         eval_start = time.perf_counter()
-        for split, images in self.eval_splits.items():
-            terms = evaluate_terms(self.model, images, self.config, self.device)
+        for split, (images, labels) in self.eval_splits.items():
+            terms = evaluate_terms(self.model, images, self.config, self.device, labels=labels)
             self.history.append({"epoch": epoch, "split": split, **terms,
                                  "seconds": round(time.perf_counter() - eval_start, 3)})
         self.epoch = epoch

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..batch import Batch, StepState
 from ..config import require
 from ..data import to_float
 from ..losses import mse
@@ -74,13 +75,16 @@ class AE(GenerativeModel):
             return "normal" if self.config.normalize_latent else "box"
         return self.config.gen_prior
 
-    def encode(self, x: torch.Tensor) -> Posterior:
+    def encode(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> Posterior:
+        self.refuse_condition(condition)
         return Posterior(mu=self.norm(self.to_code(self.trunk(x))), logvar=None)
 
-    def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
+    def decode_logits(self, z: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        self.refuse_condition(condition)
         return self.decoder(z)
 
-    def forward(self, x: torch.Tensor) -> ModelOutput:
+    def forward(self, batch: Batch, state: StepState | None = None) -> ModelOutput:
+        x = batch.x
         recon = mse(self.decode(self.encode(x).mu), x).mean()
         return ModelOutput(loss=recon, terms={"recon": recon.detach()})
 

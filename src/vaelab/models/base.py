@@ -3,6 +3,12 @@ that returns a `ModelOutput`, and its own training step.
 
 Images are float tensors (B, 1, 28, 28) in [0, 1]; decoders produce logits of the same shape and
 `decode` turns them into intensities.
+
+One rule for arguments: what computes a loss (`forward`, `training_step`, a model's `losses`)
+takes a `Batch`, which carries the labels; what maps tensors (`encode`, `decode_logits`,
+`decode`, `latent`, `sample`, `reconstruct`) takes tensors and an optional `condition` (labels,
+say, for a conditional model). A model that is not conditional refuses a condition rather than
+ignoring it: samples that silently ignored the asked-for class would look like an answer.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..batch import Batch, StepState
+from ..errors import ConfigError
 from ..losses import reparameterize
 
 
@@ -50,6 +58,8 @@ class GenerativeModel(nn.Module):
     # may change after training (`vaelab config RUN key=value`, or by hand in config.json).
     generation_fields: ClassVar[tuple[str, ...]] = ()
     description: ClassVar[str] = ""
+    # Whether `encode` and `decode_logits` use a condition; False: they refuse one.
+    conditional: ClassVar[bool] = False
 
     def __init__(self, config):
         super().__init__()
@@ -70,22 +80,29 @@ class GenerativeModel(nn.Module):
 
     # --- the contract --------------------------------------------------------------------------
 
-    def encode(self, x: torch.Tensor) -> Posterior:
+    def encode(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> Posterior:
         raise NotImplementedError
 
-    def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
+    def decode_logits(self, z: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor) -> ModelOutput:
+    def forward(self, batch: Batch, state: StepState | None = None) -> ModelOutput:
+        """The loss on `batch`; `state` is the training step's (None outside training)."""
         raise NotImplementedError
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def refuse_condition(self, condition: torch.Tensor | None) -> None:
+        """Called by an unconditional model's `encode` and `decode_logits`."""
+        if condition is not None:
+            raise ConfigError(f"model {self.name or type(self).__name__} is unconditional: "
+                              "it takes no condition")
+
+    def decode(self, z: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         """(B, D) -> (B, 1, 28, 28) intensities in [0, 1]."""
-        return torch.sigmoid(self.decode_logits(z))
+        return torch.sigmoid(self.decode_logits(z, condition))
 
-    def latent(self, x: torch.Tensor, sample: bool = True) -> torch.Tensor:
+    def latent(self, x: torch.Tensor, sample: bool = True, condition: torch.Tensor | None = None) -> torch.Tensor:
         """Codes of x: reparameterized samples z ~ q(z|x), or the means with sample=False."""
-        post = self.encode(x)
+        post = self.encode(x, condition)
         if sample and post.logvar is not None:
             return reparameterize(post.mu, post.logvar)
         return post.mu
@@ -105,14 +122,15 @@ class GenerativeModel(nn.Module):
         return torch.special.ndtri(q).unsqueeze(1).expand(-1, self.latent_dim)
 
     @torch.inference_mode()
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """n images decoded from the prior: (n, 1, 28, 28) in [0, 1]."""
-        return self.decode(self.prior_sample(n, generator))
+    def sample(self, n: int, generator: torch.Generator | None = None,
+               condition: torch.Tensor | None = None) -> torch.Tensor:
+        """n images decoded from the prior: (n, 1, 28, 28) in [0, 1]; `condition` has n rows."""
+        return self.decode(self.prior_sample(n, generator), condition)
 
     @torch.inference_mode()
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+    def reconstruct(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         """Decode the posterior mean of each image: the model's best reconstruction."""
-        return self.decode(self.encode(x).mu)
+        return self.decode(self.encode(x, condition).mu, condition)
 
     @torch.inference_mode()
     def interpolate(self, x_a: torch.Tensor, x_b: torch.Tensor, steps: int = 10) -> torch.Tensor:
@@ -129,15 +147,16 @@ class GenerativeModel(nn.Module):
         # fused: the whole update in one kernel per parameter (CPU and CUDA), not ~10 passes.
         return {"model": torch.optim.Adam(self.parameters(), lr=lr, fused=True)}
 
-    def training_step(self, x: torch.Tensor, optimizers: dict[str, torch.optim.Optimizer],
-                      clip_grad: float | None = None) -> ModelOutput:
-        """One update on batch x. Models with several networks override this."""
+    def training_step(self, batch: Batch, optimizers: dict[str, torch.optim.Optimizer],
+                      state: StepState) -> ModelOutput:
+        """One update on `batch`, at the point of the run `state` describes (its `clip_grad`
+        included). Models with several networks override this."""
         opt = optimizers["model"]
         opt.zero_grad(set_to_none=True)
-        out = self(x)
+        out = self(batch, state)
         out.loss.backward()
-        if clip_grad is not None:
-            torch.nn.utils.clip_grad_norm_(self.parameters(), clip_grad, foreach=True)
+        if state.clip_grad is not None:
+            torch.nn.utils.clip_grad_norm_(self.parameters(), state.clip_grad, foreach=True)
         opt.step()
         return out
 

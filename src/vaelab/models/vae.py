@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..batch import Batch, StepState
 from ..config import require
 from ..losses import bce_from_logits, kl_normal, reparameterize
 from ..optim import PackedAdam
@@ -29,25 +30,36 @@ class VAEConfig:
 
 
 class GaussianVAE(GenerativeModel):
-    """Shared by every VAE here: BCE + beta * KL. Subclasses build `trunk` (image -> features),
-    `heads` (features -> mu, log sigma^2) and `decoder` (z -> logits)."""
+    """Shared by every VAE here: BCE + kl_weight * KL. Subclasses build `trunk` (image ->
+    features), `heads` (features -> mu, log sigma^2) and `decoder` (z -> logits)."""
 
     term_names = ("recon", "kl")
     regularizer_term = "kl"
 
-    def encode(self, x: torch.Tensor) -> Posterior:
+    def kl_weight(self, state: StepState | None) -> float:
+        """The KL term's weight in the loss of the training step `state` (None: outside
+        training, where the loss is the objective trained towards). `config.beta` at every step;
+        a schedule (a KL warm-up, say) is a subclass overriding this. A Python number, so the
+        schedule costs no device sync and the hand-derived step (vae_step.py) uses the same one."""
+        return self.config.beta
+
+    def encode(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> Posterior:
+        self.refuse_condition(condition)
         mu, logvar = self.heads(self.trunk(x))
         return Posterior(mu, logvar)
 
-    def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
+    def decode_logits(self, z: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        self.refuse_condition(condition)
         return self.decoder(z)
 
-    def forward(self, x: torch.Tensor) -> ModelOutput:
-        post = self.encode(x)
+    def forward(self, batch: Batch, state: StepState | None = None) -> ModelOutput:
+        # A conditional subclass (`conditional = True`) is conditioned on the batch's labels.
+        x, condition = batch.x, (batch.y if self.conditional else None)
+        post = self.encode(x, condition)
         z = reparameterize(post.mu, post.logvar)
-        recon = bce_from_logits(self.decode_logits(z), x).mean()
+        recon = bce_from_logits(self.decode_logits(z, condition), x).mean()
         kl = kl_normal(post.mu, post.logvar).mean()
-        loss = recon + self.config.beta * kl
+        loss = recon + self.kl_weight(state) * kl
         return ModelOutput(loss=loss, terms={"recon": recon.detach(), "kl": kl.detach()})
 
 
@@ -69,11 +81,13 @@ class VAE(GaussianVAE):
         self._derivation = vae_step.derived_for(self)
         return {"model": PackedAdam(self.parameters(), lr=lr)}
 
-    def training_step(self, x: torch.Tensor, optimizers: dict[str, torch.optim.Optimizer],
-                      clip_grad: float | None = None) -> ModelOutput:
+    def training_step(self, batch: Batch, optimizers: dict[str, torch.optim.Optimizer],
+                      state: StepState) -> ModelOutput:
         # On the CPU the hand-derived step does the same update about 1.6x faster; gradient
-        # clipping, hooks, autocast, compile and CUDA take the autograd step.
+        # clipping, hooks, autocast, compile and CUDA take the autograd step. Both weigh the KL
+        # term by the same `kl_weight(state)`.
         opt = optimizers["model"]
-        if clip_grad is None and not self.is_compiled and vae_step.applies(self, x, opt, self._derivation):
-            return vae_step.training_step(self, x, opt, self._derivation)
-        return super().training_step(x, optimizers, clip_grad)
+        if (state.clip_grad is None and not self.is_compiled
+                and vae_step.applies(self, batch.x, opt, self._derivation)):
+            return vae_step.training_step(self, batch.x, opt, self._derivation, self.kl_weight(state))
+        return super().training_step(batch, optimizers, state)

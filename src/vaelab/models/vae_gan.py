@@ -66,6 +66,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..batch import Batch, StepState
 from ..config import require
 from ..errors import ConfigError
 from ..losses import bce_from_logits, discriminator_loss, generator_loss, kl_normal, reparameterize
@@ -190,17 +191,27 @@ class VAEGAN(GenerativeModel):
     def networks(self) -> dict[str, nn.Module]:
         return {"encoder": self.encoder, "decoder": self.decoder, "discriminator": self.discriminator}
 
-    def encode(self, x: torch.Tensor) -> Posterior:
+    def encode(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> Posterior:
+        self.refuse_condition(condition)
         mu, logvar = self.encoder(x)
         return Posterior(mu, logvar)
 
-    def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
+    def decode_logits(self, z: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        self.refuse_condition(condition)
         return self.decoder(z)
 
     # --- losses -------------------------------------------------------------------------------
 
-    def losses(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every network's loss on batch x, from one forward pass of each network."""
+    def kl_weight(self, state: StepState | None) -> float:
+        """The weight of L_prior in the encoder's loss at the training step `state` (None:
+        outside training), as `GaussianVAE.kl_weight`: `config.beta` at every step (1, the
+        default, is the paper); a schedule overrides this."""
+        return self.config.beta
+
+    def losses(self, batch: Batch, state: StepState | None = None) -> dict[str, torch.Tensor]:
+        """Every network's loss on the batch, from one forward pass of each network; `state` is
+        the training step's (None outside training)."""
+        x = batch.x
         c, b = self.config, len(x)
         mu, logvar = self.encoder(x)
         z = reparameterize(mu, logvar)
@@ -222,7 +233,7 @@ class VAEGAN(GenerativeModel):
         else:
             feature = torch.zeros((), device=x.device)
         return {
-            "enc_loss": c.beta * kl + llike,
+            "enc_loss": self.kl_weight(state) * kl + llike,
             "dec_loss": c.gamma * llike + generator_loss(fake_logits),
             "dis_loss": discriminator_loss(real_logits, fake_logits),
             "dis_acc_real": (real_logits > 0).float().mean(),
@@ -250,8 +261,8 @@ class VAEGAN(GenerativeModel):
         loss = (t["enc_loss"] + t["dis_loss"]).detach()
         return ModelOutput(loss=loss, terms={n: terms[n] for n in self.term_names})
 
-    def forward(self, x: torch.Tensor) -> ModelOutput:
-        t = self.losses(x)
+    def forward(self, batch: Batch, state: StepState | None = None) -> ModelOutput:
+        t = self.losses(batch, state)
         train_dec, train_dis = self.equilibrium(t["dis_real_ce"].item(), t["dis_fake_ce"].item())
         return self._output(t, train_dec, train_dis)
 
@@ -264,9 +275,9 @@ class VAEGAN(GenerativeModel):
         return {name: torch.optim.Adam(net.parameters(), lr=lr * scale[name], betas=(0.5, 0.999), fused=True)
                 for name, net in self.networks().items()}
 
-    def training_step(self, x: torch.Tensor, optimizers: dict[str, torch.optim.Optimizer],
-                      clip_grad: float | None = None) -> ModelOutput:
-        t = self.losses(x)
+    def training_step(self, batch: Batch, optimizers: dict[str, torch.optim.Optimizer],
+                      state: StepState) -> ModelOutput:
+        t = self.losses(batch, state)
         train_dec, train_dis = self.equilibrium(t["dis_real_ce"].item(), t["dis_fake_ce"].item())
         todo = [("encoder", t["enc_loss"])]
         if train_dec:
@@ -283,8 +294,8 @@ class VAEGAN(GenerativeModel):
             params = list(nets[name].parameters())
             for p, gp in zip(params, g):
                 p.grad = gp
-            if clip_grad is not None:
-                torch.nn.utils.clip_grad_norm_(params, clip_grad, foreach=True)
+            if state.clip_grad is not None:
+                torch.nn.utils.clip_grad_norm_(params, state.clip_grad, foreach=True)
             optimizers[name].step()
             optimizers[name].zero_grad(set_to_none=True)
         return self._output(t, train_dec, train_dis)

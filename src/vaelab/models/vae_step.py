@@ -10,7 +10,8 @@ from the multiplies. tests/test_fast_step.py checks the gradients against autogr
 The derivation holds for one model only, so the step is taken only for it: exactly `VAE` built of
 exactly its own blocks (`derived_for`, by class identity, found once when the optimizer is made and
 confirmed by identity checks each step). A subclass, whatever it changes (clamped heads, its own
-forward), trains by autograd.
+forward, a KL schedule), trains by autograd. The KL weight `beta` is the model's `kl_weight` for
+the step, passed in, so a weight changed on the plain `VAE` is honoured here as in autograd.
 
 The gradients, for a batch of B images x, logits l, posterior (mu, log sigma^2 = v), eps ~ N(0, I)
 and z = mu + eps * sigma, of loss = mean_b[BCE(l_b, x_b)] + beta * mean_b[KL_b]:
@@ -123,12 +124,12 @@ def weight_grad(dy: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return onednn_mm(a.t(), dy.t()).t()  # ((in, B) @ (B, out))^T
 
 
-def training_step(model, x: torch.Tensor, optimizer: PackedAdam, derivation: Derivation) -> ModelOutput:
-    """One Adam step of an MLP VAE on batch x (B, 1, 28, 28), where `applies`; returns what
-    `forward` would."""
+def training_step(model, x: torch.Tensor, optimizer: PackedAdam, derivation: Derivation,
+                  beta: float) -> ModelOutput:
+    """One Adam step of an MLP VAE on batch x (B, 1, 28, 28) with KL weight `beta` (the model's
+    `kl_weight` for this step), where `applies`; returns what `forward` would."""
     encoder, decoder = derivation.layers
     batch, latent = x.shape[0], model.latent_dim
-    beta = model.config.beta
     with torch.no_grad():
         pixels = x.reshape(batch, -1)  # (B, 784)
         # Forward, keeping every layer's input.
