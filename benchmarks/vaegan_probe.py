@@ -1,6 +1,7 @@
 """A per-epoch probe of one VAE-GAN configuration: train it with the model's own training step
 and, after every epoch, decode 5,000 fixed prior samples and report the share the domain
-classifier assigns to one class with probability above 0.9, with the class histogram; with
+classifier assigns to one class with probability above 0.9, with the class histogram, and the
+same share for the reconstructions of 5,000 test images (from their posterior means); with
 `--ema D` the same for an exponential moving average (decay D) of the decoder's weights.
 
     python benchmarks/vaegan_probe.py NAME [--cfg '{"latent_dim": 8}'] [--lr 2e-4] [--ema 0.999]
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from vaelab.batch import Batch, StepState
 from vaelab.data import load, to_float
 from vaelab.metrics import classify, load_or_train_classifier
 from vaelab.models import build_model, make_config
@@ -48,6 +50,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ema", type=float, default=None, help="also score a moving average of the decoder")
     p.add_argument("--out", default="runs/probe")
+    p.add_argument("--limit", type=int, default=None, help="train on the first N images only (a smoke test)")
     a = p.parse_args()
 
     torch.manual_seed(a.seed)
@@ -56,15 +59,18 @@ def main() -> None:
     model = build_model("vae-gan", make_config("vae-gan", **json.loads(a.cfg)))
     optimizers = model.configure_optimizers(a.lr)
     ema = copy.deepcopy(model.decoder).requires_grad_(False) if a.ema else None
-    x_train = to_float(data.train_x)
+    x_train, x_test = to_float(data.train_x[: a.limit]), to_float(data.test_x[:5000])
     z = torch.randn(5000, model.config.latent_dim, generator=torch.Generator().manual_seed(1))
     order = torch.Generator().manual_seed(a.seed)
     Path(a.out).mkdir(parents=True, exist_ok=True)
     log = open(Path(a.out) / f"{a.name}.log", "w")
+    steps_per_epoch, step = len(x_train) // a.batch, 0
     for epoch in range(1, a.epochs + 1):
         start, perm, terms = time.time(), torch.randperm(len(x_train), generator=order), []
         for i in range(0, len(x_train) - a.batch + 1, a.batch):
-            out = model.training_step(x_train[perm[i : i + a.batch]], optimizers)
+            state = StepState(step=step, epoch=epoch, epochs=a.epochs, steps_per_epoch=steps_per_epoch)
+            out = model.training_step(Batch(x_train[perm[i : i + a.batch]]), optimizers, state)
+            step += 1
             if ema is not None:
                 with torch.no_grad():
                     for e, m in zip(ema.state_dict().values(), model.decoder.state_dict().values()):
@@ -73,9 +79,14 @@ def main() -> None:
                 terms.append({k: float(v) for k, v in out.terms.items()})
         seconds = time.time() - start
         share, hist = confident_share(model.decoder, clf, z)
+        model.eval()
+        with torch.no_grad():
+            codes = model.encoder(x_test)[0]  # posterior means of the first 5,000 test images
+        model.train()
+        recon_share, _ = confident_share(model.decoder, clf, codes)
         mean = {k: sum(t[k] for t in terms) / len(terms) for k in ("kl", "recon")}
         line = (f"{a.name} epoch {epoch} {seconds:.0f}s confident={share:.3f} classes={hist} "
-                f"train kl={mean['kl']:.1f} recon={mean['recon']:.1f}")
+                f"train kl={mean['kl']:.1f} recon={mean['recon']:.1f} reconstructions confident={recon_share:.3f}")
         if ema is not None:
             share_e, hist_e = confident_share(ema, clf, z)
             line += f" | ema confident={share_e:.3f} classes={hist_e}"

@@ -11,7 +11,7 @@ from vaelab.batch import Batch, StepState
 from vaelab.checkpoint import load_run
 from vaelab.data import ImageData, load, to_float
 from vaelab.errors import ConfigError
-from vaelab.losses import generator_loss
+from vaelab.losses import generator_loss, mmd_imq
 from vaelab.models import MODELS, build_model, make_config
 from vaelab.models.blocks import ConvDecoder
 from vaelab.train import train
@@ -328,6 +328,24 @@ def test_vae_gan_beta_weighs_the_prior_term_in_the_encoder_loss_only(beta):
         torch.testing.assert_close(t[beta][name], t[1.0][name])
     with pytest.raises(ConfigError, match="non-negative"):
         make_config("vae-gan", ["beta=-1"])
+
+
+def test_vae_gan_mmd_weight_adds_the_codes_distance_to_the_prior_draws():
+    """mmd_weight adds mmd_weight * MMD(z, z_p) to the encoder's loss: the batch's codes against
+    the very prior draws the decoder turns into samples."""
+    torch.manual_seed(0)
+    model = build_model("vae-gan", dict(CASES["vae-gan-conv"][1], mmd_weight=50.0))
+    x = images(16)
+    torch.manual_seed(1)
+    t = model.losses(Batch(x))
+    torch.manual_seed(1)
+    mu, logvar = model.encoder(x)
+    z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+    z_p = torch.randn_like(z)
+    torch.testing.assert_close(t["enc_loss"], t["kl"] + t["recon"] + 50.0 * mmd_imq(z, z_p))
+    assert float(mmd_imq(z, z_p)) != 0
+    with pytest.raises(ConfigError, match="non-negative"):
+        make_config("vae-gan", ["mmd_weight=-1"])
 
 
 @pytest.mark.parametrize("fakes", ["both", "prior"])

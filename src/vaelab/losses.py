@@ -87,3 +87,25 @@ def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> 
 def generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     """Non-saturating generator loss -log D(x_fake), averaged; returns a scalar."""
     return F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
+
+
+# Kernel widths of mmd_imq, as multiples of 2 * latent_dim (the expected squared distance between
+# two standard normal draws): a sum over scales needs no tuning to the codes' spread.
+IMQ_SCALES = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+def mmd_imq(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Unbiased estimate of the squared maximum mean discrepancy between the samples a (n, d) and
+    b (m, d), with the inverse multiquadratic kernel k(x, y) = C / (C + |x - y|^2) summed over
+    C = 2 d s for s in IMQ_SCALES (Tolstikhin et al. 2018, "Wasserstein auto-encoders"); its
+    heavy tails keep a gradient on codes far from the prior's bulk. Zero in expectation when a and
+    b come from one distribution."""
+    n, m, d = len(a), len(b), a.shape[1]
+    ab = torch.cat([a, b])
+    norms = ab.pow(2).sum(1)
+    # |x|^2 + |y|^2 - 2 x.y rather than cdist: its gradient is finite at zero distance (the diagonal)
+    sq = (norms[:, None] + norms[None, :] - 2 * ab @ ab.T).clamp_min(0)
+    k = sum((2 * d * s) / (2 * d * s + sq) for s in IMQ_SCALES)
+    k_aa, k_bb, k_ab = k[:n, :n], k[n:, n:], k[:n, n:]
+    off = lambda block, size: (block.sum() - block.diagonal().sum()) / (size * (size - 1))
+    return off(k_aa, n) + off(k_bb, m) - 2 * k_ab.mean()

@@ -69,7 +69,7 @@ from torch import nn
 from ..batch import Batch, StepState
 from ..config import require
 from ..errors import ConfigError
-from ..losses import bce_from_logits, discriminator_loss, generator_loss, kl_normal, reparameterize
+from ..losses import bce_from_logits, discriminator_loss, generator_loss, kl_normal, mmd_imq, reparameterize
 from . import register
 from .base import GenerativeModel, ModelOutput, Posterior
 from .blocks import (ConvDecoder, ConvEncoderTrunk, Discriminator, GaussianHeads, MLPDecoder,
@@ -114,6 +114,10 @@ class VAEGANConfig:
     feature_layer: int = 1
     gamma: float = 0.03  # weight of L_llike against L_GAN in the decoder's loss
     beta: float = 1.0  # weight of L_prior in the encoder's loss (1 = the paper)
+    # Weight of MMD(q(z), p(z)) in the encoder's loss (InfoVAE, Zhao et al. 2019): the batch's codes
+    # against the prior draws, pulling the codes of all images together onto N(0, I), so prior draws
+    # land where the decoder has learned to draw (the KL term matches each image's q(z|x) alone).
+    mmd_weight: float = 0.0
     pixel_weight: float = 1.0  # weight of the pixel BCE in L_llike (see the module docstring)
     equilibrium: float = 0.68  # the discriminator's cross-entropy at balance (ln 2 = chance)
     margin: float | None = 0.35  # equilibrium rule margin; none = always update all three
@@ -140,8 +144,8 @@ class VAEGANConfig:
                 "channels must hold one or two positive widths (28 halves twice at most)")
         require(self.fc_dim >= 1, "fc_dim must be positive")
         require(not self.project_norm or self.batch_norm, "project_norm needs batch_norm=true")
-        require(self.gamma >= 0 and self.pixel_weight >= 0 and self.beta >= 0,
-                "gamma, pixel_weight and beta must be non-negative")
+        require(min(self.gamma, self.pixel_weight, self.beta, self.mmd_weight) >= 0,
+                "gamma, pixel_weight, beta and mmd_weight must be non-negative")
         require(self.objective == "basic" or self.pixel_weight > 0 or self.feature_loss,
                 "with pixel_weight=0 and feature_loss=false nothing trains the encoder to reconstruct "
                 "(objective=basic is that choice made explicitly)")
@@ -233,7 +237,7 @@ class VAEGAN(GenerativeModel):
         else:
             feature = torch.zeros((), device=x.device)
         return {
-            "enc_loss": self.kl_weight(state) * kl + llike,
+            "enc_loss": self.kl_weight(state) * kl + llike + (c.mmd_weight * mmd_imq(z, z_p) if c.mmd_weight else 0),
             "dec_loss": c.gamma * llike + generator_loss(fake_logits),
             "dis_loss": discriminator_loss(real_logits, fake_logits),
             "dis_acc_real": (real_logits > 0).float().mean(),
