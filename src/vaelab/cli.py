@@ -39,6 +39,7 @@ def _path_ending(suffix: str, written_as: str):
 
 _png_path = _path_ending(".png", "image is written as PNG")
 _npy_path = _path_ending(".npy", "array is written as NumPy .npy")
+_html_path = _path_ending(".html", "page is written as HTML")
 
 
 def _reconstruct_count(text: str) -> int:
@@ -372,6 +373,60 @@ def cmd_recipe(args) -> int:
     return 0
 
 
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is between 0 (any free one) and 65535, got {value}")
+    return value
+
+
+def _add_explore(sub) -> None:
+    p = sub.add_parser("explore", help="move through a run's latent space in the browser",
+                       description="Serve a page (on 127.0.0.1 unless --host says otherwise) with the latent "
+                                   "scatter of test codes, the decoded image of the point under the mouse, "
+                                   "interpolations and a drawing pad; or, with --export, write the page as one "
+                                   "self-contained HTML file that needs no server.")
+    p.add_argument("run", type=Path)
+    p.add_argument("--port", type=_port, default=8765, help="default 8765; 0 picks a free port")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--no-browser", action="store_true", help="print the URL without opening a browser")
+    p.add_argument("--export", type=_html_path, default=None, metavar="PAGE.html",
+                   help="write the page with a grid of precomputed decodes to PAGE.html and exit")
+    p.add_argument("--points", type=_positive_int, default=3000, help="test images whose codes are shown (default 3000)")
+    p.add_argument("--seed", type=_seed, default=0, help="which test images (default 0)")
+    p.add_argument("--device", default="auto")
+    _add_threads(p)
+    p.set_defaults(func=cmd_explore)
+
+
+def cmd_explore(args) -> int:
+    from .explore import LatentSpace, export_page, make_server
+
+    if args.export is not None:
+        _output_file(args.export)
+    run, data = _run_and_data(args)
+    space = LatentSpace.from_run(run, data, n_points=args.points, seed=args.seed)
+    if args.export is not None:
+        export_page(space, args.export)
+        print(f"wrote {args.export}: the {run.model.name}'s latent space over {len(space.points)} test codes, "
+              f"self-contained (open it in any browser; no server)")
+        return 0
+    server = make_server(space, args.host, args.port)
+    print(f"serving {run.path} at {server.url} (Ctrl-C stops)", flush=True)
+    if not args.no_browser:
+        import webbrowser
+
+        webbrowser.open(server.url)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped")
+    finally:
+        server.server_close()
+    return 0
+
+
 def _add_models(sub) -> None:
     p = sub.add_parser("models", help="list the registered models")
     p.add_argument("--fields", action="store_true", help="also each model's config fields and defaults (for --set)")
@@ -449,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vaelab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     for add in (_add_train, _add_generate, _add_reconstruct, _add_plot, _add_evaluate, _add_score, _add_recipe,
-                _add_models, _add_config, _add_data):
+                _add_explore, _add_models, _add_config, _add_data):
         add(sub)
     return parser
 

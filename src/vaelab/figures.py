@@ -140,13 +140,20 @@ def reconstructions_figure(model, test_x: torch.Tensor, path: Path, seed: int = 
         title=f"{model.name}: {n} random test images and their reconstructions")
 
 
+def principal_axes(codes: torch.Tensor, k: int = 2) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """The mean of (N, D) codes, their first k principal axes (k, D) as orthonormal rows (float64),
+    and the share of the variance each axis explains."""
+    mean = codes.double().mean(0)
+    _, s, v = torch.linalg.svd(codes.double() - mean, full_matrices=False)
+    var = s.pow(2)
+    return mean, v[:k], (var[:k] / var.sum()).tolist()
+
+
 def pca_2d(codes: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
     """Project (N, D) codes on their first two principal axes: (N, 2) and the share of the
     variance each axis explains."""
-    centred = codes - codes.mean(0)
-    _, s, v = torch.linalg.svd(centred.double(), full_matrices=False)
-    var = s.pow(2)
-    return (centred.double() @ v[:2].T).float(), (var[:2] / var.sum()).tolist()
+    mean, axes, share = principal_axes(codes, 2)
+    return ((codes.double() - mean) @ axes.T).float(), share
 
 
 @torch.inference_mode()
