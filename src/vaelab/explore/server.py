@@ -104,13 +104,17 @@ def _allowed_hosts(host: str, port: int) -> set[str] | None:
         loopback = host == "localhost"
     if not loopback:
         return None
-    return {f"{name}:{port}" for name in ("127.0.0.1", "localhost", "[::1]", host)}
+    names = {"127.0.0.1", "localhost", "[::1]", f"[{host}]" if ":" in host else host}
+    return names | {f"{name}:{port}" for name in names}  # a client may leave the port out
 
 
 class Handler(BaseHTTPRequestHandler):
     server: ExploreServer
     server_version = "vaelab-explore"
     sys_version = ""
+    # A request line too garbled to name its version is answered with a status line all the same
+    # (the base class would answer it as HTTP/0.9: the body alone).
+    default_request_version = "HTTP/1.0"
 
     def log_message(self, format, *args):  # noqa: A002 - the base class's name
         pass  # a line per mouse move would bury the URL the command printed

@@ -144,11 +144,13 @@
     ctx.fillRect(0, 0, W, H);
     if ($("show-grid").checked) {
       ctx.imageSmoothingEnabled = true;
+      ctx.globalAlpha = 0.6;  // the decodes stay readable and the points stand out on them
       if (STATIC) ctx.drawImage(atlas.img, 0, 0, W, H);
       else if (state.grid) {
         const n = state.grid.n;
         state.grid.tiles.forEach((tile, k) => ctx.drawImage(tile, (k % n) * W / n, Math.floor(k / n) * H / n, W / n, H / n));
       }
+      ctx.globalAlpha = 1;
     }
     ctx.strokeStyle = "#ccc";
     ctx.lineWidth = 1;

@@ -1,0 +1,637 @@
+"""`vaelab explore`: the latent space's numbers against the model, the JSON API and its refusals,
+the exported page, the command line, and the page itself in headless Chromium.
+
+The reference throughout is the model: whatever the page or the API shows for a code z must be
+`model.decode(z)` (as 8-bit grey levels), and a drawn image's code `model.encode(x).mu`.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vaelab.cli import main
+from vaelab.errors import WriteError
+from vaelab.explore import LatentSpace, export_page, make_server
+from vaelab.explore.space import MAX_SLIDERS, latent_plane
+from vaelab.models import MODELS, build_model, make_config
+from vaelab.train import train
+
+from conftest import quick_config, synthetic_data
+
+# One small case per registered model (random weights: a decode is a decode), plus the shapes of
+# latent space the page treats differently: 2-D, a few dimensions, more than MAX_SLIDERS.
+CASES = {
+    "ae": ("ae", dict(hidden_dims=[16], latent_dim=2)),
+    "ae-5d": ("ae", dict(hidden_dims=[16], latent_dim=5)),
+    "vae": ("vae", dict(hidden_dims=[16], latent_dim=2)),
+    "vae-12d": ("vae", dict(hidden_dims=[16], latent_dim=12)),
+    "lstm-vae": ("lstm-vae", dict(lstm_hidden=16, latent_dim=3, channels=[8, 4])),
+    "vae-gan": ("vae-gan", dict(latent_dim=16)),  # the convolutional default
+    "vae-gan-mlp": ("vae-gan", dict(arch="mlp", hidden_dims=[16], dis_hidden_dims=[16, 8], latent_dim=2)),
+}
+
+
+def test_every_registered_model_has_a_case():
+    assert {name for name, _ in CASES.values()} == set(MODELS)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return synthetic_data(n_train=16, n_test=300)
+
+
+def make_space(case: str, data, **kwargs) -> LatentSpace:
+    name, fields = CASES[case]
+    torch.manual_seed(0)
+    model = build_model(name, make_config(name, **fields)).eval()
+    return LatentSpace(model, data.test_x, data.test_y, data.classes, data.name, run_name=case, **kwargs)
+
+
+def as_bytes(images: torch.Tensor) -> np.ndarray:
+    return (images.float().clamp(0, 1) * 255).round().to(torch.uint8).reshape(len(images), -1).numpy()
+
+
+@torch.inference_mode()
+def reference_decode(model, z) -> np.ndarray:
+    """(B, 784) uint8: what the decoder makes of the codes z, computed here, not by the explorer."""
+    return as_bytes(model.decode(torch.as_tensor(z, dtype=torch.float32).reshape(-1, model.latent_dim)))
+
+
+def close(a, b, levels: int = 1) -> bool:
+    """Equal images up to `levels` grey levels (float rounding can land either side of .5)."""
+    return int(np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max()) <= levels
+
+
+# ---------------------------------------------------------------------------------------------
+# The latent space
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_2d_latent_is_shown_as_itself(data):
+    space = make_space("vae", data)
+    assert torch.allclose(space.points, space.codes, atol=1e-6)
+    assert space.sliders == [] and space.has_std
+    x0, x1, y0, y1 = space.box
+    inside = ((space.points[:, 0] >= x0) & (space.points[:, 0] <= x1) &
+              (space.points[:, 1] >= y0) & (space.points[:, 1] <= y1)).float().mean()
+    assert inside >= 0.98 and math.isclose(x1 - x0, y1 - y0)
+
+
+def test_higher_dimensions_get_a_pca_plane_through_the_codes(data):
+    space = make_space("vae-12d", data)
+    plane = space.plane
+    assert torch.allclose(plane.axes @ plane.axes.T, torch.eye(2, dtype=torch.float64), atol=1e-9)
+    assert "PCA" in plane.note and plane.labels[0].startswith("PC 1")
+    # A point of the plane goes there and back unchanged; the codes' mean is the origin.
+    xy = torch.tensor([[0.3, -1.2], [2.0, 0.5]], dtype=torch.float64)
+    assert torch.allclose(plane.project(plane.lift(xy)), xy, atol=1e-9)
+    assert torch.allclose(plane.origin, space.codes.double().mean(0), atol=1e-6)
+    # No other plane through the mean holds more of the codes' variance than the PCA one.
+    centred = space.codes.double() - plane.origin
+    kept = (centred @ plane.axes.T).pow(2).sum()
+    q, _ = torch.linalg.qr(torch.randn(12, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    assert kept >= (centred @ q).pow(2).sum()
+
+
+def test_sliders_are_the_axes_with_most_kl_or_variance(data):
+    vae = make_space("vae-12d", data)
+    assert len(vae.sliders) == MAX_SLIDERS
+    mu, logvar = vae.codes.double(), None
+    from vaelab.figures import encode_means
+
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randperm(len(data.test_x), generator=g)[:3000]
+    mu, logvar = encode_means(vae.model, data.test_x[idx])
+    kl = torch.distributions.kl_divergence(
+        torch.distributions.Normal(mu.double(), logvar.double().mul(0.5).exp()),
+        torch.distributions.Normal(0.0, 1.0)).mean(0)
+    assert [s["dim"] for s in vae.sliders] == kl.argsort(descending=True)[:MAX_SLIDERS].tolist()
+    ae = make_space("ae-5d", data)
+    assert sorted(s["dim"] for s in ae.sliders) == list(range(5))  # five axes: a slider each
+    assert all("variance" in s["about"] for s in ae.sliders)
+    assert make_space("ae", data).sliders == []
+
+
+def test_ellipse_is_the_posterior_projected_on_the_plane():
+    codes = torch.randn(200, 4, generator=torch.Generator().manual_seed(1)) * torch.tensor([3.0, 2.0, 1.0, 0.5])
+    space = LatentSpace.__new__(LatentSpace)
+    space.plane = latent_plane(codes)
+    std = torch.tensor([0.5, 1.5, 0.2, 0.9], dtype=torch.float64)
+    ell = space.ellipse(std)
+    # Reference: the covariance of many samples of N(0, diag(std^2)) projected on the plane.
+    samples = torch.randn(200_000, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * std
+    cov = np.cov(space.plane.project(samples + space.plane.origin).numpy().T)
+    values, vectors = np.linalg.eigh(cov)
+    assert np.allclose(ell["radii"], np.sqrt(values[::-1]), rtol=0.01)
+    assert abs(abs(math.cos(ell["angle"] - math.atan2(vectors[1, 1], vectors[0, 1]))) - 1) < 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# The JSON API over HTTP
+# ---------------------------------------------------------------------------------------------
+
+
+class Served:
+    def __init__(self, space: LatentSpace):
+        self.space = space
+        self.server = make_server(space)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = self.server.url
+
+    def request(self, method: str, path: str, body: bytes | str | dict | None = None,
+                headers: dict | None = None) -> tuple[int, dict | bytes]:
+        if isinstance(body, dict):
+            body = json.dumps(body)
+        if isinstance(body, str):
+            body = body.encode()
+        conn = http.client.HTTPConnection("127.0.0.1", self.server.port, timeout=30)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            response = conn.getresponse()
+            raw = response.read()
+            if response.getheader("Content-Type", "").startswith("application/json"):
+                return response.status, json.loads(raw)
+            return response.status, raw
+        finally:
+            conn.close()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def served(request, data):
+    s = Served(make_space(request.param, data, n_points=200))
+    yield s
+    s.close()
+
+
+def test_page_and_info(served):
+    status, page = served.request("GET", "/")
+    assert status == 200 and b'id="vaelab-data"' in page and b"http" not in page.split(b"<script>", 1)[1]
+    status, info = served.request("GET", "/api/info")
+    model = served.space.model
+    assert status == 200 and info["latent_dim"] == model.latent_dim and info["model"] == model.name
+    assert info["has_std"] == (model.encode(torch.zeros(1, 1, 28, 28)).logvar is not None)
+    assert len(info["points"]["xy"]) == 2 * len(info["points"]["labels"]) == 400
+    assert info["classes"] == [str(i) for i in range(10)] and info["mode"] == "server"
+
+
+def test_decode_answers_what_the_decoder_makes(served):
+    d = served.space.latent_dim
+    z = torch.randn(5, d, generator=torch.Generator().manual_seed(3)).tolist()
+    status, answer = served.request("POST", "/api/decode", {"z": z})
+    assert status == 200
+    images = np.stack([np.frombuffer(base64.b64decode(s), np.uint8) for s in answer["images"]])
+    assert images.shape == (5, 784) and close(images, reference_decode(served.space.model, z))
+
+
+def test_encode_answers_the_posterior_and_its_reconstruction(served, data):
+    x = data.test_x[7].float().div(255)
+    status, answer = served.request("POST", "/api/encode", {"image": x.reshape(-1).tolist()})
+    assert status == 200
+    model = served.space.model
+    with torch.inference_mode():
+        post = model.encode(x.reshape(1, 1, 28, 28))
+    assert np.allclose(answer["mu"], post.mu[0].numpy(), atol=1e-5)
+    assert np.allclose(answer["point"], served.space.plane.project(post.mu.double())[0].numpy(), atol=1e-5)
+    if post.logvar is None:
+        assert answer["std"] is None and answer["ellipse"] is None
+    else:
+        assert np.allclose(answer["std"], post.logvar[0].mul(0.5).exp().numpy(), rtol=1e-5)
+        assert len(answer["ellipse"]["radii"]) == 2
+    recon = np.frombuffer(base64.b64decode(answer["reconstruction"]), np.uint8)
+    assert close(recon, reference_decode(model, post.mu)[0])
+
+
+BAD_REQUESTS = [  # (method, path, body, headers, status, words in the message)
+    ("POST", "/api/decode", "{bad", None, 400, "not JSON"),
+    ("POST", "/api/decode", "[1, 2]", None, 400, "JSON object"),
+    ("POST", "/api/decode", {"z": []}, None, 400, "list of latent points"),
+    ("POST", "/api/decode", {"z": [[0.0] * 40]}, None, 400, "numbers, got a list of 40"),
+    ("POST", "/api/decode", {"z": [["a"] * 2]}, None, 400, "not a number"),
+    ("POST", "/api/decode", '{"z": [[NaN, 0]]}', None, 400, "non-finite"),
+    ("POST", "/api/decode", '{"z": [[1e999, 0]]}', None, 400, "non-finite"),
+    ("POST", "/api/decode", {"z": 3}, None, 400, "list of latent points"),
+    ("POST", "/api/decode", {"z": [[0.0, 0.0]] * 1025}, None, 400, "at most 1024"),
+    ("POST", "/api/encode", {"image": [0.5] * 783}, None, 400, "784 numbers"),
+    ("POST", "/api/encode", {"image": [2.0] * 784}, None, 400, "[0, 1]"),
+    ("POST", "/api/encode", {"image": [True] * 784}, None, 400, "not a number"),
+    # The length alone decides: the server answers before reading (and never reads) the body.
+    ("POST", "/api/decode", "{}", {"Content-Length": str(5 << 20)}, 413, "at most"),
+    ("POST", "/api/nothing", "{}", None, 404, "not found"),
+    ("GET", "/etc/passwd", None, None, 404, "not found"),
+    ("GET", "/../../etc/passwd", None, None, 404, "not found"),
+    ("GET", "/%2e%2e/%2e%2e/etc/passwd", None, None, 404, "not found"),
+    ("GET", "/static/explore.js", None, None, 404, "not found"),
+    ("GET", "/api/", None, None, 404, "not found"),
+    ("PUT", "/api/decode", "{}", None, 405, "not allowed"),
+    ("DELETE", "/", None, None, 405, "not allowed"),
+    ("GET", "/", None, {"Host": "attacker.example:80"}, 403, "refused"),
+]
+
+
+@pytest.fixture(scope="module")
+def served_vae(data):
+    s = Served(make_space("vae", data, n_points=100))
+    yield s
+    s.close()
+
+
+@pytest.mark.parametrize("method, path, body, headers, status, words", BAD_REQUESTS,
+                         ids=[f"{m} {p} {i}" for i, (m, p, *_) in enumerate(BAD_REQUESTS)])
+def test_bad_requests_get_a_4xx_and_one_line(served_vae, method, path, body, headers, status, words):
+    got, answer = served_vae.request(method, path, body, headers)
+    assert got == status, answer
+    assert isinstance(answer, dict) and words in answer["error"] and "\n" not in answer["error"]
+
+
+def test_a_post_without_length_and_a_garbled_request_line(served_vae):
+    import socket
+
+    for raw, status in ((b"POST /api/decode HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 411),
+                        (b"GARBLED\r\n\r\n", 400)):
+        with socket.create_connection(("127.0.0.1", served_vae.server.port), timeout=10) as sock:
+            sock.sendall(raw)
+            reply = sock.makefile("rb").read()
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.split()[1] == str(status).encode(), reply
+        assert "error" in json.loads(body)
+    assert served_vae.request("GET", "/api/info")[0] == 200  # still serving
+
+
+def test_server_binds_to_loopback_by_default(served_vae):
+    assert served_vae.server.server_address[0] == "127.0.0.1"
+
+
+# ---------------------------------------------------------------------------------------------
+# --export
+# ---------------------------------------------------------------------------------------------
+
+
+def atlas_of(page: str) -> tuple[int, np.ndarray]:
+    payload = json.loads(re.search(r'<script type="application/json" id="vaelab-data">(.*?)</script>',
+                                   page, re.S).group(1))
+    png = base64.b64decode(payload["atlas"]["png"])
+    return payload["atlas"]["n"], np.asarray(Image.open(io.BytesIO(png)))
+
+
+@pytest.mark.parametrize("case", ["vae", "ae-5d"])
+def test_export_is_one_self_contained_file_of_the_decoder_s_images(tmp_path, data, case):
+    space = make_space(case, data, n_points=200)
+    page = export_page(space, tmp_path / "page.html", grid=8).read_text()
+    # Nothing is fetched from anywhere: no URL in a src or href, no http(s) at all.
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page, re.I)
+    assert "http:" not in page and "https:" not in page and "@import" not in page
+    n, sheet = atlas_of(page)
+    assert n == 8 and sheet.shape == (8 * 28, 8 * 28)
+    tiles = sheet.reshape(8, 28, 8, 28).transpose(0, 2, 1, 3).reshape(64, 784)
+    assert close(tiles, reference_decode(space.model, space.grid_points(8)))
+
+
+def test_export_failure_keeps_the_previous_file(tmp_path, data, monkeypatch):
+    space = make_space("vae", data, n_points=50)
+    out = tmp_path / "page.html"
+    out.write_text("previous")
+    monkeypatch.setattr(space, "atlas_png", lambda n: (_ for _ in ()).throw(MemoryError()))
+    with pytest.raises(MemoryError):
+        export_page(space, out, grid=4)
+    assert out.read_text() == "previous" and [p.name for p in tmp_path.iterdir()] == ["page.html"]
+    (tmp_path / "dir.html").mkdir()
+    with pytest.raises(WriteError):
+        export_page(make_space("vae", data, n_points=50), tmp_path / "dir.html", grid=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def trained_vae(tmp_path, synthetic_mnist):
+    run = tmp_path / "run"
+    train("vae", make_config("vae", hidden_dims=[32], latent_dim=2), quick_config(), run, progress=False)
+    return run
+
+
+def test_cli_export(tmp_path, trained_vae, capsys):
+    out = tmp_path / "page.html"
+    assert main(["explore", str(trained_vae), "--export", str(out), "--points", "100"]) == 0
+    assert "wrote" in capsys.readouterr().out and out.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--export", "page.png"], "name it *.html"),
+    (["--port", "70000"], "between 0"),
+])
+def test_cli_refuses_bad_options_in_one_line(trained_vae, capsys, argv, words):
+    with pytest.raises(SystemExit) as e:
+        main(["explore", str(trained_vae), *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and words in err and err.count("\n") == 1
+
+
+def test_cli_missing_run_is_one_line(tmp_path, capsys):
+    assert main(["explore", str(tmp_path / "nothing"), "--no-browser"]) == 2
+    err = capsys.readouterr().err
+    assert "no such run folder" in err and err.count("\n") == 1
+
+
+def test_cli_port_in_use_is_one_line(trained_vae, capsys):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        assert main(["explore", str(trained_vae), "--no-browser", "--port", str(port), "--points", "50"]) == 2
+    err = capsys.readouterr().err
+    assert "already in use" in err and err.count("\n") == 1
+
+
+def test_cli_serves_until_ctrl_c_then_exits_0(tmp_path, trained_vae):
+    script = Path(__file__).resolve().parent / "_synthetic_cli.py"
+    source = tmp_path / "source"  # the files the synthetic_mnist fixture wrote
+    proc = subprocess.Popen([sys.executable, str(script), "--data", str(source), "--", "explore", str(trained_vae),
+                             "--no-browser", "--port", "0", "--points", "50"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        line = proc.stdout.readline()
+        url = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+        assert url, line + proc.stderr.read()
+        conn = http.client.HTTPConnection("127.0.0.1", int(url.group(1)), timeout=30)
+        conn.request("GET", "/api/info")
+        assert conn.getresponse().status == 200
+        conn.close()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "stopped" in out and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------------------------
+# In a real browser: headless Chromium through Selenium
+# ---------------------------------------------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver") or ("/usr/bin/chromedriver" if os.path.exists("/usr/bin/chromedriver") else None)
+
+
+def _browser_missing() -> str | None:
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed (pip install -e '.[test]')"
+    if not CHROMIUM or not CHROMEDRIVER:
+        return "no Chromium and chromedriver here (Debian: apt-get install chromium chromium-driver)"
+    return None
+
+
+def browser_test(test):
+    """Marked `browser`; skipped, saying why, where Chromium, chromedriver or Selenium is missing."""
+    missing = _browser_missing()
+    return pytest.mark.browser(pytest.mark.skipif(missing is not None, reason=missing or "")(test))
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1300,1000",
+                "--disable-gpu"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+    driver.set_script_timeout(30)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def trained_spaces():
+    """Small trained models, so that the decodes differ visibly across the plane."""
+    import tempfile
+
+    data = synthetic_data(n_train=512, n_test=300)
+    spaces = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for key, name, fields in (("vae", "vae", dict(hidden_dims=[32], latent_dim=2)),
+                                  ("ae-5d", "ae", dict(hidden_dims=[32], latent_dim=5))):
+            trainer = train(name, make_config(name, **fields), quick_config(epochs=3), Path(tmp) / key,
+                            progress=False, data=data)
+            spaces[key] = LatentSpace(trainer.model.eval(), data.test_x, data.test_y, data.classes, data.name,
+                                      run_name=key, n_points=300)
+    return spaces
+
+
+@pytest.fixture(scope="module", params=["vae", "ae-5d"])
+def page(request, trained_spaces):
+    s = Served(trained_spaces[request.param])
+    yield s
+    s.close()
+
+
+def wait_for(driver, script: str, timeout: float = 20, *args):  
+    """Poll a JS expression until it is truthy; returns its value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = driver.execute_script(script, *args)
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for: {script}")
+        time.sleep(0.05)
+
+
+def open_page(driver, url):
+    driver.get(url)
+    wait_for(driver, "return window.vaelab && window.vaelab.ready && window.vaelab.shown")
+    driver.get_log("browser")  # start each test with an empty console
+
+
+def console_errors(driver) -> list:
+    return [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def expected_z(space, fx: float, fy: float, offsets=None) -> np.ndarray:
+    """The code under the mouse at fraction (fx, fy) of the plane canvas, as the page defines it."""
+    x0, x1, y0, y1 = space.box
+    z = space.plane.lift(torch.tensor([[x0 + fx * (x1 - x0), y1 - fy * (y1 - y0)]], dtype=torch.float64))[0].numpy()
+    return z + (offsets if offsets is not None else 0)
+
+
+def hover(driver, fx: float, fy: float):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    overlay = driver.find_element(By.ID, "overlay")
+    w, h = overlay.size["width"], overlay.size["height"]
+    # Selenium 4 offsets are from the element's centre.
+    ActionChains(driver).move_to_element_with_offset(overlay, int(fx * w - w / 2), int(fy * h - h / 2)).perform()
+    return overlay
+
+
+def shown_at(driver, space, fx, fy, offsets=None) -> dict:
+    """Wait until the page shows the decode of the point at (fx, fy); return what it shows."""
+    target = expected_z(space, fx, fy, offsets)
+    tol = 1.5 * (space.box[1] - space.box[0]) / 600  # a pixel and a half of the 600-pixel canvas
+    deadline = time.monotonic() + 20
+    while True:
+        shown = driver.execute_script("return window.vaelab.shown")
+        if np.abs(np.asarray(shown["z"]) - target).max() <= tol:
+            return shown
+        assert time.monotonic() < deadline, f"page shows z={shown['z']}, mouse is at z={target.tolist()}"
+        time.sleep(0.05)
+
+
+def canvas_pixels(driver, element_id: str) -> list[int]:
+    return driver.execute_script(
+        "const d = document.getElementById(arguments[0]).getContext('2d').getImageData(0, 0, 28, 28).data;"
+        "return Array.from({length: 784}, (_, i) => d[4 * i]);", element_id)
+
+
+@browser_test
+def test_browser_hover_shows_the_decoder_s_image_of_the_point_under_the_mouse(browser, page):
+    space = page.space
+    open_page(browser, page.url)
+    seen = []
+    for fx, fy in ((0.2, 0.3), (0.5, 0.5), (0.8, 0.75), (0.35, 0.9)):
+        hover(browser, fx, fy)
+        shown = shown_at(browser, space, fx, fy)
+        assert close(shown["image"], reference_decode(space.model, shown["z"])[0])
+        assert canvas_pixels(browser, "decoded") == shown["image"]  # what is drawn is what came back
+        seen.append(tuple(shown["image"]))
+    assert len(set(seen)) == len(seen), "the decoded image did not change as the mouse moved"
+    rtts = browser.execute_script("return window.vaelab.rtts")
+    assert rtts and sorted(rtts)[len(rtts) // 2] < 50, rtts
+    if space.sliders:  # off the plane: the slider's offset is added to the point under the mouse
+        s = space.sliders[0]
+        browser.execute_script(
+            "const el = document.querySelector(`#sliders input[data-dim='${arguments[0]}']`);"
+            "el.value = arguments[1]; el.dispatchEvent(new Event('input'));", s["dim"], s["range"] / 2)
+        offsets = np.zeros(space.latent_dim)
+        offsets[s["dim"]] = s["range"] / 2
+        shown = shown_at(browser, space, 0.35, 0.9, offsets)
+        assert close(shown["image"], reference_decode(space.model, shown["z"])[0])
+    # The grid of decodes behind the points.
+    browser.execute_script("document.getElementById('show-grid').click()")
+    tiles = wait_for(browser, "return window.vaelab.grid && window.vaelab.grid.tiles.length")
+    assert tiles == 16 * 16
+    assert console_errors(browser) == []
+
+
+@browser_test
+def test_browser_two_clicks_give_an_interpolation_strip(browser, page):
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    open_page(browser, page.url)
+    hover(browser, 0.25, 0.25)
+    ActionChains(browser).click().perform()
+    hover(browser, 0.75, 0.7)
+    ActionChains(browser).click().perform()
+    strip = wait_for(browser, "return window.vaelab.strip")
+    zs = np.asarray(strip["zs"])
+    assert len(zs) == 10 and close(strip["images"], reference_decode(page.space.model, zs))
+    tol = 1.5 * (page.space.box[1] - page.space.box[0]) / 600
+    assert np.abs(zs[0] - expected_z(page.space, 0.25, 0.25)).max() <= tol
+    assert np.abs(zs[-1] - expected_z(page.space, 0.75, 0.7)).max() <= tol
+    assert console_errors(browser) == []
+
+
+@browser_test
+def test_browser_drawing_pad_encodes_what_was_drawn(browser, page):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    open_page(browser, page.url)
+    pad = browser.find_element(By.ID, "pad")
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", pad)
+    ActionChains(browser).move_to_element_with_offset(pad, -30, -80).click_and_hold() \
+        .move_by_offset(40, 0).move_by_offset(-10, 60).move_by_offset(-10, 60).release().perform()
+    drawn = wait_for(browser, "return window.vaelab.drawn || window.vaelab.errors.length && window.vaelab.errors")
+    assert isinstance(drawn, dict), drawn
+    x = torch.tensor(drawn["input"], dtype=torch.float32)
+    assert x.sum() > 5, "no ink reached the encoder"
+    ys, xs = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
+    img = x.reshape(28, 28)
+    com = ((img * xs).sum() / img.sum(), (img * ys).sum() / img.sum())
+    assert all(abs(c - 13.5) <= 1 for c in com), com  # centred by its centre of mass, as MNIST
+    model = page.space.model
+    with torch.inference_mode():
+        post = model.encode(x.reshape(1, 1, 28, 28))
+    assert np.allclose(drawn["mu"], post.mu[0].numpy(), atol=1e-5)
+    assert np.allclose(drawn["point"], page.space.plane.project(post.mu.double())[0].numpy(), atol=1e-5)
+    assert close(drawn["reconstruction"], reference_decode(model, post.mu)[0])
+    assert canvas_pixels(browser, "pad-recon") == drawn["reconstruction"]
+    assert (drawn["ellipse"] is not None) == page.space.has_std
+    assert console_errors(browser) == []
+
+
+@browser_test
+def test_browser_bad_requests_are_refused_and_said(browser, page):
+    open_page(browser, page.url)
+    # The page's own decode request with a code of the wrong length: the server's message shows.
+    browser.execute_script("window.vaelab.requestDecode([1, 2, 3, 4, 5, 6, 7])")
+    status = wait_for(browser, "return document.getElementById('status').textContent")
+    assert status.startswith("400: decode: z[0]: expected a list of") and "got a list of 7" in status
+    answers = browser.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        const ask = (path, init) => fetch(path, init).then(async (r) => [r.status, (await r.json()).error]);
+        Promise.all([
+          ask('/api/decode', {method: 'POST', body: '{not json'}),
+          ask('/api/decode', {method: 'POST', body: '{"z": [[NaN, 1]]}'}),
+          ask('/..%2f..%2fetc/passwd'),
+          ask('/api/info', {method: 'PUT', body: '{}'}),
+        ]).then(done);
+    """)
+    assert [a[0] for a in answers] == [400, 400, 404, 405], answers
+    assert "not JSON" in answers[0][1] and "non-finite" in answers[1][1]
+
+
+@browser_test
+@pytest.mark.parametrize("key", ["vae", "ae-5d"])
+def test_browser_exported_page_works_from_a_file(browser, trained_spaces, tmp_path, key):
+    space = trained_spaces[key]
+    path = export_page(space, tmp_path / "page.html", grid=32)
+    open_page(browser, path.resolve().as_uri())
+    n, sheet = atlas_of(path.read_text())
+    x0, x1, y0, y1 = space.box
+    for fx, fy in ((0.1, 0.2), (0.6, 0.4), (0.9, 0.95)):
+        hover(browser, fx, fy)
+        # The nearest precomputed decode: that of the grid cell under the mouse.
+        col, row = min(int(fx * n), n - 1), min(int(fy * n), n - 1)
+        centre = torch.tensor([[x0 + (col + 0.5) * (x1 - x0) / n, y1 - (row + 0.5) * (y1 - y0) / n]],
+                              dtype=torch.float64)
+        want = space.plane.lift(centre)[0].numpy()
+        shown = wait_for(browser, "const s = window.vaelab.shown; return s.z.every((v, i) => "
+                                  "Math.abs(v - arguments[0][i]) < 1e-9) && s;", 20, want.tolist())
+        assert close(shown["image"], reference_decode(space.model, shown["z"])[0], levels=2)
+    assert browser.execute_script("return document.querySelector('#pad-card .row').hidden")
+    browser.execute_script("document.getElementById('show-grid').click()")
+    assert console_errors(browser) == []
