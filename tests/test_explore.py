@@ -397,7 +397,8 @@ def test_cli_serves_until_ctrl_c_then_exits_0(tmp_path, trained_vae):
 # ---------------------------------------------------------------------------------------------
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver") or ("/usr/bin/chromedriver" if os.path.exists("/usr/bin/chromedriver") else None)
+# Debian's chromium-driver puts chromedriver in /usr/bin, which a venv's PATH may lack.
+CHROMEDRIVER = shutil.which("chromedriver") or shutil.which("chromedriver", path="/usr/bin:/usr/lib/chromium")
 
 
 def _browser_missing() -> str | None:
