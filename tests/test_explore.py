@@ -636,3 +636,47 @@ def test_browser_exported_page_works_from_a_file(browser, trained_spaces, tmp_pa
     assert browser.execute_script("return document.querySelector('#pad-card .row').hidden")
     browser.execute_script("document.getElementById('show-grid').click()")
     assert console_errors(browser) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# The vae-2d-mnist report embeds the exported page
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def report_with_explorer(tmp_path, trained_spaces):
+    from vaelab import recipes
+
+    from test_recipes import fake_result
+
+    result = fake_result(tmp_path, recipes.get_recipe("vae-2d-mnist"), synthetic_data(), {})
+    (step,) = result.steps
+    assert step.step.explore
+    step.explore_page = export_page(trained_spaces["vae"], result.out / "explore-vae-2d.html", grid=16)
+    return recipes.write_report(result)
+
+
+def test_vae_2d_report_embeds_and_links_the_explorer(report_with_explorer):
+    page = report_with_explorer.read_text()
+    assert '<iframe title="Move the mouse' in page and ' srcdoc="&lt;!DOCTYPE html&gt;' in page
+    assert '<a href="explore-vae-2d.html">' in page
+    assert "http:" not in page and "https:" not in page
+
+
+@browser_test
+def test_browser_explorer_works_inside_the_report(browser, report_with_explorer, trained_spaces):
+    from selenium.webdriver.common.by import By
+
+    browser.get(report_with_explorer.resolve().as_uri())
+    frame = browser.find_element(By.TAG_NAME, "iframe")
+    browser.execute_script("arguments[0].scrollIntoView()", frame)
+    browser.switch_to.frame(frame)
+    try:
+        wait_for(browser, "return window.vaelab && window.vaelab.ready && window.vaelab.shown")
+        before = browser.execute_script("return window.vaelab.shown.seq")
+        hover(browser, 0.3, 0.3)
+        shown = wait_for(browser, "const s = window.vaelab.shown; return s.seq > arguments[0] && s;", 20, before)
+        assert close(shown["image"], reference_decode(trained_spaces["vae"].model, shown["z"])[0], levels=2)
+    finally:
+        browser.switch_to.default_content()
+    assert console_errors(browser) == []

@@ -66,6 +66,17 @@ class Report:
         self.blocks.append(f'<figure><img alt="{html.escape(what)}" src="data:image/png;base64,{data}">'
                            f"<figcaption>{caption}</figcaption></figure>")
 
+    def page(self, page_html: str, what: str, link: str | None = None, height: int = 1000) -> None:
+        """Embed a whole HTML page (the explorer's export) in a frame, so that the report stays one
+        file that works offline; `link` names a copy of the page beside the report for a window of
+        its own."""
+        caption = f"<b>{html.escape(what)}</b>"
+        if link:
+            caption += f' Also beside this file: <a href="{html.escape(link)}">{html.escape(link)}</a>.'
+        self.blocks.append(f'<figure><iframe title="{html.escape(what)}" srcdoc="{html.escape(page_html)}" '
+                           f'style="width: 100%; height: {height}px; border: 1px solid #ddd;"></iframe>'
+                           f"<figcaption>{caption}</figcaption></figure>")
+
     def render(self) -> str:
         return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
                 f"<title>{html.escape(self.title)}</title><style>{STYLE}</style></head><body>"
