@@ -633,7 +633,8 @@ def test_browser_exported_page_works_from_a_file(browser, trained_spaces, tmp_pa
         shown = wait_for(browser, "const s = window.vaelab.shown; return s.z.every((v, i) => "
                                   "Math.abs(v - arguments[0][i]) < 1e-9) && s;", 20, want.tolist())
         assert close(shown["image"], reference_decode(space.model, shown["z"])[0], levels=2)
-    assert browser.execute_script("return document.querySelector('#pad-card .row').hidden")
+    # Hidden means not drawn (a CSS display rule must not bring it back).
+    assert browser.execute_script("return getComputedStyle(document.querySelector('#pad-card .row')).display") == "none"
     browser.execute_script("document.getElementById('show-grid').click()")
     assert console_errors(browser) == []
 

@@ -145,8 +145,16 @@
     if ($("show-grid").checked) {
       ctx.imageSmoothingEnabled = true;
       ctx.globalAlpha = 0.6;  // the decodes stay readable and the points stand out on them
-      if (STATIC) ctx.drawImage(atlas.img, 0, 0, W, H);
-      else if (state.grid) {
+      if (STATIC) {
+        // Every step-th decode of the atlas, about as many as the server draws: 64 x 64 tiles of
+        // 9 pixels would be a texture, not digits.
+        const n = atlas.n, step = Math.max(1, Math.round(n / SERVER_GRID)), m = Math.ceil(n / step);
+        for (let r = 0; r < m; r++)
+          for (let c = 0; c < m; c++) {
+            const tr = Math.min(n - 1, r * step + (step >> 1)), tc = Math.min(n - 1, c * step + (step >> 1));
+            ctx.drawImage(atlas.img, tc * 28, tr * 28, 28, 28, c * W / m, r * H / m, W / m, H / m);
+          }
+      } else if (state.grid) {
         const n = state.grid.n;
         state.grid.tiles.forEach((tile, k) => ctx.drawImage(tile, (k % n) * W / n, Math.floor(k / n) * H / n, W / n, H / n));
       }
