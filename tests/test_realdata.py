@@ -38,8 +38,10 @@ def test_quick_recipe_end_to_end_writes_a_filled_report(tmp_path, monkeypatch):
     result = recipes.run_recipe("vae-2d-mnist", tmp_path / "out", quick=True, progress=False, device="cpu")
     html = (tmp_path / "out" / "report.html").read_text()
     assert len(re.findall(r'<img alt="[^"]+" src="data:image/png;base64,[A-Za-z0-9+/=]{1000,}"', html)) == 7
-    assert html.count("<figcaption>") == 7 and "What to look for" in html
-    text = re.sub(r'src="data:[^"]*"', "", html)  # base64 image data may spell anything
+    # Seven figures and the embedded explorer, whose file is also beside the report.
+    assert html.count("<figcaption>") == 8 and "What to look for" in html
+    assert '<iframe title="Move the mouse' in html and (tmp_path / "out" / "explore-vae-2d.html").is_file()
+    text = re.sub(r'(src|srcdoc)="[^"]*"', "", html)  # base64 image data may spell anything
     assert not re.search(r"\bnan\b", text, flags=re.IGNORECASE)
     m = result.steps[0].metrics
     assert m["classifier"]["test_accuracy"] > 0.97
