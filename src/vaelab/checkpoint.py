@@ -34,12 +34,12 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from . import __version__
 from .atomic import atomic_write, clean_stale_siblings, clean_stale_temps
 from .config import config_from_dict, config_to_dict
 from .errors import CheckpointError, RunInUseError, VaelabError
 from .memory import device_memory, meta_model, parameter_count, require_memory
 from .reading import format_bytes, parse_json, read_bytes, read_json, require_fields
+from .version import __version__
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"

@@ -500,7 +500,7 @@ def cmd_data_fetch(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="vaelab", description="Autoencoder-family generative models on MNIST-like images.")
-    from . import __version__
+    from .version import __version__
 
     parser.add_argument("--version", action="version", version=f"vaelab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
