@@ -17,7 +17,8 @@ from .errors import (
 )
 from . import runtime
 from .models import MODELS, GenerativeModel, ModelOutput, build_model, make_config
-from .train import TrainConfig, train
+from .train import train
+from .train_config import TrainConfig
 
 __all__ = [
     "__version__", "Batch", "StepState", "Run", "load_run", "DATASETS", "ImageData", "fetch", "load",

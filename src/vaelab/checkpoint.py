@@ -39,6 +39,7 @@ from .config import config_from_dict, config_to_dict
 from .errors import CheckpointError, RunInUseError, VaelabError
 from .memory import device_memory, meta_model, parameter_count, require_memory
 from .reading import format_bytes, parse_json, read_bytes, read_json, require_fields
+from .train_config import RESUMABLE_FIELDS, TrainConfig
 from .version import __version__
 
 FORMAT_VERSION = 1
@@ -51,7 +52,7 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 # config.json is about 1 kB.
 MAX_CONFIG_BYTES = 1024 * 1024
 # What --resume may change in a stored training config (see the module docstring).
-RESUMABLE_TRAIN_FIELDS = ("epochs", "device")
+RESUMABLE_TRAIN_FIELDS = RESUMABLE_FIELDS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,8 +266,6 @@ def read_run_config(run_dir: Path) -> dict:
 def parse_spec(cfg: dict, path: Path) -> RunSpec:
     """Type-check a run config dict (config.json or a file's stored copy) and build its configs;
     any problem is a CheckpointError naming `path`. Builds the model on the meta device only."""
-    from .train import TrainConfig
-
     require_fields(cfg, {"model": str, "model_config": dict, "train": dict}, str(path))
     try:
         train_config = config_from_dict(TrainConfig, cfg["train"], where="train")

@@ -27,6 +27,7 @@ from .atomic import atomic_write, clean_stale_temps
 from .batch import Batch
 from .errors import DataError, WriteError
 from .reading import read_bytes
+from .train_config import BINARIZE_CHOICES
 
 ROLES = ("train-images", "train-labels", "test-images", "test-labels")
 # Largest decompressed IDX file we accept: MNIST train images are 47 MB. A bound keeps a hostile
@@ -370,9 +371,6 @@ def _fetch_from(spec: DatasetSpec, sources, missing: list[str], target: Path, fr
 # ---------------------------------------------------------------------------------------------
 # In-memory dataset and batching
 # ---------------------------------------------------------------------------------------------
-
-BINARIZE_CHOICES = ("none", "dynamic", "static")
-
 
 @dataclass
 class ImageData:

@@ -42,7 +42,8 @@ from .prose import (RECON_MSE, SAMPLE_METRICS, answer_basic_vaegan, answer_naive
                     verdict, verdict_sentence, with_uncertainty)
 from .report import Report
 from .version import __version__
-from .train import TrainConfig, check_target, is_run_folder, prepare_folder, train
+from .train import check_target, is_run_folder, prepare_folder, train
+from .train_config import TrainConfig
 
 RECIPE_FILE = "recipe.json"
 

@@ -26,7 +26,6 @@ import sys
 import threading
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -37,51 +36,11 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from .atomic import atomic_write, exchange, temp_path
 from .batch import StepState
-from .config import config_from_dict, config_to_dict, require
-from .data import BINARIZE_CHOICES, Batcher, ImageData, load
+from .config import config_from_dict, config_to_dict
+from .data import Batcher, ImageData, load
 from .errors import CheckpointError, ConfigError, DivergenceError, RunExistsError, RunInUseError, VaelabError
 from .fastpath import onednn_linear
-
-PRECISIONS = ("fp32", "bf16")
-# Seeds go to NumPy's legacy generator, which takes 32 bits; counts to torch's int64 indexing.
-MAX_SEED = 2**32 - 1
-MAX_COUNT = 2**31 - 1
-
-
-@dataclass
-class TrainConfig:
-    """How a model is trained and on what data (the model's own config is separate)."""
-
-    dataset: str = "mnist"
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 1e-3
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    val_size: int = 0  # training images held out as a validation split
-    binarize: str = "none"  # none | dynamic | static
-    precision: str = "fp32"  # fp32 | bf16 (autocast)
-    clip_grad: float | None = None  # max gradient norm, none = no clipping
-    eval_batch_size: int = 1000
-    log_every: int = 50  # steps between host syncs (progress bar, divergence check)
-    compile: bool = False  # torch.compile the model (same math, other random draws; slow start)
-
-    def validate(self) -> None:
-        require(self.epochs >= 1, "epochs must be at least 1")
-        require(self.batch_size >= 1, "batch size must be at least 1")
-        require(max(self.epochs, self.batch_size, self.val_size, self.eval_batch_size, self.log_every) <= MAX_COUNT,
-                f"epochs, batch sizes, val size and log_every must be at most {MAX_COUNT}")
-        require(math.isfinite(self.lr) and self.lr > 0, "learning rate must be positive and finite")
-        require(0 <= self.seed <= MAX_SEED, f"seed must be between 0 and {MAX_SEED}")
-        require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
-                f"device must be auto, cpu or cuda, not {self.device!r}")
-        require(self.val_size >= 0, "val size must be non-negative")
-        require(self.binarize in BINARIZE_CHOICES, f"binarize must be one of {', '.join(BINARIZE_CHOICES)}")
-        require(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}")
-        require(self.clip_grad is None or (math.isfinite(self.clip_grad) and self.clip_grad > 0),
-                "clip-grad must be positive and finite")
-        require(self.eval_batch_size >= 1 and self.log_every >= 1, "batch sizes must be positive")
-
+from .train_config import MAX_COUNT, MAX_SEED, PRECISIONS, TrainConfig  # noqa: F401  (re-exported)
 
 class TrainingInterrupted(VaelabError):
     """Ctrl-C or SIGTERM: the state was saved; the message says how to resume."""
