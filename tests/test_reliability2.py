@@ -289,7 +289,7 @@ def test_a_run_another_process_trains_in_is_refused_naming_its_pid(run, syntheti
 
 
 def test_overwrite_of_a_recipe_folder_with_a_run_in_training_is_refused(run, tmp_path):
-    from vaelab.train import prepare_folder
+    from vaelab.run_folder import prepare_folder
 
     with ckpt.RunLock(run):
         with pytest.raises(RunInUseError, match=f"{run} is in use: process {os.getpid()}"):
@@ -659,13 +659,6 @@ def test_exchange_swaps_two_folders(tmp_path):
     (tmp_path / "b" / "f").write_text("b")
     atomic.exchange(tmp_path / "a", tmp_path / "b")
     assert (tmp_path / "a" / "f").read_text() == "b" and (tmp_path / "b" / "f").read_text() == "a"
-
-
-def test_cli_and_trainer_agree_on_the_seed_range():
-    from vaelab import cli
-    from vaelab.train import MAX_SEED
-
-    assert cli.MAX_SEED == MAX_SEED
 
 
 # ---------------------------------------------------------------------------------------------

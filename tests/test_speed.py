@@ -15,7 +15,9 @@ from vaelab.fastpath import OneDNNLinearFunction, onednn_available, onednn_linea
 from vaelab.models import build_model, make_config
 from vaelab import runtime
 from vaelab.errors import ConfigError
-from vaelab.train import autocast, evaluate_terms, train, wants_channels_last
+from vaelab.devices import autocast, wants_channels_last
+from vaelab.evaluate import evaluate_terms
+from vaelab.train import train
 
 from conftest import quick_config
 

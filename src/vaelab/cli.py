@@ -9,13 +9,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from .train_config import MAX_SEED
+
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
 MAX_RECONSTRUCT = 100  # one column per image: more would not fit a readable figure
 # A manifold cell is drawn 50 pixels wide: 100 x 100 cells make a 5000-pixel figure, and the
 # renderer refuses images past 65536 pixels a side long before memory would.
 MAX_GRID = 100
-MAX_SEED = 2**32 - 1  # NumPy's legacy seeding takes 32 bits (train.MAX_SEED, kept in step by a test)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -198,7 +199,7 @@ def cmd_generate(args) -> int:
     from .evaluate import generate
     from .memory import require_memory
     from .plots import save_image_grid
-    from .train import resolve_device
+    from .devices import resolve_device
 
     nrow = max(1, round(args.n ** 0.5))
     scale = 2 if args.n <= 400 else 1
@@ -238,7 +239,8 @@ def _run_and_data(args):
     """The run named on the command line, on the asked device, and its data as it was trained
     on (static binarization and validation split included)."""
     from .checkpoint import load_run
-    from .train import load_training_data, resolve_device
+    from .data import load_training_data
+    from .devices import resolve_device
 
     run = load_run(args.run, device=resolve_device(args.device))
     return run, load_training_data(run.train_config, quiet=True)
@@ -332,7 +334,7 @@ def _add_score(sub) -> None:
 def cmd_score(args) -> int:
     from .checkpoint import write_json
     from .metrics import format_score, score_file
-    from .train import resolve_device
+    from .devices import resolve_device
 
     if args.json_out is not None:
         _output_file(args.json_out)
@@ -512,8 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from . import runtime
-    from .errors import VaelabError
-    from .train import TrainingInterrupted
+    from .errors import TrainingInterrupted, VaelabError
 
     parser = build_parser()
     args = parser.parse_args(argv)

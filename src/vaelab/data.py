@@ -440,13 +440,24 @@ def to_float(x_uint8: torch.Tensor) -> torch.Tensor:
     return x_uint8.unsqueeze(1).float().div_(255)
 
 
+def load_training_data(config, quiet: bool = False) -> ImageData:
+    """The data a run trains on, as its `TrainConfig` describes it (static binarization and the
+    validation split included), so every command sees the run's data as training did."""
+    return load(config.dataset, val_size=config.val_size,
+                binarize="static" if config.binarize == "static" else "none",
+                seed=config.seed, quiet=quiet)
+
+
 class Batcher:
     """Yields `Batch`es: float images (B, 1, 28, 28) from a uint8 tensor kept on the training
     device, with their labels when `labels` is given.
 
     The order and dynamic binarization come from one generator whose state is part of a
-    checkpoint, so a resumed run sees the same batches. The labels take no randomness: with or
-    without them, the images come in the same order.
+    checkpoint, so a resumed run sees the same batches. An epoch draws its order first, then
+    each batch's binarization noise as the batch is made: an interrupted epoch continues with
+    `resume`, from its order and the generator as they stood, without making the batches before
+    the position again. The labels take no randomness: with or without them, the images come in
+    the same order.
     """
 
     def __init__(self, images: torch.Tensor, batch_size: int, device: torch.device | str = "cpu",
@@ -466,12 +477,25 @@ class Batcher:
         return (len(self.images) + self.batch_size - 1) // self.batch_size
 
     def __iter__(self):
+        return self._batches(self._order(self.generator), 0)
+
+    def resume(self, epoch_start: torch.Tensor, position: int):
+        """The batches of an interrupted epoch from `position` on. `epoch_start` is the generator
+        state the epoch began with (its `state_dict()["generator"]` then), from which its order is
+        drawn again; the generator itself must stand where the epoch stopped (restored with
+        `load_state_dict` from the state saved after batch `position`)."""
+        start = torch.Generator(device=self.device)
+        start.set_state(epoch_start)
+        return self._batches(self._order(start), position)
+
+    def _order(self, generator: torch.Generator) -> torch.Tensor:
         n = len(self.images)
         if self.shuffle:
-            order = torch.randperm(n, generator=self.generator, device=self.device)
-        else:
-            order = torch.arange(n, device=self.device)
-        for start in range(0, n, self.batch_size):
+            return torch.randperm(n, generator=generator, device=self.device)
+        return torch.arange(n, device=self.device)
+
+    def _batches(self, order: torch.Tensor, position: int):
+        for start in range(position * self.batch_size, len(order), self.batch_size):
             index = order[start : start + self.batch_size]
             # index_select copies whole rows: ~10x faster than advanced indexing on CPU.
             x = to_float(torch.index_select(self.images, 0, index))

@@ -41,3 +41,11 @@ class WriteError(VaelabError):
 
 class RunInUseError(RunExistsError):
     """A run folder another process is training in (it holds the folder's lock)."""
+
+
+class TrainingInterrupted(VaelabError):
+    """Ctrl-C or SIGTERM: the state was saved; the message says how to resume."""
+
+    def __init__(self, message: str, signal_name: str = ""):
+        super().__init__(message)
+        self.signal_name = signal_name

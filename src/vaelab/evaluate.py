@@ -18,13 +18,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .data import ImageData, to_float
+from .checkpoint import write_json
+from .data import Batcher, ImageData, load, to_float
+from .devices import autocast
 from .losses import (bce_from_logits, bce_from_logits_shared_target, iwae_bound, kl_normal_per_dim,
                      log_normal, log_standard_normal, mse, reparameterize)
 # The sample-quality names live in metrics.py; they stay importable from here.
 from .metrics import (CONFIDENT, DomainClassifier, classifier_paths, classifier_summary, classify,  # noqa: F401
                       frechet_distance, load_or_train_classifier, quality, quality_rows, sample_quality,
                       train_classifier)
+from .train_config import TrainConfig
 
 METRICS_FILE = "metrics.json"
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016, section 5.2: Var_x(E_q[z_d]) > 0.01
@@ -42,6 +45,36 @@ class EvalSettings:
     n_samples: int = 10000  # generated (and real) images for the sample-quality figures
     seed: int = 0
     batch_size: int = 1000
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss terms
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def evaluate_terms(model, images: torch.Tensor, config: TrainConfig, device: torch.device,
+                   seed: int = 1234, labels: torch.Tensor | None = None) -> dict[str, float]:
+    """Mean loss and terms over a whole split (its `labels` go into the batches where given). Own
+    RNG stream, so evaluating neither depends on nor disturbs the training randomness, and every
+    epoch is scored on the same noise."""
+    was_training = model.training
+    model.eval()
+    batches = Batcher(images, config.eval_batch_size, device, shuffle=False,
+                      binarize="dynamic" if config.binarize == "dynamic" else "none", seed=seed,
+                      labels=labels)
+    names = ("loss", *model.term_names)
+    totals = torch.zeros(len(names), dtype=torch.float64, device=device)
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for batch in batches:
+            with autocast(device, config.precision):
+                out = model(batch)
+            row = torch.stack([out.loss.detach(), *(out.terms[n] for n in model.term_names)])
+            totals += row.double() * len(batch)
+    model.train(was_training)
+    return dict(zip(names, (totals / len(images)).tolist()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,9 +203,6 @@ def generate(model, n: int, seed: int = 0, batch: int = 1000) -> torch.Tensor:
 def evaluate_run(run, data: ImageData, settings: EvalSettings | None = None, progress: bool = False) -> dict:
     """Every metric of a loaded run (see `checkpoint.load_run`) on `data`; also written to
     RUN/metrics.json."""
-    from .checkpoint import write_json
-    from .train import evaluate_terms
-
     settings = settings or EvalSettings()
     model = run.model.eval()
     cfg = run.train_config
@@ -194,8 +224,6 @@ def evaluate_run(run, data: ImageData, settings: EvalSettings | None = None, pro
         seconds["iwae"] = metrics["iwae"]["seconds"]
 
     if settings.n_samples > 0:
-        from .data import load
-
         start = time.perf_counter()
         clf, info = load_or_train_classifier(data, device=device, progress=progress)
         metrics["classifier"] = classifier_summary(data.name, info)

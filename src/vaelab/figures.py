@@ -2,89 +2,14 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import math
-import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import plots
 from .data import to_float
-from .errors import CheckpointError
-from .reading import read_bytes
-
-
-def read_history(run_dir: Path) -> list[dict]:
-    """history.csv as rows (epoch an int, the loss terms as text), or [] if the run has none;
-    a damaged file is a CheckpointError naming it."""
-    path = Path(run_dir) / "history.csv"
-    text = _read_table(path)
-    if text is None:
-        return []
-    reader = csv.reader(io.StringIO(text))
-    header = next(reader, None)
-    if not header or header[:2] != ["epoch", "split"] or "loss" not in header:
-        raise CheckpointError(f"{path}: no epoch,split,loss... header{_repair(run_dir)}")
-    rows = []
-    for line, values in enumerate(reader, start=2):
-        if len(values) != len(header):
-            raise CheckpointError(f"{path}: line {line} has {len(values)} fields, the header {len(header)}"
-                                  f"{_repair(run_dir)}")
-        row = dict(zip(header, values))
-        try:
-            row["epoch"] = int(row["epoch"])
-            for key in header[2:]:
-                if row[key] != "":
-                    float(row[key])
-        except ValueError:
-            raise CheckpointError(f"{path}: line {line} holds a value that is not a number{_repair(run_dir)}") from None
-        rows.append(row)
-    return rows
-
-
-def read_steps(run_dir: Path) -> tuple[np.ndarray, list[str]]:
-    """steps.csv as an array (rows, columns) and its column names; empty if the run has none."""
-    path = Path(run_dir) / "steps.csv"
-    text = _read_table(path)
-    if text is None:
-        return np.zeros((0, 0)), []
-    header, _, body = text.partition("\n")
-    columns = header.strip().split(",")
-    if columns[:2] != ["step", "epoch"]:
-        raise CheckpointError(f"{path}: no step,epoch,... header{_repair(run_dir)}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "input contained no data": a run saved before its first step
-            values = np.loadtxt(io.StringIO(body), delimiter=",", ndmin=2, dtype=np.float64)
-    except ValueError as e:
-        raise CheckpointError(f"{path}: not a table of numbers ({str(e).splitlines()[0][:80]})"
-                              f"{_repair(run_dir)}") from None
-    if values.size == 0:
-        return np.zeros((0, len(columns))), columns
-    if values.shape[1] != len(columns):
-        raise CheckpointError(f"{path}: rows of {values.shape[1]} numbers under {len(columns)} columns{_repair(run_dir)}")
-    return values, columns
-
-
-# history.csv and steps.csv hold one row per epoch and per step; 256 MB is ~10^6 epochs of steps.
-MAX_TABLE_BYTES = 256 * 1024 * 1024
-
-
-def _read_table(path: Path) -> str | None:
-    if not path.exists() and not path.is_symlink():
-        return None
-    data = read_bytes(path, MAX_TABLE_BYTES, "history table")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise CheckpointError(f"{path}: not UTF-8 text{_repair(path.parent)}") from None
-
-
-def _repair(run_dir: Path) -> str:
-    return f" (damaged; `vaelab train --resume {run_dir}` rewrites it from the checkpoint)"
+from .history_files import read_history, read_steps
 
 
 def random_test_images(test_x: torch.Tensor, n: int, seed: int, device) -> torch.Tensor:

@@ -32,7 +32,8 @@ from .data import ImageData, load
 from .errors import ConfigError, VaelabError, WriteError
 from .atomic import clean_stale_siblings, exchange, temp_path
 from .evaluate import METRICS_FILE, EvalSettings, evaluate_run, generate, summary_rows
-from .figures import random_test_images, read_history, write_run_figures
+from .figures import random_test_images, write_run_figures
+from .history_files import read_history
 from .losses import mse
 from .metrics import CONFIDENT, KID_SUBSET_SIZE, classify, load_or_train_classifier
 from .models import MODELS, make_config
@@ -42,7 +43,8 @@ from .prose import (RECON_MSE, SAMPLE_METRICS, answer_basic_vaegan, answer_naive
                     verdict, verdict_sentence, with_uncertainty)
 from .report import Report
 from .version import __version__
-from .train import check_target, is_run_folder, prepare_folder, train
+from .run_folder import check_target, is_run_folder, prepare_folder
+from .train import train
 from .train_config import TrainConfig
 
 RECIPE_FILE = "recipe.json"

@@ -16,174 +16,29 @@ optional `compile` (torch.compile of the model's forward and backward). Process-
 
 from __future__ import annotations
 
-import csv
-import io
-import math
-import random
-import shutil
-import signal
 import sys
-import threading
 import time
-from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .atomic import atomic_write, exchange, temp_path
 from .batch import StepState
 from .config import config_from_dict, config_to_dict
-from .data import Batcher, ImageData, load
-from .errors import CheckpointError, ConfigError, DivergenceError, RunExistsError, RunInUseError, VaelabError
+from .data import Batcher, ImageData, load_training_data
+from .devices import autocast, channels_last, resolve_device, wants_channels_last
+from .errors import CheckpointError, ConfigError, DivergenceError, TrainingInterrupted
+from .evaluate import evaluate_terms
 from .fastpath import onednn_linear
-from .train_config import MAX_COUNT, MAX_SEED, PRECISIONS, TrainConfig  # noqa: F401  (re-exported)
-
-class TrainingInterrupted(VaelabError):
-    """Ctrl-C or SIGTERM: the state was saved; the message says how to resume."""
-
-    def __init__(self, message: str, signal_name: str = ""):
-        super().__init__(message)
-        self.signal_name = signal_name
-
-
-# ---------------------------------------------------------------------------------------------
-# Runtime
-# ---------------------------------------------------------------------------------------------
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name} asked for, but no CUDA device is available")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"--device {name!r}: not a device (auto, cpu, cuda or cuda:N)") from None
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s)")
-    return device
-
-
-def wants_channels_last(model: torch.nn.Module) -> bool:
-    """A model's `channels_last` attribute if it declares one, else: does it hold 2-D convolutions?
-    oneDNN (CPU) and cuDNN (GPU) run NHWC convolutions without the layout reorders NCHW needs."""
-    declared = getattr(model, "channels_last", None)
-    if declared is not None:
-        return bool(declared)
-    return any(isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)) for m in model.modules())
-
-
-@contextmanager
-def channels_last(model: torch.nn.Module, enabled: bool = True):
-    """Channels-last weights inside the block only. A (B, 1, 28, 28) batch is already
-    channels-last (one channel), so the layout then carries through every convolution. Restored
-    afterwards: a model handed back computes exactly as one rebuilt from its run folder (the two
-    layouts differ in the last bit)."""
-    if not enabled:
-        yield
-        return
-    model.to(memory_format=torch.channels_last)  # in place: optimizers keep their parameters
-    try:
-        yield
-    finally:
-        model.to(memory_format=torch.contiguous_format)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # seeds CUDA too
-
-
-def autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
-def rng_state() -> dict:
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(legacy=False),  # its key array is stored as a tensor
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    np_state = dict(state["numpy"])
-    np_state["state"] = {k: (v.numpy() if isinstance(v, torch.Tensor) else v)
-                         for k, v in np_state["state"].items()}
-    np.random.set_state(np_state)
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-@contextmanager
-def stop_on_signals():
-    """Turn SIGINT/SIGTERM into a flag checked between steps, so a step is never cut in half.
-    A second Ctrl-C interrupts at once."""
-    flag = {"stop": None}
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-
-    def handler(signum, frame):
-        if flag["stop"] is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        flag["stop"] = signal.Signals(signum).name
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield flag
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation of the loss terms
-# ---------------------------------------------------------------------------------------------
-
-
-@torch.inference_mode()
-def evaluate_terms(model, images: torch.Tensor, config: TrainConfig, device: torch.device,
-                   seed: int = 1234, labels: torch.Tensor | None = None) -> dict[str, float]:
-    """Mean loss and terms over a whole split (its `labels` go into the batches where given). Own
-    RNG stream, so evaluating neither depends on nor disturbs the training randomness, and every
-    epoch is scored on the same noise."""
-    was_training = model.training
-    model.eval()
-    batches = Batcher(images, config.eval_batch_size, device, shuffle=False,
-                      binarize="dynamic" if config.binarize == "dynamic" else "none", seed=seed,
-                      labels=labels)
-    names = ("loss", *model.term_names)
-    totals = torch.zeros(len(names), dtype=torch.float64, device=device)
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        for batch in batches:
-            with autocast(device, config.precision):
-                out = model(batch)
-            row = torch.stack([out.loss.detach(), *(out.terms[n] for n in model.term_names)])
-            totals += row.double() * len(batch)
-    model.train(was_training)
-    return dict(zip(names, (totals / len(images)).tolist()))
-
-
-# ---------------------------------------------------------------------------------------------
-# The trainer
-# ---------------------------------------------------------------------------------------------
+from .history_files import HISTORY_FILE, write_history, write_steps
+from .memory import device_memory, meta_model, parameter_count, require_memory
+from .models import build_model
+from .rng import rng_state, seed_everything, set_rng_state
+from .run_folder import NewRun
+from .signals import stop_on_signals
+from .train_config import TrainConfig
+from .training_log import TrainingLog
 
 
 class Trainer:
@@ -207,28 +62,32 @@ class Trainer:
             self.eval_splits["val"] = (data.val_x, data.val_y)
         self.term_names = ("loss", *model.term_names)
         self.epoch = 0  # completed epochs
-        self.step = 0  # completed optimizer steps
-        self.history: list[dict] = []
-        self.steps = torch.zeros(0, len(self.term_names) + 2)  # step, epoch, loss, terms...
-        self.partial: dict | None = None  # progress inside an interrupted epoch
+        self.log = TrainingLog(self.term_names, progress=progress)
         self.stored_config = ckpt.run_config(model, config)  # carried by every checkpoint and weights file
         # Called after each end-of-epoch save (`train --overwrite` swaps the new run in there).
         self.after_save: Callable[["Trainer"], None] | None = None
         self.nothing_saved = "no epoch had completed, so nothing was saved"  # for messages
 
+    # The log's record, under the names the trainer has always had.
+    step = property(lambda self: self.log.step, doc="completed optimizer steps")
+    history = property(lambda self: self.log.history, doc="history.csv's rows")
+    steps = property(lambda self: self.log.steps, doc="steps.csv's rows")
+    partial = property(lambda self: self.log.partial, doc="progress inside an interrupted epoch")
+
     # --- state --------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
+        log = self.log.state_dict()
         return {
             "epoch": self.epoch,
-            "step": self.step,
+            "step": log["step"],
             "model": dict(self.model.state_dict()),
             "optimizers": {k: opt.state_dict() for k, opt in self.optimizers.items()},
             "batches": self.batches.state_dict(),
             "rng": rng_state(),
-            "history": self.history,
-            "steps": self.steps,
-            "partial": self.partial,
+            "history": log["history"],
+            "steps": log["steps"],
+            "partial": log["partial"],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -237,8 +96,8 @@ class Trainer:
             opt.load_state_dict(state["optimizers"][name])
         self.batches.load_state_dict(state["batches"])
         set_rng_state(state["rng"])
-        self.epoch, self.step = state["epoch"], state["step"]
-        self.history, self.steps, self.partial = state["history"], state["steps"], state["partial"]
+        self.epoch = state["epoch"]
+        self.log.load_state_dict(state)
 
     def save(self) -> None:
         ckpt.save_checkpoint(self.run_dir, self.state_dict(), self.stored_config)
@@ -248,18 +107,8 @@ class Trainer:
     def write_history_files(self) -> None:
         """history.csv and steps.csv, rewritten from the checkpointed state: they only ever hold
         rows of epochs that are complete and saved."""
-        columns = ["epoch", "split", *self.term_names, "seconds"]
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(self.history)
-        atomic_write(self.run_dir / "history.csv", buf.getvalue().encode())
-
-        buf = io.StringIO()
-        buf.write(",".join(["step", "epoch", *self.term_names]) + "\n")
-        for row in self.steps.tolist():
-            buf.write(f"{int(row[0])},{int(row[1])}," + ",".join(f"{v:.6g}" for v in row[2:]) + "\n")
-        atomic_write(self.run_dir / "steps.csv", buf.getvalue().encode())
+        write_history(self.run_dir, self.log.history, self.term_names)
+        write_steps(self.run_dir, self.log.steps, self.term_names)
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -275,101 +124,59 @@ class Trainer:
         return self.history
 
     def _run_epoch(self, epoch: int, signals: dict) -> None:
-        cfg, model = self.config, self.model
-        partial = self.partial or {}
-        done = partial.get("batches_done", 0)
+        cfg, model, log = self.config, self.model, self.log
+        done = log.batches_done
         if done:
-            self.batches.load_state_dict(partial["batches_at_start"])
-        batches_at_start = self.batches.state_dict()
-        sums = partial.get("sums", torch.zeros(len(self.term_names), dtype=torch.float64)).to(self.device)
-        seen = partial.get("seen", 0)
-        seconds = partial.get("seconds", 0.0)
-        rows: list[torch.Tensor] = []  # per-step (loss, terms...) kept on the device
-        checked = 0
-        start = time.perf_counter()
-        bar = tqdm(total=len(self.batches), initial=done, desc=f"epoch {epoch}/{cfg.epochs}",
-                   disable=not self.progress, leave=False, unit="batch", file=sys.stderr)
+            # An interrupted epoch: its order is drawn again from the state it began with, and the
+            # batcher's generator (restored from the checkpoint) stands after batch `done`.
+            batches_at_start = log.partial["batches_at_start"]
+            batches = self.batches.resume(batches_at_start["generator"], done)
+        else:
+            batches_at_start = self.batches.state_dict()
+            batches = iter(self.batches)
+        log.begin_epoch(epoch, cfg.epochs, len(self.batches), self.device)
 
-        for i, batch in enumerate(self.batches):
-            if i < done:
-                continue  # replaying the interrupted epoch's batches up to where it stopped
-            # self.step: the steps completed before this loop began (a resumed epoch's included).
-            state = StepState(step=self.step + len(rows), epoch=epoch, epochs=cfg.epochs,
+        for i, batch in enumerate(batches, start=done):
+            state = StepState(step=log.next_step, epoch=epoch, epochs=cfg.epochs,
                               steps_per_epoch=len(self.batches), clip_grad=cfg.clip_grad)
             with autocast(self.device, cfg.precision):
                 out = model.training_step(batch, self.optimizers, state)
-            row = torch.stack([out.loss.detach(), *(out.terms[n] for n in model.term_names)]).float()
-            rows.append(row)
-            sums += row.double() * len(batch)
-            seen += len(batch)
+            log.record(out, len(batch))
             last = i + 1 == len(self.batches)
-            if len(rows) - checked >= cfg.log_every or last or signals["stop"]:
-                recent = torch.stack(rows[checked:]).cpu()  # the only host sync in the loop
-                self._check_finite(recent, epoch, self.step + checked + 1)
-                self._check_weights(epoch, self.step + len(rows))
-                checked = len(rows)
-                bar.set_postfix(loss=f"{recent[-1, 0]:.2f}")
-                bar.update(len(recent))
+            if log.unsynced() >= cfg.log_every or last or signals["stop"]:
+                recent, first_step = log.sync()
+                self._check_finite(recent, epoch, first_step)
+                self._check_weights(epoch, log.next_step)
             if signals["stop"] and not last:
-                seconds += time.perf_counter() - start
-                self._save_interrupted(epoch, i + 1, batches_at_start, sums, seen, seconds, rows)
-                bar.close()
+                log.interrupt(i + 1, batches_at_start)
+                # Steps of the unfinished epoch live only in the checkpoint until the epoch completes.
+                ckpt.save_checkpoint(self.run_dir, self.state_dict(), self.stored_config)
                 raise TrainingInterrupted(
                     f"{signals['stop']}: saved {self.run_dir} in epoch {epoch} after "
                     f"{i + 1}/{len(self.batches)} batches; continue with "
                     f"`vaelab train --resume {self.run_dir}`", signals["stop"]
                 )
-        bar.close()
-        seconds += time.perf_counter() - start
-        self._finish_epoch(epoch, rows, sums, seen, seconds)
+        log.end_epoch()
+        self._finish_epoch(epoch)
         if signals["stop"] and epoch < self.config.epochs:  # after the last epoch there is nothing to resume
             raise TrainingInterrupted(
                 f"{signals['stop']}: saved {self.run_dir} after epoch {epoch}; continue with "
                 f"`vaelab train --resume {self.run_dir}`", signals["stop"]
             )
 
-    def _step_rows(self, epoch: int, rows: list[torch.Tensor]) -> torch.Tensor:
-        if not rows:
-            return torch.zeros(0, self.steps.shape[1])
-        values = torch.stack(rows).cpu()
-        index = torch.arange(self.step + 1, self.step + 1 + len(values), dtype=torch.float32)
-        return torch.cat([index[:, None], torch.full_like(index, epoch)[:, None], values], dim=1)
-
-    def _finish_epoch(self, epoch, rows, sums, seen, seconds) -> None:
-        partial_steps = self.partial["steps"] if self.partial else torch.zeros(0, self.steps.shape[1])
-        new_steps = self._step_rows(epoch, rows)
-        self.steps = torch.cat([self.steps, partial_steps, new_steps])
-        self.step += len(new_steps)
-        self.partial = None
-        train_terms = dict(zip(self.term_names, (sums / seen).tolist()))
-        self.history.append({"epoch": epoch, "split": "train", **train_terms, "seconds": round(seconds, 3)})
+    def _finish_epoch(self, epoch: int) -> None:
+        """Evaluate, then save: the epoch's checkpoint, weights and history files."""
         eval_start = time.perf_counter()
         for split, (images, labels) in self.eval_splits.items():
             terms = evaluate_terms(self.model, images, self.config, self.device, labels=labels)
-            self.history.append({"epoch": epoch, "split": split, **terms,
-                                 "seconds": round(time.perf_counter() - eval_start, 3)})
+            self.log.add_evaluation(split, terms, time.perf_counter() - eval_start)
         self.epoch = epoch
         self.model.end_of_epoch(self.batches.images)
         self.save()
         if self.after_save is not None:
             self.after_save(self)
         if self.progress:
-            print(self._summary_line(epoch), file=sys.stderr, flush=True)
-
-    def _save_interrupted(self, epoch, batches_done, batches_at_start, sums, seen, seconds, rows) -> None:
-        new_steps = self._step_rows(epoch, rows)
-        old = self.partial["steps"] if self.partial else torch.zeros(0, self.steps.shape[1])
-        self.step += len(new_steps)
-        self.partial = {
-            "batches_done": batches_done,
-            "batches_at_start": batches_at_start,
-            "sums": sums.cpu(),
-            "seen": seen,
-            "seconds": seconds,
-            "steps": torch.cat([old, new_steps]),
-        }
-        # Steps of the unfinished epoch live only in the checkpoint until the epoch completes.
-        ckpt.save_checkpoint(self.run_dir, self.state_dict(), self.stored_config)
+            print(self.log.summary(self.config.epochs), file=sys.stderr, flush=True)
 
     def _check_finite(self, recent: torch.Tensor, epoch: int, first_step: int) -> None:
         bad = ~torch.isfinite(recent)
@@ -398,143 +205,14 @@ class Trainer:
         raise DivergenceError(f"training diverged at epoch {epoch}, step {step}: {what}; {kept}. "
                               f"Try a lower --lr or --clip-grad")
 
-    def _summary_line(self, epoch: int) -> str:
-        rows = [r for r in self.history if r["epoch"] == epoch]
-        parts = []
-        for r in rows:
-            terms = " ".join(f"{n} {r[n]:.3f}" for n in self.term_names if isinstance(r[n], float) and math.isfinite(r[n]))
-            parts.append(f"{r['split']}: {terms}")
-        return f"epoch {epoch}/{self.config.epochs}  " + "  |  ".join(parts)
-
 
 # ---------------------------------------------------------------------------------------------
 # Entry points used by the CLI and the recipes
 # ---------------------------------------------------------------------------------------------
 
 
-def prepare_folder(folder: Path, overwrite: bool, is_ours: Callable[[Path], bool], what: str) -> None:
-    """Create an empty output folder. A non-empty one needs `overwrite`, and even then is only
-    replaced if `is_ours` recognises it (so `--out ~ --overwrite` cannot delete a home folder,
-    nor a folder that merely holds a file called config.json), and no process trains in it."""
-    folder = Path(folder)
-    check_target(folder, overwrite, is_ours, what)
-    if folder.is_dir() and any(folder.iterdir()):
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-
-
-def check_target(folder: Path, overwrite: bool, is_ours: Callable[[Path], bool], what: str) -> bool:
-    """The checks of `prepare_folder`, touching nothing; True if `folder` holds something that
-    `overwrite` would replace."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise RunExistsError(f"{folder} exists and is not a folder")
-    try:
-        occupied = folder.is_dir() and any(folder.iterdir())
-    except OSError as e:
-        raise RunExistsError(f"{folder}: cannot list ({e.strerror or e})") from None
-    if not occupied:
-        return False
-    for inner in (folder, *(p for p in folder.iterdir() if p.is_dir() and not p.is_symlink())):
-        holder = ckpt.lock_holder(inner)
-        if holder is not None:
-            raise RunInUseError(ckpt.in_use_message(inner, holder))
-    if not overwrite:
-        raise RunExistsError(f"{folder} already exists and is not empty (use --overwrite to replace it"
-                             f"{', or --resume to continue it' if what == 'run' else ''})")
-    if not is_ours(folder):
-        raise RunExistsError(f"{folder} is not a vaelab {what} folder; refusing to overwrite it")
-    return True
-
-
-def is_run_folder(folder: Path) -> bool:
-    """True if `folder` holds a readable vaelab run config (not just a file of that name)."""
-    try:
-        ckpt.read_run_config(folder)
-    except VaelabError:
-        return False
-    return True
-
-
-def load_training_data(config: TrainConfig, quiet: bool = False) -> ImageData:
-    return load(config.dataset, val_size=config.val_size,
-                binarize="static" if config.binarize == "static" else "none",
-                seed=config.seed, quiet=quiet)
-
-
-class NewRun:
-    """Where a new run trains. In place when the folder is new (or empty): it is resumable from
-    the moment it exists, its config.json written first. With `--overwrite` of an existing run,
-    in a hidden sibling folder, swapped in for the old run once the new one's first epoch is
-    saved; until then the old run is untouched and loadable, and a failure removes the sibling.
-    Both folders are locked meanwhile, so nothing else trains in (or overwrites) either."""
-
-    def __init__(self, run_dir: Path, overwrite: bool):
-        self.run_dir = Path(run_dir)
-        self.replacing = check_target(self.run_dir, overwrite, is_run_folder, "run")
-        self.created = not self.run_dir.exists()
-        self.locks: list[ckpt.RunLock] = []
-        self.workdir = self.run_dir
-        self.owned = False  # whether this process holds the lock of the folder it trains in
-
-    def open(self, model, config: TrainConfig) -> Path:
-        """Create the folder the run trains in, lock it, write config.json; returns it."""
-        try:
-            if self.replacing:
-                self.locks.append(ckpt.RunLock(self.run_dir).acquire())
-                ckpt.clean_run_folder(self.run_dir)
-                self.workdir = temp_path(self.run_dir, ".new")
-                self.workdir.mkdir()
-            else:
-                # A folder that appeared since the checks is someone else's: mkdir refuses it.
-                self.run_dir.mkdir(parents=True, exist_ok=not self.created)
-            self.locks.append(ckpt.RunLock(self.workdir).acquire())
-            self.owned = True
-            if not self.replacing:
-                ckpt.clean_run_folder(self.run_dir)
-            (self.workdir / "figures").mkdir(exist_ok=True)
-        except OSError as e:
-            self.close(failed=True)
-            raise CheckpointError(f"{e.filename or self.run_dir}: cannot create ({e.strerror or e})") from None
-        except VaelabError:
-            self.close(failed=True)
-            raise
-        ckpt.write_run_config(self.workdir, model, config)
-        return self.workdir
-
-    def swap_in(self, trainer: "Trainer") -> None:
-        """After the new run's first saved epoch: the new folder takes the run's name in one
-        atomic step, and the old run (now under the hidden name) is removed."""
-        trainer.after_save = None
-        try:
-            exchange(self.run_dir, self.workdir)
-        except OSError as e:
-            raise CheckpointError(f"{self.run_dir}: cannot replace it with the new run in {self.workdir} "
-                                  f"({e.strerror or e}); the previous run is unchanged") from None
-        old, self.workdir = self.workdir, self.run_dir
-        self.locks.pop(0).release()  # the old run's lock, which moved with it
-        shutil.rmtree(old, ignore_errors=True)
-        trainer.run_dir = self.run_dir
-        self.replacing = False
-
-    def close(self, failed: bool) -> None:
-        """Release the locks; after a failure before anything was saved, remove what this run
-        created (the sibling of an --overwrite, or a folder that did not exist before)."""
-        if failed and self.owned:
-            nothing_saved = not (self.workdir / ckpt.CHECKPOINT_FILE).exists()
-            if self.replacing and self.workdir != self.run_dir:
-                shutil.rmtree(self.workdir, ignore_errors=True)
-            elif self.created and nothing_saved and self.run_dir.is_dir():
-                shutil.rmtree(self.run_dir, ignore_errors=True)
-        for lock in self.locks:
-            lock.release()
-        self.locks = []
-
-
 def check_model_fits(model, config: TrainConfig, device: torch.device) -> None:
     """Refuse a model whose training state cannot fit in memory (`model` built on the meta device)."""
-    from .memory import device_memory, parameter_count, require_memory
-
     n = parameter_count(model)
     require_memory(16 * n, f"training a {model.name} of {n:,} parameters (weights, gradients, Adam's moments)",
                    available=device_memory(device))
@@ -543,9 +221,6 @@ def check_model_fits(model, config: TrainConfig, device: torch.device) -> None:
 def train(model_name: str, model_config, config: TrainConfig, run_dir: str | Path,
           overwrite: bool = False, progress: bool = True, data: ImageData | None = None):
     """Train a new model into `run_dir`; returns the Trainer (its model and history)."""
-    from .memory import meta_model
-    from .models import build_model
-
     run_dir = Path(run_dir)
     config.validate()
     device = resolve_device(config.device)
@@ -596,7 +271,7 @@ def _resume_locked(run_dir: Path, epochs: int | None, device: str | None, progre
                    data: ImageData | None):
     config_path = run_dir / ckpt.CONFIG_FILE
     spec = ckpt.parse_spec(ckpt.read_run_config(run_dir), config_path)
-    fresh = not any((run_dir / name).exists() for name in (ckpt.CHECKPOINT_FILE, ckpt.MODEL_FILE, "history.csv"))
+    fresh = not any((run_dir / name).exists() for name in (ckpt.CHECKPOINT_FILE, ckpt.MODEL_FILE, HISTORY_FILE))
     state, meta = None, {}
     if not fresh:
         state, meta = ckpt.load_checkpoint(run_dir, with_meta=True)
