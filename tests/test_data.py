@@ -128,6 +128,30 @@ def test_batcher_state_restores_the_same_batches(tiny_data):
 
 
 @pytest.mark.parametrize("binarize", ["none", "dynamic"])
+def test_batcher_resumes_an_epoch_at_a_position_without_making_the_batches_before_it(tiny_data, monkeypatch,
+                                                                                    binarize):
+    """An epoch stopped after batch 2 continues from its start state and the generator as it
+    stood: the same batches 3 and 4 as a straight epoch (the same binarization noise too), the
+    next epoch alike, and only the batches from the position on are made."""
+    b = Batcher(tiny_data.train_x, 50, seed=3, binarize=binarize, labels=tiny_data.train_y)
+    epoch_start = b.state_dict()["generator"]
+    straight = list(b) + list(b)  # two epochs of 6 batches
+    b = Batcher(tiny_data.train_x, 50, seed=3, binarize=binarize, labels=tiny_data.train_y)
+    batches = iter(b)
+    [next(batches) for _ in range(2)]
+    stopped = b.state_dict()  # what a checkpoint saved after batch 2 holds
+
+    b = Batcher(tiny_data.train_x, 50, seed=99, binarize=binarize, labels=tiny_data.train_y)  # a new process
+    b.load_state_dict(stopped)
+    made = []
+    monkeypatch.setattr(data_mod, "to_float", lambda x, f=data_mod.to_float: made.append(len(x)) or f(x))
+    resumed = list(b.resume(epoch_start, 2))
+    assert made == [50, 50, 50, 6]
+    for got, want in zip(resumed + list(b), straight[2:], strict=True):
+        assert torch.equal(got.x, want.x) and torch.equal(got.y, want.y)
+
+
+@pytest.mark.parametrize("binarize", ["none", "dynamic"])
 def test_batcher_carries_each_images_label_and_the_labels_change_no_draw(tiny_data, binarize):
     """Labels index with the images' order and take no randomness: the same seed gives the same
     images with or without them, and each image comes with its own label."""

@@ -116,3 +116,50 @@ def test_a_signal_during_the_last_step_of_the_run_just_finishes(tmp_path, tiny_d
     trainer = train("vae", make_config("vae", hidden_dims=[16]), quick_config(epochs=2), tmp_path / "run",
                     progress=False, data=tiny_data)
     assert trainer.epoch == 2 and ckpt.load_checkpoint(tmp_path / "run")["partial"] is None
+
+
+@pytest.mark.parametrize("binarize", ["none", "dynamic"])
+def test_a_run_interrupted_mid_epoch_resumes_to_the_weights_of_a_straight_run(tmp_path, tiny_data, monkeypatch,
+                                                                               binarize):
+    """Ctrl-C after step 3 of 4, twice (epochs 1 and 2), then resumed each time: bit-identical
+    weights, optimizer state, history and steps to the same run trained straight, with dynamic
+    binarization (a draw per batch from the batcher's generator) as well."""
+    import os
+    import signal
+
+    from vaelab.history_files import read_history
+    from vaelab.models import get_model_class
+    from vaelab.train import TrainingInterrupted
+
+    cfg, model_config = quick_config(epochs=2, binarize=binarize), make_config("vae", hidden_dims=[16])
+    straight = train("vae", model_config, cfg, tmp_path / "straight", progress=False, data=tiny_data)
+
+    cls = get_model_class("vae")
+    original, calls = cls.training_step, {"n": 0}
+
+    def step_then_interrupt(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(cls, "training_step", step_then_interrupt)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted, match="in epoch 1 after 3/4 batches"):
+        train("vae", model_config, cfg, run, progress=False, data=tiny_data)
+    calls["n"] = 0
+    with pytest.raises(TrainingInterrupted, match="in epoch 2 after 2/4 batches"):
+        resume(run, progress=False, data=tiny_data)  # step 3 of this process: batch 2 of epoch 2
+    calls["n"] = -10
+    resumed = resume(run, progress=False, data=tiny_data)
+
+    for (name, a), b in zip(resumed.model.state_dict().items(), straight.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    a, b = ckpt.load_checkpoint(run), ckpt.load_checkpoint(tmp_path / "straight")
+    assert (a["epoch"], a["step"], a["partial"]) == (b["epoch"], b["step"], None) == (2, 8, None)
+    for x, y in zip(a["optimizers"]["model"]["state"].values(), b["optimizers"]["model"]["state"].values()):
+        assert all(torch.equal(x[k], y[k]) for k in y)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(read_history(run)) == strip(read_history(tmp_path / "straight"))
+    assert (run / "steps.csv").read_text() == (tmp_path / "straight" / "steps.csv").read_text()
