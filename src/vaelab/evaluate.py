@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from .checkpoint import write_json
 from .data import Batcher, ImageData, load, to_float
 from .devices import autocast
+from .inference import batched
 from .losses import (bce_from_logits, bce_from_logits_shared_target, iwae_bound, kl_normal_per_dim,
                      log_normal, log_standard_normal, mse, reparameterize)
 # The sample-quality names live in metrics.py; they stay importable from here.
@@ -132,15 +133,11 @@ def iwae_nll(model, images: torch.Tensor, k: int, batch: int = 100, seed: int = 
     device = model.device
     g = torch.Generator(device=device).manual_seed(seed)
     start = time.perf_counter()
-    values = []
     bar = tqdm(total=len(images), desc=f"IWAE NLL, K={k}", unit="img", disable=not progress,
                leave=False, file=sys.stderr)
-    for i in range(0, len(images), batch):
-        x = images[i : i + batch].to(device)
-        values.append(-iwae_log_likelihood(model, x, k, generator=g).cpu())
-        bar.update(len(x))
+    nll = batched(lambda x: -iwae_log_likelihood(model, x, k, generator=g), images, batch_size=batch,
+                  device=device, progress=bar)
     bar.close()
-    nll = torch.cat(values)
     se = nll.std().item() / math.sqrt(len(nll)) if len(nll) > 1 else float("nan")
     return {"nll": nll.mean().item(), "se": se, "k": k, "images": len(nll),
             "seconds": round(time.perf_counter() - start, 1)}
@@ -154,27 +151,24 @@ def latent_terms(model, images: torch.Tensor, targets: torch.Tensor, batch: int 
     its reconstruction and KL terms (scored against `targets`), KL per latent dimension, the
     variance of mu per dimension and the number of active units."""
     device = model.device
-    mus, sq_err, recon, kl = [], [], [], []
+
+    def terms(x, t):
+        post = model.encode(t)
+        sq_err = mse(model.decode(model.encode(x).mu), x).double()
+        if post.logvar is None:
+            return post.mu.double(), sq_err, None, None
+        z = reparameterize(post.mu, post.logvar)
+        return (post.mu.double(), sq_err, bce_from_logits(model.decode_logits(z), t).double(),
+                kl_normal_per_dim(post.mu, post.logvar).double())
+
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        for i in range(0, len(images), batch):
-            x = images[i : i + batch].to(device)
-            t = targets[i : i + batch].to(device)
-            post = model.encode(t)
-            mus.append(post.mu.double().cpu())
-            sq_err.append(mse(model.decode(model.encode(x).mu), x).double().cpu())
-            if post.logvar is not None:
-                z = reparameterize(post.mu, post.logvar)
-                recon.append(bce_from_logits(model.decode_logits(z), t).double().cpu())
-                kl.append(kl_normal_per_dim(post.mu, post.logvar).double().cpu())
-    mu = torch.cat(mus)
+        mu, sq_err, r, kl_dims = batched(terms, images, targets, batch_size=batch, device=device)
     mu_var = mu.var(0)
-    out: dict = {"recon_mse": torch.cat(sq_err).mean().item(),
+    out: dict = {"recon_mse": sq_err.mean().item(),
                  "latent": {"mu_variance": mu_var.tolist()}}
-    if kl:
-        kl_dims = torch.cat(kl)
-        r = torch.cat(recon)
+    if kl_dims is not None:
         out["elbo"] = {"neg_elbo": (r + kl_dims.sum(1)).mean().item(), "recon": r.mean().item(),
                        "kl": kl_dims.sum(1).mean().item()}
         out["latent"]["kl_per_dim"] = kl_dims.mean(0).tolist()
@@ -188,11 +182,10 @@ def latent_terms(model, images: torch.Tensor, targets: torch.Tensor, batch: int 
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.inference_mode()
 def generate(model, n: int, seed: int = 0, batch: int = 1000) -> torch.Tensor:
     """n samples from the model's prior (n, 1, 28, 28) on the CPU."""
     g = torch.Generator(device=model.device).manual_seed(seed)
-    return torch.cat([model.sample(min(batch, n - i), generator=g).float().cpu() for i in range(0, n, batch)])
+    return batched(lambda m: model.sample(m, generator=g).float(), n, batch_size=batch)
 
 
 # ---------------------------------------------------------------------------------------------

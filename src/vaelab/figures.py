@@ -10,6 +10,7 @@ import torch
 from . import plots
 from .data import to_float
 from .history_files import read_history, read_steps
+from .inference import batched
 
 
 def random_test_images(test_x: torch.Tensor, n: int, seed: int, device) -> torch.Tensor:
@@ -81,16 +82,13 @@ def pca_2d(codes: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
     return ((codes.double() - mean) @ axes.T).float(), share
 
 
-@torch.inference_mode()
 def encode_means(model, images_uint8: torch.Tensor, batch: int = 1000):
     """Posterior means (codes) and, for VAEs, log-variances of uint8 images, batched."""
-    mus, logvars = [], []
-    for i in range(0, len(images_uint8), batch):
-        post = model.encode(to_float(images_uint8[i : i + batch]).to(model.device))
-        mus.append(post.mu.float().cpu())
-        if post.logvar is not None:
-            logvars.append(post.logvar.float().cpu())
-    return torch.cat(mus), (torch.cat(logvars) if logvars else None)
+    def encode(x):
+        post = model.encode(to_float(x))
+        return post.mu.float(), (None if post.logvar is None else post.logvar.float())
+
+    return batched(encode, images_uint8, batch_size=batch, device=model.device)
 
 
 def latent_axis_values(model, n: int) -> tuple[list[list[float]], str]:
@@ -170,8 +168,7 @@ def write_run_figures(run_dir: Path, model, data, seed: int = 0, n_scatter: int 
     # Latent scatter: reparameterized codes of random test images.
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(data.test_x), generator=g)[:n_scatter]
-    codes = torch.cat([model.latent(to_float(data.test_x[idx[i : i + 1000]]).to(device)).float().cpu()
-                       for i in range(0, len(idx), 1000)])
+    codes = batched(lambda x: model.latent(to_float(x)).float(), data.test_x[idx], batch_size=1000, device=device)
     labels = data.test_y[idx]
     if model.latent_dim == 2:
         points, axes, note = codes, ("z1", "z2"), None

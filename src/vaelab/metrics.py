@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 
 from .data import ImageData, cache_root, get_spec, to_float
 from .errors import DataError, VaelabError
+from .inference import batched
 from .memory import require_memory
 from .reading import read_bytes, read_json, require_fields
 
@@ -166,30 +167,27 @@ def calibrate(clf: DomainClassifier, images: torch.Tensor, batch: int = 1000) ->
     feature_dim / 2. Equal weights keep either block from deciding the k-NN distances alone;
     coordinates of RMS about 1 put x.y/d in the range where the cubic KID kernel's higher terms
     count (as for Inception features, the setting of Bińkowski et al.)."""
-    device = next(clf.parameters()).device
+    def block_sums(x):
+        pooled, hidden, _ = clf.blocks(x)
+        return torch.stack([pooled.double().pow(2).sum(), hidden.double().pow(2).sum()])[None]  # (1, 2)
+
     clf.eval()
     sums = torch.zeros(2, dtype=torch.float64)
-    for i in range(0, len(images), batch):
-        pooled, hidden, _ = clf.blocks(images[i : i + batch].to(device))
-        sums += torch.stack([pooled.double().pow(2).sum(), hidden.double().pow(2).sum()]).cpu()
+    for chunk_sums in batched(block_sums, images, batch_size=batch, device=next(clf.parameters()).device):
+        sums += chunk_sums  # in order, chunk by chunk: the same rounding as ever
     mean_sq = (sums / len(images)).clamp_min(1e-12)  # a dead block (all zeros) keeps a finite scale
     clf.block_scale.copy_((clf.feature_dim / 2 / mean_sq).sqrt().to(clf.block_scale))
 
 
-@torch.inference_mode()
 def classify(clf: DomainClassifier, images: torch.Tensor, batch: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
     """Features (N, F) and class probabilities (N, C), float64 on the CPU, of float images
     (N, 1, 28, 28) in [0, 1]."""
-    device = next(clf.parameters()).device
-    was_training = clf.training
-    clf.eval()
-    feats, probs = [], []
-    for i in range(0, len(images), batch):
-        f, logits = clf.features_and_logits(images[i : i + batch].to(device))
-        feats.append(f.double().cpu())
-        probs.append(torch.softmax(logits, 1).double().cpu())
-    clf.train(was_training)
-    return torch.cat(feats), torch.cat(probs)
+    def features_and_probabilities(x):
+        f, logits = clf.features_and_logits(x)
+        return f.double(), torch.softmax(logits, 1).double()
+
+    return batched(features_and_probabilities, images, batch_size=batch, device=next(clf.parameters()).device,
+                   model=clf)
 
 
 def augment(x: torch.Tensor, shift: int, hflip: bool, generator: torch.Generator) -> torch.Tensor:
@@ -441,9 +439,8 @@ def knn_radii(x: torch.Tensor, k: int = PR_K, chunk: int = CHUNK_ROWS) -> torch.
     The k+1 smallest distances of a row include the point itself (0), so the k-th other point is
     the (k+1)-th smallest; duplicates count as neighbours at distance 0."""
     x = x.double()
-    out = [_squared_distances(x[i : i + chunk], x).topk(k + 1, dim=1, largest=False).values[:, k]
-           for i in range(0, len(x), chunk)]
-    return torch.cat(out)
+    return batched(lambda rows: _squared_distances(rows, x).topk(k + 1, dim=1, largest=False).values[:, k], x,
+                   batch_size=chunk, to=None)
 
 
 def precision_recall(features: torch.Tensor, reference: torch.Tensor, k: int = PR_K,

@@ -34,6 +34,7 @@ from .atomic import clean_stale_siblings, exchange, temp_path
 from .evaluate import METRICS_FILE, EvalSettings, evaluate_run, generate, summary_rows
 from .figures import random_test_images, write_run_figures
 from .history_files import read_history
+from .inference import batched
 from .losses import mse
 from .metrics import CONFIDENT, KID_SUBSET_SIZE, classify, load_or_train_classifier
 from .models import MODELS, make_config
@@ -164,8 +165,7 @@ def reconstruction_dependence(model, images: torch.Tensor, batch: int = 500) -> 
     """Whether reconstructions depend on their input: the mean per-pixel squared error of each
     reconstruction to its own image and to another image (its neighbour in `images`, which
     should be in random order), and the standard error of their paired difference."""
-    recon = torch.cat([model.reconstruct(images[i : i + batch].to(model.device)).float().cpu()
-                       for i in range(0, len(images), batch)])
+    recon = batched(lambda x: model.reconstruct(x).float(), images, batch_size=batch, device=model.device)
     own = mse(recon, images)  # (N,)
     other = mse(recon, images.roll(1, 0))  # (N,): reconstruction i against image i - 1
     gap = (other - own).double()

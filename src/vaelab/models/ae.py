@@ -23,6 +23,7 @@ from torch import nn
 from ..batch import Batch, StepState
 from ..config import require
 from ..data import to_float
+from ..inference import batched
 from ..losses import mse
 from . import register
 from .base import GenerativeModel, ModelOutput, Posterior
@@ -115,12 +116,10 @@ class AE(GenerativeModel):
         # fitted: each axis's marginal is N(mean_i, cov_ii)
         return buf(self.code_mean) + buf(self.code_cov.diagonal()).sqrt() * torch.special.ndtri(q)
 
-    @torch.no_grad()
     def end_of_epoch(self, train_images: torch.Tensor) -> None:
-        was_training = self.training
-        self.eval()  # the codes as the trained model produces them (running batch-norm statistics)
-        codes = torch.cat([self.encode(to_float(chunk)).mu.float() for chunk in train_images.split(2000)])
-        self.train(was_training)
+        # In eval mode: the codes as the trained model produces them (running batch-norm statistics).
+        codes = batched(lambda x: self.encode(to_float(x)).mu.float(), train_images, batch_size=2000, to=None,
+                        model=self)
         self.code_min.copy_(codes.min(0).values)
         self.code_max.copy_(codes.max(0).values)
         self.code_mean.copy_(codes.mean(0))
