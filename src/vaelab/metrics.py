@@ -455,13 +455,14 @@ def precision_recall(features: torch.Tensor, reference: torch.Tensor, k: int = P
         raise ValueError(f"precision and recall with k = {k} need more than {k} points per set")
     fake, real = features.double(), reference.double()
     r_real, r_fake = knn_radii(real, k, chunk), knn_radii(fake, k, chunk)  # squared radii
-    inside = []
-    covered = torch.zeros(len(real), dtype=torch.bool)
-    for i in range(0, len(fake), chunk):
-        d = _squared_distances(fake[i : i + chunk], real)  # (chunk, M)
-        inside.append((d <= r_real[None, :]).any(1))  # these samples lie in the real manifold
-        covered |= (d <= r_fake[i : i + chunk, None]).any(0)  # real images in these samples' balls
-    return torch.cat(inside).double().mean().item(), covered.double().mean().item()
+
+    def memberships(samples, radii):
+        d = _squared_distances(samples, real)  # (chunk, M)
+        # These samples in the real manifold; the real images in these samples' balls, (1, M).
+        return (d <= r_real[None, :]).any(1), (d <= radii[:, None]).any(0)[None]
+
+    inside, covered = batched(memberships, fake, r_fake, batch_size=chunk, to=None)
+    return inside.double().mean().item(), covered.any(0).double().mean().item()
 
 
 def binomial_se(p: float, n: int) -> float:
