@@ -199,3 +199,45 @@ def test_threads_sets_the_thread_count_and_goes_with_resume(trained_run, capsys)
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+# A value other than the default for each TrainConfig field, as typed on the command line and as
+# the config holds it. A new field without an entry here fails the test below: give it one.
+FLAG_VALUES = {"dataset": ("fashion-mnist", "fashion-mnist"), "epochs": ("3", 3), "batch_size": ("7", 7),
+               "lr": ("0.5", 0.5), "seed": ("5", 5), "device": ("cpu", "cpu"), "val_size": ("10", 10),
+               "binarize": ("dynamic", "dynamic"), "precision": ("bf16", "bf16"), "clip_grad": ("2.5", 2.5),
+               "eval_batch_size": ("33", 33), "log_every": ("9", 9), "compile": (None, True)}
+
+
+def test_every_train_config_field_is_a_train_flag_and_refused_with_resume(tmp_path, monkeypatch, capsys):
+    """Each field of TrainConfig reaches the config `vaelab train` trains with, through its flag
+    (`batch_size` -> `--batch-size`, with the field's help), and each one --resume may not change
+    is refused there by name."""
+    import dataclasses
+    import sys
+
+    from vaelab.cli import build_parser
+    from vaelab.train_config import RESUMABLE_FIELDS, TrainConfig
+
+    class Captured(Exception):
+        pass
+
+    def fake_train(model_name, model_config, config, run_dir, **kwargs):
+        raise Captured(config)
+
+    monkeypatch.setattr(sys.modules["vaelab.train"], "train", fake_train)  # `vaelab.train` is the function
+    train_help = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    fields = dataclasses.fields(TrainConfig)
+    assert set(FLAG_VALUES) == {f.name for f in fields}, "give each TrainConfig field a value in FLAG_VALUES"
+    for field in fields:
+        flag = "--" + field.name.replace("_", "-")
+        typed, expected = FLAG_VALUES[field.name]
+        assert expected != field.default and flag in train_help
+        assert " ".join(field.metadata["help"].split())[:30] in " ".join(train_help.split()), field.name
+        argv = [flag] if typed is None else [flag, typed]
+        with pytest.raises(Captured) as caught:
+            main(["train", "vae", *argv, "--out", str(tmp_path / "run"), "--quiet"])
+        assert getattr(caught.value.args[0], field.name) == expected, field.name
+        if field.name not in RESUMABLE_FIELDS:
+            code, _, err = run_cli(capsys, "train", "--resume", str(tmp_path / "run"), *argv)
+            assert code == 2 and err.endswith(f"drop {flag}\n"), err

@@ -6,10 +6,12 @@ Errors a user can fix are one line on stderr and a non-zero exit; nothing runs a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import typing
 from pathlib import Path
 
-from .train_config import MAX_SEED
+from .train_config import MAX_SEED, RESUMABLE_FIELDS, TrainConfig
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -94,24 +96,36 @@ def _output_file(path: Path) -> Path:
     return path
 
 
+# Training options whose values argparse checks itself (a usage error naming the flag); the
+# others are checked by TrainConfig.validate.
+FLAG_TYPES = {"seed": _seed}
+
+
+def _train_flags() -> list[tuple[str, str, type, str]]:
+    """(field, flag, type, help) for each TrainConfig field, in its order: `batch_size` -> `--batch-size`."""
+    hints = typing.get_type_hints(TrainConfig)
+    return [(f.name, "--" + f.name.replace("_", "-"), hints[f.name], f.metadata["help"])
+            for f in dataclasses.fields(TrainConfig)]
+
+
+def _flag_type(hint):
+    """argparse's type for a field annotated int, float or str (None: argparse keeps the text);
+    `X | None` as X."""
+    kind = next(a for a in (*typing.get_args(hint), hint) if a is not type(None))
+    return None if kind is str else kind
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model into a run folder",
                        description="Train MODEL (see `vaelab models`) and write a run folder with "
                                    "config.json, model.safetensors, history.csv, steps.csv and figures/.")
     p.add_argument("model", nargs="?", help="registered model name, e.g. vae")
-    p.add_argument("--dataset", default=None, help="mnist (default) or fashion-mnist")
-    p.add_argument("--epochs", type=int, default=None, help="epochs to train (default 10)")
-    p.add_argument("--batch-size", type=int, default=None, help="default 128")
-    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 1e-3)")
+    for name, flag, hint, text in _train_flags():
+        if hint is bool:
+            p.add_argument(flag, action="store_true", default=None, help=text)
+        else:
+            p.add_argument(flag, type=FLAG_TYPES.get(name, _flag_type(hint)), default=None, help=text)
     p.add_argument("--latent-dim", type=int, default=None, help="latent size (model default if omitted)")
-    p.add_argument("--seed", type=_seed, default=None, help="random seed (default 0)")
-    p.add_argument("--device", default=None, help="auto (default), cpu or cuda")
-    p.add_argument("--val-size", type=int, default=None, help="training images held out as validation")
-    p.add_argument("--binarize", default=None, help="none (default), dynamic or static")
-    p.add_argument("--precision", default=None, help="fp32 (default) or bf16 autocast")
-    p.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this value")
-    p.add_argument("--compile", action="store_true", default=None,
-                   help="torch.compile the model (opt-in; benchmarks/RESULTS.md says when it pays)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="set a field of the model's config, e.g. --set 'hidden_dims=[400]'")
     p.add_argument("--out", type=Path, default=None, help="run folder (default runs/MODEL-DATASET)")
@@ -129,17 +143,16 @@ def cmd_train(args) -> int:
     from .errors import ConfigError
     from .figures import write_training_figures
     from .models import make_config
-    from .train import TrainConfig, resume, train
+    from .train import resume, train
 
     progress = not args.quiet
+    flags = _train_flags()
     if args.resume is not None:
         # Only --epochs, --device, --threads and --quiet go with --resume: anything else would
         # either be ignored silently or break the promise that a resumed run equals a straight one.
         stored = [flag for flag, value in (
-            ("MODEL", args.model), ("--out", args.out), ("--set", args.overrides), ("--dataset", args.dataset),
-            ("--lr", args.lr), ("--batch-size", args.batch_size), ("--latent-dim", args.latent_dim),
-            ("--seed", args.seed), ("--val-size", args.val_size), ("--binarize", args.binarize),
-            ("--precision", args.precision), ("--clip-grad", args.clip_grad), ("--compile", args.compile),
+            ("MODEL", args.model), ("--out", args.out), ("--set", args.overrides), ("--latent-dim", args.latent_dim),
+            *((flag, getattr(args, name)) for name, flag, _, _ in flags if name not in RESUMABLE_FIELDS),
             ("--overwrite", args.overwrite)) if value not in (None, False, [])]
         if stored:
             raise ConfigError(f"--resume continues the run with its stored configuration (only --epochs and "
@@ -149,11 +162,8 @@ def cmd_train(args) -> int:
     else:
         if args.model is None:
             raise ConfigError("name a model to train (see `vaelab models`) or pass --resume RUN")
-        fields = {"dataset": args.dataset, "epochs": args.epochs, "batch_size": args.batch_size,
-                  "lr": args.lr, "seed": args.seed, "device": args.device, "val_size": args.val_size,
-                  "binarize": args.binarize, "precision": args.precision, "clip_grad": args.clip_grad,
-                  "compile": args.compile}
-        config = config_from_dict(TrainConfig, {k: v for k, v in fields.items() if v is not None}, where="train")
+        given = {name: getattr(args, name) for name, _, _, _ in flags if getattr(args, name) is not None}
+        config = config_from_dict(TrainConfig, given, where="train")
         from .data import get_spec
 
         get_spec(config.dataset)  # an unknown dataset fails before anything is written
