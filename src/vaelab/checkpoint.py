@@ -35,9 +35,10 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from .atomic import atomic_write, clean_stale_siblings, clean_stale_temps
-from .config import config_from_dict, config_to_dict
-from .errors import CheckpointError, RunInUseError, VaelabError
+from .config import apply_overrides, config_from_dict, config_to_dict
+from .errors import CheckpointError, ConfigError, RunInUseError, VaelabError
 from .memory import device_memory, meta_model, parameter_count, require_memory
+from .models import build_model, get_model_class
 from .reading import format_bytes, parse_json, read_bytes, read_json, require_fields
 from .train_config import RESUMABLE_FIELDS, TrainConfig
 from .version import __version__
@@ -277,8 +278,6 @@ def parse_spec(cfg: dict, path: Path) -> RunSpec:
 
 def build_spec(spec: RunSpec, path: Path, training: bool = False, device=None):
     """The model of `spec`, built for real once its size is known to fit in memory."""
-    from .models import build_model  # the registry imports every model; only needed here
-
     per_parameter = 16 if training else 4  # fp32 weights (+ gradients and Adam's two moments)
     what = "weights, gradients and Adam's moments" if training else "weights"
     require_memory(per_parameter * spec.parameters,
@@ -295,8 +294,6 @@ def build_from_config(cfg: dict, path: Path):
 def generation_fields(model_name: str) -> tuple[str, ...]:
     """The model's config fields that only affect generation (e.g. the AE's `gen_prior`):
     they may change after training, through `vaelab config`."""
-    from .models import get_model_class
-
     return tuple(getattr(get_model_class(model_name), "generation_fields", ()))
 
 
@@ -334,9 +331,6 @@ def update_config(run_dir: str | Path, assignments: list[str]) -> list[tuple[str
     """Change generation-only fields of a trained run (`vaelab config RUN KEY=VALUE ...`):
     checked against the weights, validated by the model's config class, written atomically to
     config.json under the run's lock. Returns (field, old, new) for each field set."""
-    from .config import apply_overrides
-    from .errors import ConfigError
-
     run_dir = resolve_run_dir(run_dir)
     read_run_config(run_dir)  # a folder that is not a run gets no lock file
     with RunLock(run_dir):

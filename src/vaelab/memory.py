@@ -6,7 +6,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
+
 from .errors import ConfigError, VaelabError
+from .models import build_model
 from .reading import format_bytes
 
 
@@ -27,8 +30,6 @@ def available_memory() -> int | None:
 def device_memory(device) -> int | None:
     """Free bytes on `device` (a torch.device): CUDA's free memory, else the host's."""
     if getattr(device, "type", "cpu") == "cuda":
-        import torch
-
         try:
             return torch.cuda.mem_get_info(device)[0]
         except (RuntimeError, AssertionError):
@@ -49,10 +50,6 @@ def require_memory(need: float, what: str, available: int | None = None,
 def meta_model(model_name: str, config, stored: bool = False):
     """Model `model_name` built on the meta device, where building allocates nothing: its config
     validated and its size known before any memory is spent (`stored` as for `build_model`)."""
-    import torch
-
-    from .models import build_model
-
     try:
         with torch.device("meta"):
             return build_model(model_name, config, stored=stored)

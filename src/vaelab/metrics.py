@@ -47,7 +47,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import ImageData, cache_root, get_spec, to_float
+from .checkpoint import load_state_into, load_tensors, save_tensors, write_json
+from .data import ImageData, cache_root, get_spec, load, to_float
 from .errors import DataError, VaelabError
 from .inference import batched
 from .memory import require_memory
@@ -283,8 +284,6 @@ MAX_CLASSIFIER_BYTES = 64 * 1024 * 1024  # the weights are about 1 MB
 
 def _cached_classifier(weights: Path, info_path: Path, settings: dict, n_classes: int):
     """The cached classifier and its info, or (None, why not)."""
-    from .checkpoint import load_state_into, load_tensors
-
     if not info_path.exists():
         return None, "not trained yet"
     try:
@@ -308,9 +307,6 @@ def load_or_train_classifier(data: ImageData, device: str | torch.device = "cpu"
     damaged or malformed cache, one whose weights do not match their recorded SHA-256, or one
     trained with other settings, is retrained. A classifier short of its target accuracy is used,
     with a warning on stderr (and `meets_target: false` in classifier.json)."""
-    from .checkpoint import save_tensors, write_json
-    from .data import load
-
     n_classes = len(data.classes)
     weights, info_path = classifier_paths(data.name)
     settings = classifier_settings(data.name, n_classes)
@@ -622,8 +618,6 @@ def score_file(path: str | Path, dataset: str, device: str | torch.device = "cpu
                progress: bool = False) -> dict:
     """`vaelab score`: the quality figures of an image file and, under "real_floor", those of as
     many real training images; plus what was scored with which classifier."""
-    from .data import load
-
     get_spec(dataset)  # an unknown dataset fails before the file is read
     images = read_images(path)
     data = load(dataset, quiet=not progress)

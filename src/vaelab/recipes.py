@@ -43,10 +43,11 @@ from .prose import (RECON_MSE, SAMPLE_METRICS, answer_basic_vaegan, answer_naive
                     describe_training, figure_caption, input_dependence, latent_size_note, leaders,
                     verdict, verdict_sentence, with_uncertainty)
 from .report import Report
-from .version import __version__
 from .run_folder import check_target, is_run_folder, prepare_folder
+from .runtime import idle_cores, physical_cores
 from .train import train
 from .train_config import TrainConfig
+from .version import __version__
 
 RECIPE_FILE = "recipe.json"
 
@@ -634,8 +635,6 @@ def write_report(result: RecipeResult) -> Path:
 def describe_time(quiet_seconds: float) -> str:
     """The estimate in words, scaled to this machine's current load: the steps' seconds were
     measured on 2 idle cores, and with some of them busy training runs on the free ones only."""
-    from .runtime import idle_cores, physical_cores
-
     cores, free = physical_cores(), idle_cores()
     text = f"about {quiet_seconds / 60:.0f} min on 2 idle CPU cores"
     if free < cores:

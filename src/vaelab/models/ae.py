@@ -25,9 +25,9 @@ from ..config import require
 from ..data import to_float
 from ..inference import batched
 from ..losses import mse
-from . import register
 from .base import GenerativeModel, ModelOutput, Posterior
 from .blocks import MLPDecoder, MLPEncoderTrunk
+from .registry import register
 
 GEN_PRIORS = ("auto", "box", "normal", "fitted")
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..config import require
-from . import register
 from .blocks import ConvDecoder, GaussianHeads, LSTMEncoderTrunk, check_transposed_layers
+from .registry import register
 from .vae import GaussianVAE
 
 

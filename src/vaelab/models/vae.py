@@ -10,9 +10,10 @@ from ..batch import Batch, StepState
 from ..config import require
 from ..losses import bce_from_logits, kl_normal, reparameterize
 from ..optim import PackedAdam
-from . import register, vae_step
+from . import vae_step
 from .base import GenerativeModel, ModelOutput, Posterior
 from .blocks import GaussianHeads, MLPDecoder, MLPEncoderTrunk
+from .registry import register
 
 
 @dataclass
@@ -78,7 +79,7 @@ class VAE(GaussianVAE):
     def configure_optimizers(self, lr: float) -> dict[str, torch.optim.Optimizer]:
         # Whether the hand-derived step (vae_step.py) computes this model's update is decided here,
         # once, by exact classes: a subclass, or a part of another class, trains by autograd.
-        self._derivation = vae_step.derived_for(self)
+        self._derivation = vae_step.derived_for(self, VAE)
         return {"model": PackedAdam(self.parameters(), lr=lr)}
 
     def training_step(self, batch: Batch, optimizers: dict[str, torch.optim.Optimizer],

@@ -31,6 +31,7 @@ from torch.nn.modules import module as torch_module
 from ..fastpath import forward_replaced, onednn_available, onednn_mm
 from ..optim import PackedAdam
 from .base import ModelOutput
+from .blocks import GaussianHeads, MLPDecoder, MLPEncoderTrunk
 
 
 class Derivation:
@@ -66,18 +67,16 @@ def linear_layers(seq: nn.Module, final_relu: bool) -> list[nn.Linear] | None:
     return layers
 
 
-def derived_for(model) -> Derivation | None:
+def derived_for(model, vae_class: type) -> Derivation | None:
     """A `Derivation` if `model` is exactly what the gradients above were derived for, else None.
 
-    Exact classes, not a look at the methods: `VAE` itself (no subclass, whatever it overrides),
-    holding an `MLPEncoderTrunk`, `GaussianHeads` and `MLPDecoder` (none a subclass) built of
-    nn.Sequential, nn.Linear and nn.ReLU, with no module's forward replaced on the instance. Any
+    Exact classes, not a look at the methods: `vae_class` itself (vae.py passes its `VAE`: this
+    module cannot import it back), no subclass, whatever it overrides, holding an `MLPEncoderTrunk`,
+    `GaussianHeads` and `MLPDecoder` (none a subclass) built of nn.Sequential, nn.Linear and
+    nn.ReLU, with no module's forward replaced on the instance. Any
     other model, a VAE subclass whose heads clamp the log-variance included, is trained by autograd.
     """
-    from .blocks import GaussianHeads, MLPDecoder, MLPEncoderTrunk
-    from .vae import VAE
-
-    if type(model) is not VAE:
+    if type(model) is not vae_class:
         return None
     trunk, heads, decoder = model.trunk, model.heads, model.decoder
     if (type(trunk) is not MLPEncoderTrunk or type(heads) is not GaussianHeads or type(decoder) is not MLPDecoder
