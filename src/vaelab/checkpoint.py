@@ -4,9 +4,12 @@ executing anything from a file.
     RUN/config.json               model name, model config, training config, versions
     RUN/model.safetensors         the weights (what `load_run` needs to rebuild the model)
     RUN/checkpoint.safetensors    everything to resume: weights, optimizers, RNG states, history
-    RUN/history.csv, steps.csv    derived from the checkpoint after each save
+    RUN/history.csv, steps.csv    derived from the checkpoint after each save (history_files.py)
+    RUN/metrics.json              what `vaelab evaluate` measured (evaluate.py)
     RUN/figures/                  PNGs
     RUN/.lock                     locked (flock) while a process trains in RUN; holds its PID
+
+A new run's folder is made (or an old one replaced) by run_folder.py.
 
 A checkpoint is one file renamed into place, so a kill at any instant leaves either the previous
 or the new one, both complete.

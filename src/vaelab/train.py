@@ -1,9 +1,13 @@
-"""The generic training loop: epochs, logging, evaluation, checkpoints, resume, interruption.
+"""The generic training loop (`Trainer`) and its entry points, `train` (a new run) and `resume`.
 
 Nothing here knows which model it trains: a model brings its optimizers and its update step
 (`GenerativeModel.training_step`), and reports named loss terms that become history columns. The
 loop hands each step a `Batch` (images and labels) and a `StepState` (where the step stands in
-the run, and the gradient-norm limit).
+the run, and the gradient-norm limit), checks for divergence at its host syncs, evaluates and
+saves after each epoch, and on a signal saves mid-epoch. The rest is in the pieces it calls:
+the options (train_config.py), what it records and shows (training_log.py), the batches and
+their resumable order (data.Batcher), the run folder (run_folder.py, checkpoint.py,
+history_files.py), devices (devices.py), random states (rng.py) and signals (signals.py).
 
 Speed notes (see benchmarks/): batches are indexed out of a uint8 tensor on the device, the
 per-step loss terms stay on the device and are copied to the host once every `log_every` steps,
