@@ -32,6 +32,7 @@ from .data import ImageData, load
 from .errors import ConfigError, VaelabError, WriteError
 from .atomic import clean_stale_siblings, exchange, temp_path
 from .evaluate import METRICS_FILE, EvalSettings, evaluate_run, generate, summary_rows
+from .explore import LatentSpace, export_page
 from .figures import random_test_images, write_run_figures
 from .history_files import read_history
 from .inference import batched
@@ -573,8 +574,6 @@ def _run_steps(recipe: Recipe, configs, out: Path, quick: bool, progress: bool, 
         metrics = evaluate_run(run, data, settings, progress=progress)
         results.append(StepResult(step, run.path, metrics, figures, train_s, prior=run.model.prior_name))
         if step.explore:
-            from .explore import LatentSpace, export_page
-
             page = out / f"explore-{step.key}.html"
             results[-1].explore_page = export_page(LatentSpace.from_run(run, data), page)
         if len(results) < len(configs):

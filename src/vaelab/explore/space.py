@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..data import to_float
 from ..figures import encode_means, principal_axes
+from ..inference import batched
 
 MAX_SLIDERS = 10  # beyond this many a page of sliders is no longer something to play with
 SLIDER_STDS = 3.0  # a slider spans +-3 standard deviations of the codes along its axis
@@ -132,13 +132,11 @@ class LatentSpace:
 
     # --- what the page asks -------------------------------------------------------------------
 
-    @torch.inference_mode()
     def decode(self, z: torch.Tensor) -> np.ndarray:
         """(B, D) latent points -> (B, 784) uint8 images."""
-        device = self.model.device
         with self._lock:
-            return np.concatenate([to_bytes(self.model.decode(z[i : i + DECODE_CHUNK].float().to(device)))
-                                   for i in range(0, len(z), DECODE_CHUNK)])
+            images = batched(self.model.decode, z.float(), batch_size=DECODE_CHUNK, device=self.model.device)
+        return to_bytes(images)
 
     @torch.inference_mode()
     def encode(self, image: torch.Tensor) -> dict:
