@@ -58,6 +58,8 @@ VARIANTS: dict[str, tuple[dict, str | None]] = {
     "mid-sn-z16-bn-g03": ({"batch_norm": True, "project_norm": True}, "mid-sn-z16-g03"),
     "mid-sn-z16-bn": ({"gamma": 0.1}, "mid-sn-z16-bn-g03"),
     "mid-z16-bn-ttur": ({"dis_lr_scale": 2.0, "dec_lr_scale": 0.5}, "mid-z16-bn"),
+    # round 4: the adversarial game on prior samples only (docs/vae-gan.md, "Further attempts")
+    "mid-z16-bn-g03-prior": ({"fakes": "prior"}, "mid-z16-bn-g03"),
 }
 
 

@@ -70,7 +70,7 @@ from ..batch import Batch, StepState
 from ..config import require
 from ..errors import ConfigError
 from ..losses import bce_from_logits, discriminator_loss, generator_loss, kl_normal, mmd_imq, reparameterize
-from . import register
+from .registry import register
 from .base import GenerativeModel, ModelOutput, Posterior
 from .blocks import (ConvDecoder, ConvEncoderTrunk, Discriminator, GaussianHeads, MLPDecoder,
                      MLPEncoderTrunk)
