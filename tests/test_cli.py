@@ -151,7 +151,7 @@ def test_unwritable_outputs_are_one_line(trained_run, tmp_path, capsys):
 
 def test_resume_refuses_options_it_would_not_honour(trained_run, capsys):
     run, _ = trained_run
-    for flag in (["--clip-grad", "1"], ["--batch-size", "8"], ["--precision", "bf16"], ["--seed", "3"]):
+    for flag in (["--clip-grad", "1"], ["--batch-size", "8"], ["--precision", "bf16"], ["--seed", "3"], ["--seed", "0"], ["--val-size", "0"]):
         code, _, err = run_cli(capsys, "train", "--resume", str(run), "--epochs", "2", *flag)
         assert code == 2 and f"drop {flag[0]}" in err
 

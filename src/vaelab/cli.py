@@ -150,10 +150,11 @@ def cmd_train(args) -> int:
     if args.resume is not None:
         # Only --epochs, --device, --threads and --quiet go with --resume: anything else would
         # either be ignored silently or break the promise that a resumed run equals a straight one.
+        # "Given" is anything but the unset defaults (None, False, []): 0 is a value (--seed 0).
         stored = [flag for flag, value in (
             ("MODEL", args.model), ("--out", args.out), ("--set", args.overrides), ("--latent-dim", args.latent_dim),
             *((flag, getattr(args, name)) for name, flag, _, _ in flags if name not in RESUMABLE_FIELDS),
-            ("--overwrite", args.overwrite)) if value not in (None, False, [])]
+            ("--overwrite", args.overwrite)) if not (value is None or value is False or value == [])]
         if stored:
             raise ConfigError(f"--resume continues the run with its stored configuration (only --epochs and "
                               f"--device may change); drop {', '.join(stored)}")
