@@ -1,3 +1,4 @@
+import dataclasses
 """Every registered model on synthetic data: shapes, finite terms, one step moves every weight,
 the run-folder round trip, generation ranges; then each model's own promises (the AE's
 generation priors, the LSTM-VAE's decoder geometry, the VAE-GAN's gradient routing)."""
@@ -379,6 +380,23 @@ def test_stored_vae_gan_config_from_before_new_fields_rebuilds_the_old_networks(
     assert not model.config.spectral_norm and not model.config.project_norm
     assert not any("parametrizations" in k for k in model.state_dict())
     assert not isinstance(model.decoder.project[1], torch.nn.BatchNorm1d)
+
+
+def test_vae_gan_dec_hidden_puts_a_fully_connected_layer_before_the_projection():
+    base = CASES["vae-gan-conv"][1]
+    plain = build_model("vae-gan", base)
+    wider = build_model("vae-gan", dict(base, dec_hidden=24))
+    first = wider.decoder.project[0]
+    assert (first.in_features, first.out_features) == (base["latent_dim"], 24)
+    assert wider.decoder.project[3].in_features == 24  # Linear, BatchNorm1d, ReLU, then the projection
+    # without it the decoder is the one before the option: a run stored then rebuilds with none
+    assert plain.decoder.project[0].in_features == base["latent_dim"]
+    stored = {k: v for k, v in dataclasses.asdict(plain.config).items() if k != "dec_hidden"}
+    old = build_model("vae-gan", stored, stored=True)
+    assert old.config.dec_hidden == 0 and old.state_dict().keys() == plain.state_dict().keys()
+    assert wider.decode(torch.randn(5, base["latent_dim"])).shape == (5, 1, 28, 28)
+    with pytest.raises(ConfigError, match="dec_hidden"):
+        make_config("vae-gan", ["dec_hidden=-1"])
 
 
 def test_vae_gan_config_errors():

@@ -88,7 +88,7 @@ class ConvDecoder(nn.Module):
 
     def __init__(self, latent_dim: int, channels: list[int], kernels: list[int], strides: list[int],
                  start_size: int = 7, batch_norm: bool = False, dropout: float = 0.0,
-                 project_norm: bool = False):
+                 project_norm: bool = False, hidden: int = 0):
         super().__init__()
         problem = check_transposed_layers(channels, kernels, strides, start_size)
         if problem:
@@ -96,9 +96,12 @@ class ConvDecoder(nn.Module):
         self.start_shape = (channels[0], start_size, start_size)
         width = channels[0] * start_size * start_size
         # project_norm: batch norm on the projected map too, as in DCGAN's generator (Radford et
-        # al. 2016), so every layer of the decoder sees normalised inputs.
-        self.project = nn.Sequential(nn.Linear(latent_dim, width), *([nn.BatchNorm1d(width)] if project_norm else []),
-                                     nn.ReLU())
+        # al. 2016), so every layer of the decoder sees normalised inputs. hidden > 0: a fully
+        # connected layer of that width before the projection, as InfoGAN's MNIST generator has
+        # (Chen et al. 2016: 1024 units), for a fraction of the transposed convolutions' cost.
+        norm = (lambda n: [nn.BatchNorm1d(n)]) if project_norm else (lambda n: [])
+        first = [nn.Linear(latent_dim, hidden), *norm(hidden), nn.ReLU()] if hidden else []
+        self.project = nn.Sequential(*first, nn.Linear(hidden or latent_dim, width), *norm(width), nn.ReLU())
         layers: list[nn.Module] = []
         outs = [*channels[1:], 1]
         for i, (c_in, c_out, k, s) in enumerate(zip(channels, outs, kernels, strides)):

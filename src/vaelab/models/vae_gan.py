@@ -102,6 +102,9 @@ class VAEGANConfig:
     # decoder mirrors them with transposed convolutions), and their fully connected width
     channels: list[int] = field(default_factory=lambda: [32, 64])
     fc_dim: int = 256
+    # arch=conv: a fully connected layer of this width at the decoder's input (0: none, z is
+    # projected straight onto the first map), as InfoGAN's MNIST generator (1024)
+    dec_hidden: int = 0
     # Batch norm in the conv encoder and decoder (never in the discriminator); project_norm adds
     # it after the decoder's first (linear) layer too, as DCGAN's generator has it.
     batch_norm: bool = True
@@ -128,13 +131,14 @@ class VAEGANConfig:
 
     # Fields added after runs were first saved, with the values that rebuild those older runs
     # (a stored config lacking them predates them).
-    legacy_defaults: ClassVar[dict] = {"objective": "full", "fakes": "both", "project_norm": False, "spectral_norm": False,
+    legacy_defaults: ClassVar[dict] = {"objective": "full", "fakes": "both", "dec_hidden": 0, "project_norm": False, "spectral_norm": False,
                                        "enc_lr_scale": 1.0, "dec_lr_scale": 1.0, "dis_lr_scale": 1.0}
 
     def validate(self) -> None:
         require(self.arch in ARCHS, f"arch must be one of {', '.join(ARCHS)}")
         require(self.objective in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}")
         require(self.fakes in FAKES, f"fakes must be one of {', '.join(FAKES)}")
+        require(self.dec_hidden >= 0, "dec_hidden must be 0 (none) or a layer width")
         require(self.fakes == "both" or not self.feature_loss,
                 "feature_loss compares reconstructions in the discriminator's features: it needs fakes=both")
         require(self.latent_dim >= 1, "latent_dim must be at least 1")
@@ -182,7 +186,8 @@ class VAEGAN(GenerativeModel):
             n = len(c.channels)
             self.encoder = GaussianEncoder(ConvEncoderTrunk(c.channels, c.fc_dim, c.batch_norm), c.latent_dim)
             self.decoder = ConvDecoder(c.latent_dim, list(reversed(c.channels)), [4] * n, [2] * n,
-                                       start_size=28 >> n, batch_norm=c.batch_norm, project_norm=c.project_norm)
+                                       start_size=28 >> n, batch_norm=c.batch_norm, project_norm=c.project_norm,
+                                       hidden=c.dec_hidden)
             self.discriminator = Discriminator([c.fc_dim], c.channels, spectral_norm=c.spectral_norm)
         else:
             self.encoder = GaussianEncoder(MLPEncoderTrunk(c.hidden_dims), c.latent_dim)
