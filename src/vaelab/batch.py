@@ -52,3 +52,9 @@ class StepState:
     def progress(self) -> float:
         """The fraction of the run's steps completed before this one, in [0, 1)."""
         return self.step / self.total_steps
+
+    def warmup_fraction(self, steps: int) -> float:
+        """How far a linear warm-up of `steps` steps has come at this step: step / steps, capped
+        at 1 (1 at once when steps is 0). Read from the step count alone, so a resumed run, whose
+        count continues, takes the weights of the uninterrupted one."""
+        return 1.0 if steps <= 0 else min(1.0, self.step / steps)

@@ -136,6 +136,14 @@ def _describe(hint: Any) -> str:
     )
 
 
+def option(default, help: str):
+    """A config field with its documentation in `help` metadata (`vaelab models --fields` prints
+    it). A list default is copied per instance, as `field(default_factory=...)` would."""
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 def require(condition: bool, message: str) -> None:
     """Config validation helper: raise ConfigError(message) unless condition holds."""
     if not condition:

@@ -44,6 +44,18 @@ def kl_normal_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
 
 
+def kl_free_bits(kl_per_dim: torch.Tensor, free_bits: float) -> torch.Tensor:
+    """The KL term with free bits (Kingma et al. 2016, "Improved variational inference with
+    inverse autoregressive flow", its "free bits" objective with one latent dimension per group): each dimension's
+    KL averaged over the batch, clamped from below at `free_bits` nats, summed: (B, D) -> scalar.
+
+    A dimension whose batch-mean KL is under the threshold adds the constant `free_bits`, so the
+    KL term gives it no gradient: the encoder keeps that much information per dimension for free,
+    which stops the KL pressure from collapsing the dimension onto the prior early in training.
+    """
+    return kl_per_dim.mean(0).clamp(min=free_bits).sum()
+
+
 def mse(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared error per image, averaged over pixels: (B, ...) -> (B,)."""
     return (recon - target).pow(2).flatten(1).mean(1)

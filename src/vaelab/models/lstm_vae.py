@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from ..config import require
 from .blocks import ConvDecoder, GaussianHeads, LSTMEncoderTrunk, check_transposed_layers
 from .registry import register
-from .vae import GaussianVAE
+from .vae import GaussianVAE, VAEObjective
 
 
 @dataclass
-class LSTMVAEConfig:
+class LSTMVAEConfig(VAEObjective):
     """LSTM encoder, transposed-convolution decoder, Bernoulli likelihood."""
 
     latent_dim: int = 2
@@ -29,7 +29,6 @@ class LSTMVAEConfig:
     start_size: int = 7  # side of the projected map; start_size * prod(strides) must be 28
     batch_norm: bool = False  # BatchNorm2d after each hidden transposed convolution
     dropout: float = 0.0  # dropout after each hidden transposed convolution
-    beta: float = 1.0  # weight of the KL term (1 = the true ELBO)
 
     def validate(self) -> None:
         require(self.latent_dim >= 1, "latent_dim must be at least 1")
@@ -37,7 +36,7 @@ class LSTMVAEConfig:
         problem = check_transposed_layers(self.channels, self.kernels, self.strides, self.start_size)
         require(problem is None, f"decoder: {problem}")
         require(0 <= self.dropout < 1, "dropout must be in [0, 1)")
-        require(self.beta >= 0, "beta must be non-negative")
+        self.validate_objective()
 
 
 @register("lstm-vae")

@@ -117,6 +117,7 @@ class VAEGANConfig:
     feature_layer: int = 1
     gamma: float = 0.03  # weight of L_llike against L_GAN in the decoder's loss
     beta: float = 1.0  # weight of L_prior in the encoder's loss (1 = the paper)
+    kl_warmup_steps: int = 0  # beta reached linearly from 0 over this many steps (0 = beta throughout)
     # Weight of MMD(q(z), p(z)) in the encoder's loss (InfoVAE, Zhao et al. 2019): the batch's codes
     # against the prior draws, pulling the codes of all images together onto N(0, I), so prior draws
     # land where the decoder has learned to draw (the KL term matches each image's q(z|x) alone).
@@ -150,6 +151,7 @@ class VAEGANConfig:
         require(not self.project_norm or self.batch_norm, "project_norm needs batch_norm=true")
         require(min(self.gamma, self.pixel_weight, self.beta, self.mmd_weight) >= 0,
                 "gamma, pixel_weight, beta and mmd_weight must be non-negative")
+        require(self.kl_warmup_steps >= 0, "kl_warmup_steps must be non-negative")
         require(self.objective == "basic" or self.pixel_weight > 0 or self.feature_loss,
                 "with pixel_weight=0 and feature_loss=false nothing trains the encoder to reconstruct "
                 "(objective=basic is that choice made explicitly)")
@@ -213,9 +215,10 @@ class VAEGAN(GenerativeModel):
 
     def kl_weight(self, state: StepState | None) -> float:
         """The weight of L_prior in the encoder's loss at the training step `state` (None:
-        outside training), as `GaussianVAE.kl_weight`: `config.beta` at every step (1, the
-        default, is the paper); a schedule overrides this."""
-        return self.config.beta
+        outside training), as `GaussianVAE.kl_weight`: `config.beta` (1, the default, is the
+        paper), reached linearly from 0 over the first `config.kl_warmup_steps` steps."""
+        beta = self.config.beta
+        return beta if state is None else beta * state.warmup_fraction(self.config.kl_warmup_steps)
 
     def losses(self, batch: Batch, state: StepState | None = None) -> dict[str, torch.Tensor]:
         """Every network's loss on the batch, from one forward pass of each network; `state` is

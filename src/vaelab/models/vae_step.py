@@ -11,7 +11,9 @@ The derivation holds for one model only, so the step is taken only for it: exact
 exactly its own blocks (`derived_for`, by class identity, found once when the optimizer is made and
 confirmed by identity checks each step). A subclass, whatever it changes (clamped heads, its own
 forward, a KL schedule), trains by autograd. The KL weight `beta` is the model's `kl_weight` for
-the step, passed in, so a weight changed on the plain `VAE` is honoured here as in autograd.
+the step, passed in, so a weight changed on the plain `VAE` (its `kl_warmup_steps` included) is
+honoured here as in autograd. Free bits and IWAE training change the objective itself: with either
+set, `VAE` too trains by autograd (`applies`).
 
 The gradients, for a batch of B images x, logits l, posterior (mu, log sigma^2 = v), eps ~ N(0, I)
 and z = mu + eps * sigma, of loss = mean_b[BCE(l_b, x_b)] + beta * mean_b[KL_b]:
@@ -103,9 +105,12 @@ def _has_hooks(derivation: Derivation) -> bool:
 
 def applies(model, x: torch.Tensor, optimizer, derivation: Derivation | None) -> bool:
     """Whether `training_step` computes what the autograd step would here: `derivation` (from
-    `derived_for`, once) still holds, the model runs in fp32 on the CPU with oneDNN, no autocast and
-    no hooks, and a `PackedAdam` that can take the gradients updates it."""
+    `derived_for`, once) still holds, the objective is the one derived (BCE + weight * KL: no free
+    bits, no importance samples; read each step, as the config is a plain dataclass), the model
+    runs in fp32 on the CPU with oneDNN, no autocast and no hooks, and a `PackedAdam` that can take
+    the gradients updates it."""
     return (derivation is not None and derivation.holds(model) and not _has_hooks(derivation)
+            and model.config.free_bits == 0 and model.config.iwae_k == 1
             and x.device.type == "cpu" and x.dtype == torch.float32 and onednn_available()
             and not torch.is_autocast_enabled("cpu") and torch.is_grad_enabled()
             and isinstance(optimizer, PackedAdam) and optimizer.can_update()
