@@ -29,7 +29,15 @@ CASES = {
     "vae-gan-conv": ("vae-gan", {"channels": [4, 8], "fc_dim": 16, "latent_dim": 4, "margin": None}),
     "vae-gan-mlp": ("vae-gan", {"arch": "mlp", "hidden_dims": [32], "dis_hidden_dims": [32, 16],
                                 "latent_dim": 4, "margin": None, "feature_loss": True}),
+    "cvae": ("cvae", {"hidden_dims": [32], "latent_dim": 3}),
+    "cvae-lstm-conv": ("cvae", {"encoder": "lstm", "decoder": "conv", "lstm_hidden": 16, "channels": [8, 4],
+                                "latent_dim": 4}),
 }
+
+
+def labels_for(model, n: int) -> torch.Tensor | None:
+    """The condition a model's calls take: labels for a conditional model, none otherwise."""
+    return torch.arange(n) % 10 if model.conditional else None
 
 
 def test_every_registered_model_has_a_case():
@@ -46,16 +54,17 @@ def test_forward_shapes_and_finite_terms(case):
     name, cfg = CASES[case]
     torch.manual_seed(0)
     model = build_model(name, cfg)
-    x = images()
-    out = model(Batch(x))
+    x, y = images(), labels_for(model, 8)
+    out = model(Batch(x, y))
     assert out.loss.shape == () and torch.isfinite(out.loss)
     assert list(out.terms) == list(model.term_names)
     assert all(v.shape == () and torch.isfinite(v) for v in out.terms.values())
     model.eval()
-    post = model.encode(x)
+    post = model.encode(x, y)
     assert post.mu.shape == (8, model.latent_dim)
-    assert model.decode_logits(torch.randn(5, model.latent_dim)).shape == (5, 1, 28, 28)
-    assert model.interpolate(x[:1], x[1:2], steps=4).shape == (4, 1, 28, 28)
+    assert model.decode_logits(torch.randn(5, model.latent_dim), labels_for(model, 5)).shape == (5, 1, 28, 28)
+    one = None if y is None else y[:1]
+    assert model.interpolate(x[:1], x[1:2], steps=4, condition=one).shape == (4, 1, 28, 28)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -64,7 +73,8 @@ def test_one_training_step_changes_every_weight(case):
     torch.manual_seed(0)
     model = build_model(name, cfg)
     before = {k: p.detach().clone() for k, p in model.named_parameters()}
-    out = model.training_step(Batch(images(16)), model.configure_optimizers(1e-3), StepState(clip_grad=5.0))
+    out = model.training_step(Batch(images(16), labels_for(model, 16)), model.configure_optimizers(1e-3),
+                              StepState(clip_grad=5.0))
     assert torch.isfinite(out.loss)
     for k, p in model.named_parameters():
         assert not torch.equal(before[k], p), k
@@ -76,13 +86,15 @@ def test_run_folder_round_trip_gives_identical_outputs(case, tmp_path, tiny_data
     trainer = train(name, make_config(name, **cfg), quick_config(), tmp_path / "run", progress=False, data=tiny_data)
     live = trainer.model.eval()
     loaded = load_run(tmp_path / "run").model
-    x = to_float(tiny_data.test_x[:10])
-    z = torch.randn(6, live.latent_dim)
-    torch.testing.assert_close(loaded.decode(z), live.decode(z), rtol=0, atol=0)
-    torch.testing.assert_close(loaded.encode(x).mu, live.encode(x).mu, rtol=0, atol=0)
-    torch.testing.assert_close(loaded.reconstruct(x), live.reconstruct(x), rtol=0, atol=0)
+    x, y = to_float(tiny_data.test_x[:10]), labels_for(live, 10)
+    z, zy = torch.randn(6, live.latent_dim), labels_for(live, 6)
+    torch.testing.assert_close(loaded.decode(z, zy), live.decode(z, zy), rtol=0, atol=0)
+    torch.testing.assert_close(loaded.encode(x, y).mu, live.encode(x, y).mu, rtol=0, atol=0)
+    torch.testing.assert_close(loaded.reconstruct(x, y), live.reconstruct(x, y), rtol=0, atol=0)
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    torch.testing.assert_close(loaded.sample(7, generator=g1), live.sample(7, generator=g2), rtol=0, atol=0)
+    sy = labels_for(live, 7)
+    torch.testing.assert_close(loaded.sample(7, generator=g1, condition=sy), live.sample(7, generator=g2, condition=sy),
+                               rtol=0, atol=0)
     test_rows = [r for r in trainer.history if r["split"] == "test"]
     assert set(live.term_names) <= set(test_rows[0])
 
@@ -92,8 +104,8 @@ def test_generate_and_reconstruct_shapes_and_ranges(case):
     name, cfg = CASES[case]
     torch.manual_seed(0)
     model = build_model(name, cfg).eval()
-    s = model.sample(9, generator=torch.Generator().manual_seed(0))
-    r = model.reconstruct(images(5))
+    s = model.sample(9, generator=torch.Generator().manual_seed(0), condition=labels_for(model, 9))
+    r = model.reconstruct(images(5), labels_for(model, 5))
     for t, shape in ((s, (9, 1, 28, 28)), (r, (5, 1, 28, 28))):
         assert t.shape == shape and t.min() >= 0 and t.max() <= 1 and torch.isfinite(t).all()
 

@@ -8,7 +8,7 @@ from .base import GenerativeModel, ModelOutput, Posterior
 from .registry import MODELS, build_model, get_model_class, make_config, register
 
 # Importing registers. Keep this list in sync with the files in this folder.
-from . import ae, lstm_vae, vae, vae_gan  # noqa: F401
+from . import ae, cvae, lstm_vae, vae, vae_gan  # noqa: F401
 
 __all__ = ["MODELS", "register", "get_model_class", "make_config", "build_model",
            "GenerativeModel", "ModelOutput", "Posterior"]

@@ -133,12 +133,14 @@ class GenerativeModel(nn.Module):
         return self.decode(self.encode(x, condition).mu, condition)
 
     @torch.inference_mode()
-    def interpolate(self, x_a: torch.Tensor, x_b: torch.Tensor, steps: int = 10) -> torch.Tensor:
-        """Decode `steps` points on the line between the codes of two images: (steps, 1, 28, 28)."""
-        z_a = self.encode(x_a[:1]).mu
-        z_b = self.encode(x_b[:1]).mu
+    def interpolate(self, x_a: torch.Tensor, x_b: torch.Tensor, steps: int = 10,
+                    condition: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode `steps` points on the line between the codes of two images: (steps, 1, 28, 28).
+        `condition` (1,): the one label both images are encoded and every point decoded with."""
+        z_a = self.encode(x_a[:1], condition).mu
+        z_b = self.encode(x_b[:1], condition).mu
         t = torch.linspace(0, 1, steps, device=z_a.device).unsqueeze(1)
-        return self.decode((1 - t) * z_a + t * z_b)
+        return self.decode((1 - t) * z_a + t * z_b, None if condition is None else condition.expand(steps))
 
     # --- training -------------------------------------------------------------------------------
 

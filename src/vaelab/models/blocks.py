@@ -32,15 +32,20 @@ class GaussianHeads(nn.Module):
 
 
 class MLPEncoderTrunk(nn.Module):
-    """(B, 1, 28, 28) -> (B, hidden_dims[-1]) features; the identity if no hidden layers."""
+    """(B, 1, 28, 28) -> (B, hidden_dims[-1]) features; the identity if no hidden layers.
+    `extra_features`: a vector (B, E) joins the pixels at the input (a conditional VAE's one-hot
+    label)."""
 
-    def __init__(self, hidden_dims: list[int]):
+    def __init__(self, hidden_dims: list[int], extra_features: int = 0):
         super().__init__()
-        self.net = mlp([IMAGE_PIXELS, *hidden_dims], final_activation=True)
-        self.out_features = hidden_dims[-1] if hidden_dims else IMAGE_PIXELS
+        self.net = mlp([IMAGE_PIXELS + extra_features, *hidden_dims], final_activation=True)
+        self.out_features = hidden_dims[-1] if hidden_dims else IMAGE_PIXELS + extra_features
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.flatten(1))  # (B, 1, 28, 28) -> (B, 784) -> (B, H)
+    def forward(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        h = x.flatten(1)  # (B, 1, 28, 28) -> (B, 784)
+        if extra is not None:
+            h = torch.cat([h, extra.to(h.dtype)], 1)  # -> (B, 784 + E)
+        return self.net(h)  # -> (B, H)
 
 
 class MLPDecoder(nn.Module):
@@ -122,15 +127,19 @@ class ConvDecoder(nn.Module):
 
 class LSTMEncoderTrunk(nn.Module):
     """Reads the 28 rows of an image as a sequence of 28-dim vectors: (B, 1, 28, 28) -> (B, H),
-    the last hidden state."""
+    the last hidden state. `extra_features`: a vector (B, E) is appended to every row, so each
+    step of the sequence sees it (a conditional VAE's one-hot label)."""
 
-    def __init__(self, hidden: int):
+    def __init__(self, hidden: int, extra_features: int = 0):
         super().__init__()
-        self.lstm = nn.LSTM(input_size=28, hidden_size=hidden, batch_first=True)
+        self.lstm = nn.LSTM(input_size=28 + extra_features, hidden_size=hidden, batch_first=True)
         self.out_features = hidden
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _, (h, _) = self.lstm(x[:, 0])  # (B, 1, 28, 28) -> rows (B, 28, 28); h: (1, B, H)
+    def forward(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        rows = x[:, 0]  # (B, 1, 28, 28) -> rows (B, 28, 28)
+        if extra is not None:
+            rows = torch.cat([rows, extra.to(rows.dtype)[:, None, :].expand(-1, 28, -1)], 2)  # -> (B, 28, 28 + E)
+        _, (h, _) = self.lstm(rows)  # h: (1, B, H)
         return h[-1]
 
 
