@@ -162,7 +162,12 @@ def test_models_one_line_each_and_fields_on_request(capsys):
     code, out, _ = run_cli(capsys, "models")
     assert code == 0 and len(out.splitlines()) == len(MODELS)
     code, out, _ = run_cli(capsys, "models", "--fields")
-    assert "latent_dim=2" in out and len(out.splitlines()) == 2 * len(MODELS)
+    assert "latent_dim=2" in out and sum("--set fields:" in line for line in out.splitlines()) == len(MODELS)
+    # Fields declared with `config.option` print their help, one line each: the KL and IWAE
+    # options of every Gaussian VAE among them.
+    for option in ("kl_warmup_steps", "free_bits", "iwae_k"):
+        documented = [line for line in out.splitlines() if line.strip().startswith(f"{option}: ")]
+        assert len(documented) == 3, option  # vae, lstm-vae, cvae
 
 
 def test_evaluation_of_a_statically_binarized_run_uses_the_binarized_test_set(tmp_path, synthetic_mnist, capsys):

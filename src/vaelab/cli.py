@@ -173,7 +173,8 @@ def cmd_train(args) -> int:
         trainer = train(args.model, model_config, config, run_dir, overwrite=args.overwrite, progress=progress)
     run = load_run(run_dir, device=trainer.device)
     with together():  # every figure or none
-        written = write_training_figures(run_dir, run.model, trainer.data.test_x, seed=trainer.config.seed)
+        written = write_training_figures(run_dir, run.model, trainer.data.test_x, seed=trainer.config.seed,
+                                         test_y=trainer.data.test_y, classes=trainer.data.classes)
     _print_summary(run_dir, written)
     return 0
 
@@ -197,9 +198,51 @@ def _add_generate(sub) -> None:
     p.add_argument("-n", type=_positive_int, default=100, help="number of samples (default 100)")
     p.add_argument("--out", type=_png_path, default=None, help="PNG grid (default RUN/figures/generated.png)")
     p.add_argument("--npy", type=_npy_path, default=None, help="also write a float32 array (n, 28, 28) in [0, 1]")
+    p.add_argument("--class", dest="class_name", default=None, metavar="CLASS",
+                   help="a conditional model (cvae) draws only this class: its number (3) or its name, "
+                        "case-insensitive (sneaker); without it, the classes in turn")
     p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_generate)
+
+
+def parse_class(text: str, dataset: str) -> int:
+    """The index of a class of `dataset` named on the command line: its name, case-insensitive,
+    ignoring spaces, hyphens and underscores ("ankle-boot"), a name with alternatives answering to
+    each ("T-shirt/top": "t-shirt", "top"); or its number."""
+    from .data import get_spec
+    from .errors import ConfigError
+
+    classes = get_spec(dataset).classes
+    number = text.strip().lstrip("+-")
+    if number.isdigit():  # a number is a class's number, never a name with its sign dropped
+        if text.strip()[0] != "-" and int(number) < len(classes):
+            return int(number)
+    else:
+        key = lambda name: "".join(ch for ch in name.lower() if ch not in " -_")  # noqa: E731
+        for index, name in enumerate(classes):
+            if key(text) in {key(name), *(key(part) for part in name.split("/"))}:
+                return index
+    raise ConfigError(f"--class {text!r}: not a class of {dataset}; choose 0-{len(classes) - 1} or one of "
+                      + ", ".join(name.lower() for name in classes))
+
+
+def _generation_labels(run, n: int, asked: str | None):
+    """The labels a conditional run's n samples are drawn with: the asked class, or every class in
+    turn (blocks of about n / classes, in order); None for an unconditional model."""
+    import torch
+
+    from .errors import ConfigError
+    from .evaluate import balanced_labels
+
+    if not run.model.conditional:
+        if asked is not None:
+            raise ConfigError(f"--class: {run.path} holds a {run.model.name}, which is unconditional; "
+                              "train a conditional model (cvae) to draw a chosen class")
+        return None
+    if asked is not None:
+        return torch.full((n,), parse_class(asked, run.train_config.dataset), dtype=torch.long)
+    return balanced_labels(n, run.model.config.n_classes)
 
 
 def cmd_generate(args) -> int:
@@ -222,14 +265,16 @@ def cmd_generate(args) -> int:
         if path is not None:
             _output_file(path)
     run = load_run(args.run, device=resolve_device(args.device))
+    labels = _generation_labels(run, args.n, args.class_name)
     out = _output_file(args.out or run.path / "figures" / "generated.png")
-    images = generate(run.model, args.n, seed=args.seed)  # (n, 1, 28, 28)
+    images = generate(run.model, args.n, seed=args.seed, labels=labels)  # (n, 1, 28, 28)
     with together():  # both files or neither
         save_image_grid(images, out, nrow=nrow, scale=scale)
         if args.npy is not None:
             with atomic_file(args.npy) as f:
                 np.save(f, np.ascontiguousarray(images[:, 0].numpy(), dtype=np.float32))
-    print(f"wrote {out}: {args.n} samples from {run.path}")
+    which = "" if args.class_name is None else f" of class {int(labels[0])} ({args.class_name})"
+    print(f"wrote {out}: {args.n} samples{which} from {run.path}")
     if args.npy is not None:
         print(f"wrote {args.npy}: float32 array {tuple(images[:, 0].shape)} in [0, 1]")
     return 0
@@ -264,7 +309,7 @@ def cmd_reconstruct(args) -> int:
         _output_file(args.out)
     run, data = _run_and_data(args)
     out = _output_file(args.out or run.path / "figures" / "reconstructed.png")
-    reconstructions_figure(run.model, data.test_x, out, seed=args.seed, n=args.n)
+    reconstructions_figure(run.model, data.test_x, out, seed=args.seed, n=args.n, test_y=data.test_y)
     print(f"wrote {out}: {args.n} test images of {data.name} and their reconstructions")
     return 0
 
@@ -456,8 +501,12 @@ def cmd_models(args) -> int:
         print(f"{name:<10} {cls.description}")
         if args.fields:
             defaults = cls.config_class()
-            fields = ", ".join(f"{f.name}={getattr(defaults, f.name)!r}" for f in dataclasses.fields(defaults))
-            print(f"{'':<10} --set fields: {fields}")
+            fields = dataclasses.fields(defaults)
+            print(f"{'':<10} --set fields: " + ", ".join(f"{f.name}={getattr(defaults, f.name)!r}" for f in fields))
+            # Fields documented by `config.option` (their `help` metadata), one line each.
+            for f in fields:
+                if "help" in f.metadata:
+                    print(f"{'':<12} {f.name}: {f.metadata['help']}")
     return 0
 
 

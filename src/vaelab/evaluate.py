@@ -25,8 +25,8 @@ from .inference import batched
 from .losses import (bce_from_logits, bce_from_logits_shared_target, iwae_bound, kl_normal_per_dim,
                      log_normal, log_standard_normal, mse, reparameterize)
 # The sample-quality names live in metrics.py; they stay importable from here.
-from .metrics import (CONFIDENT, DomainClassifier, classifier_paths, classifier_summary, classify,  # noqa: F401
-                      frechet_distance, load_or_train_classifier, quality, quality_rows, sample_quality,
+from .metrics import (CONFIDENT, DomainClassifier, class_share, classifier_paths, classifier_summary,  # noqa: F401
+                      classify, frechet_distance, load_or_train_classifier, quality, quality_rows, sample_quality,
                       train_classifier)
 from .train_config import TrainConfig
 
@@ -102,15 +102,17 @@ def likelihood_images(data: ImageData, binarize: str, seed: int = 0) -> tuple[to
 
 @torch.inference_mode()
 def iwae_log_likelihood(model, x: torch.Tensor, k: int, chunk_rows: int = 8192,
-                        generator: torch.Generator | None = None) -> torch.Tensor:
+                        generator: torch.Generator | None = None,
+                        condition: torch.Tensor | None = None) -> torch.Tensor:
     """The IWAE estimate of log p(x) per image with K = k importance samples: (B, ...) -> (B,).
 
     log p(x) >= log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x), z_k ~ q(z|x) (Burda et al. 2016,
     eq. 8); the bound tightens as K grows. The K samples are drawn in chunks of about
     `chunk_rows` decoded images; their log-weights, (K, B) in float64, are small enough to keep
-    whole and go to `losses.iwae_bound` at once.
+    whole and go to `losses.iwae_bound` at once. A conditional model's `condition` (B,) makes it
+    the estimate of log p(x|y).
     """
-    post = model.encode(x)
+    post = model.encode(x, condition)
     mu, logvar = post.mu, post.logvar
     b, d = mu.shape
     per_chunk = max(1, chunk_rows // b)
@@ -120,7 +122,8 @@ def iwae_log_likelihood(model, x: torch.Tensor, k: int, chunk_rows: int = 8192,
         n = min(per_chunk, k - start)
         eps = torch.randn(n, b, d, generator=generator, device=mu.device)
         z = mu + eps * std  # (n, B, D)
-        logits = model.decode_logits(z.reshape(n * b, d))  # (n*B, ...)
+        cond = None if condition is None else condition.repeat(n)  # sample-major, as z's rows
+        logits = model.decode_logits(z.reshape(n * b, d), cond)  # (n*B, ...)
         log_px = -bce_from_logits_shared_target(logits.view(n, b, *x.shape[1:]), x)  # (n, B)
         log_w = log_px + log_standard_normal(z) - log_normal(z, mu, logvar)  # (n, B)
         log_ws.append(log_w.double())
@@ -128,15 +131,18 @@ def iwae_log_likelihood(model, x: torch.Tensor, k: int, chunk_rows: int = 8192,
 
 
 def iwae_nll(model, images: torch.Tensor, k: int, batch: int = 100, seed: int = 0,
-             progress: bool = False) -> dict:
-    """Mean IWAE negative log-likelihood (nats) over `images` with its standard error."""
+             progress: bool = False, labels: torch.Tensor | None = None) -> dict:
+    """Mean IWAE negative log-likelihood (nats) over `images` with its standard error; a
+    conditional model is given the images' `labels`."""
     device = model.device
     g = torch.Generator(device=device).manual_seed(seed)
     start = time.perf_counter()
     bar = tqdm(total=len(images), desc=f"IWAE NLL, K={k}", unit="img", disable=not progress,
                leave=False, file=sys.stderr)
-    nll = batched(lambda x: -iwae_log_likelihood(model, x, k, generator=g), images, batch_size=batch,
-                  device=device, progress=bar)
+    # A conditional model's labels travel with their images, chunked alike.
+    inputs = (images,) if labels is None else (images, labels)
+    nll = batched(lambda x, *y: -iwae_log_likelihood(model, x, k, generator=g, condition=y[0] if y else None),
+                  *inputs, batch_size=batch, device=device, progress=bar)
     bar.close()
     se = nll.std().item() / math.sqrt(len(nll)) if len(nll) > 1 else float("nan")
     return {"nll": nll.mean().item(), "se": se, "k": k, "images": len(nll),
@@ -145,26 +151,27 @@ def iwae_nll(model, images: torch.Tensor, k: int, batch: int = 100, seed: int = 
 
 @torch.inference_mode()
 def latent_terms(model, images: torch.Tensor, targets: torch.Tensor, batch: int = 1000,
-                 seed: int = 0) -> dict:
+                 seed: int = 0, labels: torch.Tensor | None = None) -> dict:
     """One pass over the test set: reconstruction MSE of the posterior-mean decode against
     `images` (grey levels) for every model; for VAEs also the single-sample negative ELBO,
     its reconstruction and KL terms (scored against `targets`), KL per latent dimension, the
     variance of mu per dimension and the number of active units."""
     device = model.device
 
-    def terms(x, t):
-        post = model.encode(t)
-        sq_err = mse(model.decode(model.encode(x).mu), x).double()
+    def terms(x, t, *y):  # y: a conditional model's labels, () for any other model
+        post = model.encode(t, *y)
+        sq_err = mse(model.decode(model.encode(x, *y).mu, *y), x).double()
         if post.logvar is None:
             return post.mu.double(), sq_err, None, None
         z = reparameterize(post.mu, post.logvar)
-        return (post.mu.double(), sq_err, bce_from_logits(model.decode_logits(z), t).double(),
+        return (post.mu.double(), sq_err, bce_from_logits(model.decode_logits(z, *y), t).double(),
                 kl_normal_per_dim(post.mu, post.logvar).double())
 
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        mu, sq_err, r, kl_dims = batched(terms, images, targets, batch_size=batch, device=device)
+        inputs = (images, targets) if labels is None else (images, targets, labels)
+        mu, sq_err, r, kl_dims = batched(terms, *inputs, batch_size=batch, device=device)
     mu_var = mu.var(0)
     out: dict = {"recon_mse": sq_err.mean().item(),
                  "latent": {"mu_variance": mu_var.tolist()}}
@@ -182,10 +189,20 @@ def latent_terms(model, images: torch.Tensor, targets: torch.Tensor, batch: int 
 # ---------------------------------------------------------------------------------------------
 
 
-def generate(model, n: int, seed: int = 0, batch: int = 1000) -> torch.Tensor:
-    """n samples from the model's prior (n, 1, 28, 28) on the CPU."""
+def balanced_labels(n: int, n_classes: int) -> torch.Tensor:
+    """(n,) labels taking every class in turn, in blocks of about n / n_classes, in order: a
+    conditional model's samples when no class is asked for (rows of a grid of n / 10 columns)."""
+    return torch.arange(n) * n_classes // n
+
+
+def generate(model, n: int, seed: int = 0, batch: int = 1000, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """n samples from the model's prior (n, 1, 28, 28) on the CPU; a conditional model draws
+    sample i with `labels[i]` ((n,) class labels)."""
     g = torch.Generator(device=model.device).manual_seed(seed)
-    return batched(lambda m: model.sample(m, generator=g).float(), n, batch_size=batch)
+    if labels is None:
+        return batched(lambda m: model.sample(m, generator=g).float(), n, batch_size=batch)
+    return batched(lambda y: model.sample(len(y), generator=g, condition=y).float(), labels[:n], batch_size=batch,
+                   device=model.device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,12 +225,17 @@ def evaluate_run(run, data: ImageData, settings: EvalSettings | None = None, pro
     metrics["test_terms"] = evaluate_terms(model, data.test_x, cfg, device, labels=data.test_y)
     targets, what = likelihood_images(data, cfg.binarize, settings.seed)
     metrics["likelihood_data"] = what
-    metrics.update(latent_terms(model, to_float(data.test_x), targets, settings.batch_size, settings.seed))
+    # A conditional model is measured given the test labels: its ELBO and NLL are of log p(x|y).
+    labels = data.test_y if model.conditional else None
+    metrics.update(latent_terms(model, to_float(data.test_x), targets, settings.batch_size, settings.seed,
+                                labels=labels))
     seconds["terms"] = time.perf_counter() - start
 
     if "elbo" in metrics and settings.iw_samples > 0:
         metrics["iwae"] = iwae_nll(model, targets[: settings.iw_images], settings.iw_samples,
-                                   seed=settings.seed, progress=progress)
+                                   seed=settings.seed, progress=progress,
+                                   labels=None if labels is None else labels[: settings.iw_images])
+        metrics["iwae"]["conditional"] = model.conditional
         seconds["iwae"] = metrics["iwae"]["seconds"]
 
     if settings.n_samples > 0:
@@ -223,8 +245,12 @@ def evaluate_run(run, data: ImageData, settings: EvalSettings | None = None, pro
         # Samples are compared with the real grey-level images, whatever binarization or
         # validation split the model was trained with.
         real = load(data.name, quiet=True)
-        images = generate(model, settings.n_samples, settings.seed)
+        # A conditional model draws every class equally often, each sample judged against its label.
+        asked = balanced_labels(settings.n_samples, len(data.classes)) if model.conditional else None
+        images = generate(model, settings.n_samples, settings.seed, labels=asked)
         metrics["sample_quality"] = sample_quality(images, real, clf, settings.seed)
+        if asked is not None:
+            metrics["class_share"] = class_share(classify(clf, images)[1], asked)
         metrics["class_names"] = list(data.classes)
         seconds["sample_quality"] = time.perf_counter() - start
     metrics["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
@@ -243,7 +269,8 @@ def summary_rows(metrics: dict) -> list[tuple[str, str]]:
                  ("  KL(q(z|x) || p(z))", f"{e['kl']:.2f}")]
     if "iwae" in metrics:
         w = metrics["iwae"]
-        rows.append((f"IWAE NLL, K={w['k']}, {w['images']} images (nats)", f"{w['nll']:.2f} ± {w['se']:.2f}"))
+        given = " given the labels" if w.get("conditional") else ""
+        rows.append((f"IWAE NLL{given}, K={w['k']}, {w['images']} images (nats)", f"{w['nll']:.2f} ± {w['se']:.2f}"))
     rows.append(("reconstruction MSE per pixel", f"{metrics['recon_mse']:.5f}"))
     lat = metrics.get("latent", {})
     if "active_units" in lat:
@@ -258,6 +285,10 @@ def summary_rows(metrics: dict) -> list[tuple[str, str]]:
         names = metrics.get("class_names") or [str(i) for i in range(10)]
         hist = metrics["sample_quality"]["samples"]["class_histogram"]
         rows.append(("class histogram of samples", ", ".join(f"{n} {h:.0%}" for n, h in zip(names, hist))))
+        if "class_share" in metrics:
+            share = metrics["class_share"]
+            rows.append(("samples of class k classified as k, mean", f"{share['mean']:.1%}"))
+            rows.append(("  per class", ", ".join(f"{n} {v:.0%}" for n, v in zip(names, share["per_class"]))))
     return rows
 
 

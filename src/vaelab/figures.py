@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import plots
+from .batch import StepState
 from .data import to_float
 from .history_files import read_history, read_steps
 from .inference import batched
@@ -19,8 +21,17 @@ def random_test_images(test_x: torch.Tensor, n: int, seed: int, device) -> torch
     return to_float(test_x[idx]).to(device)
 
 
-def write_training_figures(run_dir: Path, model, test_x: torch.Tensor, seed: int = 0) -> list[Path]:
-    """Loss curves, a 10x10 samples grid and reconstructions of 10 random test images."""
+def random_test_labels(test_y: torch.Tensor, n: int, seed: int, device) -> torch.Tensor:
+    """The labels of the images `random_test_images` picks with the same arguments."""
+    g = torch.Generator().manual_seed(seed)
+    return test_y[torch.randperm(len(test_y), generator=g)[:n]].to(device)
+
+
+def write_training_figures(run_dir: Path, model, test_x: torch.Tensor, seed: int = 0,
+                           test_y: torch.Tensor | None = None, classes=None) -> list[Path]:
+    """Loss curves, a 10x10 samples grid and reconstructions of 10 random test images. A
+    conditional model (which needs `test_y` and the class names) draws its grid with one row per
+    class and one code per column."""
     fig_dir = Path(run_dir) / "figures"
     fig_dir.mkdir(exist_ok=True)
     written = []
@@ -29,10 +40,24 @@ def write_training_figures(run_dir: Path, model, test_x: torch.Tensor, seed: int
         written.append(loss)
     model.eval()
     device = model.device
-    g = torch.Generator(device=device).manual_seed(seed)
-    written.append(plots.save_image_grid(model.sample(100, generator=g), fig_dir / "samples.png", nrow=10))
-    written.append(reconstructions_figure(model, test_x, fig_dir / "reconstructions.png", seed))
+    if model.conditional:
+        written.append(conditional_samples_figure(model, list(classes), fig_dir / "samples.png", seed))
+    else:
+        g = torch.Generator(device=device).manual_seed(seed)
+        written.append(plots.save_image_grid(model.sample(100, generator=g), fig_dir / "samples.png", nrow=10))
+    written.append(reconstructions_figure(model, test_x, fig_dir / "reconstructions.png", seed, test_y=test_y))
     return written
+
+
+@torch.inference_mode()
+def conditional_samples_figure(model, classes: list[str], path: Path, seed: int = 0) -> Path:
+    """A conditional model's samples, one row per class, each column one code z decoded with every
+    label: the style held fixed down a column while the class changes (10 x 10 for 10 classes)."""
+    g = torch.Generator(device=model.device).manual_seed(seed)
+    z = model.prior_sample(len(classes), generator=g)  # (C, D): one code per column
+    rows = [model.decode(z, torch.full((len(z),), c, device=model.device)).cpu() for c in range(len(classes))]
+    return plots.plot_image_rows(rows, classes, path, col_labels=[f"z{j + 1}" for j in range(len(z))],
+                                 title=f"{model.name}: one row per class, the same code z down each column")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,13 +81,28 @@ def loss_curves_figure(run_dir: Path, model, path: Path) -> Path | None:
         return None
     steps, columns = read_steps(run_dir)
     return plots.plot_loss_curves(history, steps, columns, path, regularizer=model.regularizer_term,
-                                  terms=["loss", *model.term_names], title=f"{model.name}: training curves")
+                                  terms=["loss", *model.term_names], title=f"{model.name}: training curves",
+                                  kl_weight=kl_weight_over_steps(model, steps, columns))
 
 
-def reconstructions_figure(model, test_x: torch.Tensor, path: Path, seed: int = 0, n: int = 10) -> Path:
+def kl_weight_over_steps(model, steps: np.ndarray, columns: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(iterations, the KL term's weight at each) from the model's own `kl_weight`, for a run with
+    a KL warm-up; None without one. Derived, not logged: the weight is a function of the step."""
+    if getattr(model.config, "kl_warmup_steps", 0) <= 0 or len(steps) == 0 or "step" not in columns:
+        return None
+    iterations = steps[:, columns.index("step")]
+    # steps.csv counts from 1; the state of that step counts the steps completed before it.
+    weights = np.array([model.kl_weight(StepState(step=int(s) - 1)) for s in iterations])
+    return iterations, weights
+
+
+def reconstructions_figure(model, test_x: torch.Tensor, path: Path, seed: int = 0, n: int = 10,
+                           test_y: torch.Tensor | None = None) -> Path:
+    """A conditional model is given each image's label (`test_y`) to encode and decode with."""
     x = random_test_images(test_x, n, seed, model.device)
+    y = random_test_labels(test_y, n, seed, model.device) if model.conditional else None
     return plots.plot_image_rows(
-        [x, model.reconstruct(x)], ["original", "reconstruction"], path,
+        [x, model.reconstruct(x, y)], ["original", "reconstruction"], path,
         title=f"{model.name}: {n} random test images and their reconstructions")
 
 
@@ -168,8 +208,11 @@ def write_run_figures(run_dir: Path, model, data, seed: int = 0, n_scatter: int 
     # Latent scatter: reparameterized codes of random test images.
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(data.test_x), generator=g)[:n_scatter]
-    codes = batched(lambda x: model.latent(to_float(x)).float(), data.test_x[idx], batch_size=1000, device=device)
     labels = data.test_y[idx]
+    # A conditional model's codes are of q(z|x, y): each image goes with its label.
+    inputs = (data.test_x[idx], labels) if model.conditional else (data.test_x[idx],)
+    codes = batched(lambda x, *y: model.latent(to_float(x), condition=y[0] if y else None).float(), *inputs,
+                    batch_size=1000, device=device)
     if model.latent_dim == 2:
         points, axes, note = codes, ("z1", "z2"), None
     elif model.latent_dim == 1:
@@ -183,8 +226,8 @@ def write_run_figures(run_dir: Path, model, data, seed: int = 0, n_scatter: int 
         points, labels, classes, path("latent_scatter"), axis_labels=axes, note=note,
         title=f"{name}: codes z of {len(idx)} test images ({data.name})")
 
-    # Manifold over the 2-D latent plane.
-    if model.latent_dim == 2:
+    # Manifold over the 2-D latent plane (a conditional model's would need a class: not drawn).
+    if model.latent_dim == 2 and not model.conditional:
         (xs, ys), how = latent_axis_values(model, grid_size)
         ys = ys[::-1]  # the top row is the largest z2
         zz = torch.tensor([[x, y] for y in ys for x in xs], dtype=torch.float32, device=device)
@@ -192,25 +235,48 @@ def write_run_figures(run_dir: Path, model, data, seed: int = 0, n_scatter: int 
             model.decode(zz), xs, ys, path("manifold"),
             title=f"{name}: {grid_size}x{grid_size} images decoded over the latent plane\n({how})")
 
-    # Per-class grid: samples from each class's region of latent space.
-    mu, _ = encode_means(model, data.test_x)
-    z = class_samples(mu, data.test_y, len(classes), per_class, seed=seed).to(device)
-    decoded = model.decode(z).cpu()
-    rows = [decoded[c * per_class : (c + 1) * per_class] for c in range(len(classes))]
-    written["class_grid"] = plots.plot_image_rows(
-        rows, classes, path("class_grid"),
-        title=f"{name}: {per_class} samples per class from a Gaussian\nfitted to the class's test codes")
+    # Per-class grid: samples from each class's region of latent space; a conditional model's
+    # from its decoder, given the class, with codes from the prior.
+    if model.conditional:
+        gen = torch.Generator(device=device).manual_seed(seed)
+        rows = [model.sample(per_class, generator=gen, condition=torch.full((per_class,), c, device=device)).cpu()
+                for c in range(len(classes))]
+        how = f"{per_class} samples per class: prior codes decoded with the class's label"
+    else:
+        mu, _ = encode_means(model, data.test_x)
+        z = class_samples(mu, data.test_y, len(classes), per_class, seed=seed).to(device)
+        decoded = model.decode(z).cpu()
+        rows = [decoded[c * per_class : (c + 1) * per_class] for c in range(len(classes))]
+        how = f"{per_class} samples per class from a Gaussian\nfitted to the class's test codes"
+    written["class_grid"] = plots.plot_image_rows(rows, classes, path("class_grid"), title=f"{name}: {how}")
 
-    gen = torch.Generator(device=device).manual_seed(seed)
-    written["samples"] = plots.plot_image_grid(model.sample(100, generator=gen), path("samples"),
-                                               title=f"{name}: 100 samples from the prior")
-    written["reconstructions"] = reconstructions_figure(model, data.test_x, path("reconstructions"), seed)
+    if model.conditional:
+        written["samples"] = conditional_samples_figure(model, classes, path("samples"), seed)
+    else:
+        gen = torch.Generator(device=device).manual_seed(seed)
+        written["samples"] = plots.plot_image_grid(model.sample(100, generator=gen), path("samples"),
+                                                   title=f"{name}: 100 samples from the prior")
+    written["reconstructions"] = reconstructions_figure(model, data.test_x, path("reconstructions"), seed,
+                                                        test_y=data.test_y)
 
-    # Interpolations between pairs of random test images, endpoints shown beside the path.
+    # Interpolations between pairs of random test images, endpoints shown beside the path; a
+    # conditional model's pairs share a class, the label both ends and the path are decoded with.
     pairs = random_test_images(data.test_x, 6, seed + 1, device)
+    pair_labels = [None] * 3
+    if model.conditional:
+        firsts = random_test_images(data.test_x, 3, seed + 1, device)
+        firsts_y = random_test_labels(data.test_y, 3, seed + 1, device)
+        g_pair = torch.Generator().manual_seed(seed + 2)
+        partners = []
+        for y in firsts_y.tolist():
+            same = torch.nonzero(data.test_y == y).flatten()
+            partners.append(int(same[torch.randint(len(same), (1,), generator=g_pair)]))
+        seconds = to_float(data.test_x[partners]).to(device)
+        pairs = torch.stack([firsts, seconds], 1).flatten(0, 1)  # (3, 2, 1, 28, 28) -> a, b, a, b, a, b
+        pair_labels = list(firsts_y[:, None])
     steps = 10
-    rows = [torch.cat([a[None], model.interpolate(a[None], b[None], steps), b[None]])
-            for a, b in zip(pairs[0::2], pairs[1::2])]
+    rows = [torch.cat([a[None], model.interpolate(a[None], b[None], steps, condition=y), b[None]])
+            for a, b, y in zip(pairs[0::2], pairs[1::2], pair_labels)]
     written["interpolation"] = plots.plot_image_rows(
         rows, [f"pair {i + 1}" for i in range(len(rows))], path("interpolation"),
         col_labels=["image A"] + [f"t={t:.2f}" for t in torch.linspace(0, 1, steps).tolist()] + ["image B"],

@@ -505,6 +505,18 @@ def sample_quality(images: torch.Tensor, data: ImageData, clf: DomainClassifier,
     return {"samples": quality(f, p, test_f, seed), "real_train": quality(rf, rp, test_f, seed)}
 
 
+def class_share(probs: torch.Tensor, asked: torch.Tensor) -> dict:
+    """How often a conditional model draws what it is asked for: for samples drawn with the labels
+    `asked` (N,) and the classifier's probabilities `probs` (N, C), the share of class k's samples
+    assigned to k, per class (nan for a class never asked), and their mean over the classes asked."""
+    hits = (probs.argmax(1) == asked.to(probs.device)).double()
+    n_classes = probs.shape[1]
+    asked_counts = torch.bincount(asked, minlength=n_classes).double()
+    per_class = torch.bincount(asked, weights=hits, minlength=n_classes) / asked_counts  # 0/0 = nan
+    return {"per_class": per_class.tolist(), "mean": per_class[asked_counts > 0].mean().item(),
+            "samples_per_class": asked_counts.tolist()}
+
+
 # One row per quantity: (label, key, format, its spread's key, whether lower is better).
 QUALITY_ROWS = (
     ("Fréchet distance (FD)", "fd", "{:.2f}", "fd_std", True),

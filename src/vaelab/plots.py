@@ -154,10 +154,12 @@ TERM_LABELS = {"loss": "total loss", "kl": "KL divergence (nats)", "recon": "rec
 
 def plot_loss_curves(history: Sequence[dict], steps: np.ndarray | None, step_columns: Sequence[str],
                      path: str | Path, regularizer: str | None = "kl", title: str = "Training curves",
-                     terms: Sequence[str] | None = None) -> Path:
+                     terms: Sequence[str] | None = None,
+                     kl_weight: tuple[np.ndarray, np.ndarray] | None = None) -> Path:
     """One column per loss term (the total first, then the regularizer, then the rest), in bands
     of at most 4 columns: in each band the top row per epoch for each split, the bottom row per
-    training iteration.
+    training iteration. `kl_weight` (iterations, weights): the regularizer's effective weight over
+    the iterations (a KL warm-up), drawn on its per-iteration panel against a right-hand axis.
 
     `history` rows have keys epoch, split, loss, <terms>; `steps` is an array whose columns are
     named by `step_columns` (step, epoch, loss, ...). `terms` defaults to every term in `history`.
@@ -204,6 +206,12 @@ def plot_loss_curves(history: Sequence[dict], steps: np.ndarray | None, step_col
             ax.set_title(f"{label} per iteration (train)", fontsize=10)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
+            if kl_weight is not None and term == regularizer:
+                right = ax.twinx()
+                right.plot(*kl_weight, lw=1.4, ls="--", color="tab:orange", label="its weight in the loss")
+                right.set_ylabel("effective weight", color="tab:orange")
+                right.set_ylim(bottom=0)
+                right.legend(fontsize=8, loc="lower right")
     fig.suptitle(title)
     return save_figure(fig, path)
 
