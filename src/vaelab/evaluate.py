@@ -112,7 +112,8 @@ def iwae_log_likelihood(model, x: torch.Tensor, k: int, chunk_rows: int = 8192,
     whole and go to `losses.iwae_bound` at once. A conditional model's `condition` (B,) makes it
     the estimate of log p(x|y).
     """
-    post = model.encode(x, condition)
+    given = () if condition is None else (condition,)  # an unconditional model is called as before
+    post = model.encode(x, *given)
     mu, logvar = post.mu, post.logvar
     b, d = mu.shape
     per_chunk = max(1, chunk_rows // b)
@@ -122,8 +123,8 @@ def iwae_log_likelihood(model, x: torch.Tensor, k: int, chunk_rows: int = 8192,
         n = min(per_chunk, k - start)
         eps = torch.randn(n, b, d, generator=generator, device=mu.device)
         z = mu + eps * std  # (n, B, D)
-        cond = None if condition is None else condition.repeat(n)  # sample-major, as z's rows
-        logits = model.decode_logits(z.reshape(n * b, d), cond)  # (n*B, ...)
+        cond = () if condition is None else (condition.repeat(n),)  # sample-major, as z's rows
+        logits = model.decode_logits(z.reshape(n * b, d), *cond)  # (n*B, ...)
         log_px = -bce_from_logits_shared_target(logits.view(n, b, *x.shape[1:]), x)  # (n, B)
         log_w = log_px + log_standard_normal(z) - log_normal(z, mu, logvar)  # (n, B)
         log_ws.append(log_w.double())

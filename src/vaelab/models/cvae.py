@@ -34,7 +34,11 @@ DECODERS = ("mlp", "conv")
 class CVAEConfig(VAEObjective):
     """Conditional VAE: the label into both networks, a Bernoulli decoder."""
 
-    latent_dim: int = option(16, "latent size: the style the label leaves out")
+    # 2 by default, measured (README): a larger code keeps some of the class itself, so a prior
+    # draw decoded with label k lands where another class's codes lie and draws that class
+    # (MNIST, 10 epochs: 96 % of samples judged the asked digit at 2, 92 % at 4, 81 % at 8, 71 % at 16).
+    latent_dim: int = option(2, "latent size: the style the label leaves out (a larger code also keeps "
+                                "some of the class, and samples stray from the asked one)")
     n_classes: int = option(10, "number of labels (the one-hot's length)")
     encoder: str = option("mlp", "mlp (the one-hot joins the pixels) or lstm (it joins every row)")
     decoder: str = option("mlp", "mlp or conv (transposed convolutions); either reads [z, one-hot]")
@@ -62,7 +66,7 @@ class CVAEConfig(VAEObjective):
 @register("cvae")
 class CVAE(GaussianVAE):
     config_class = CVAEConfig
-    description = "conditional VAE (Sohn et al. 2015): the label one-hot into encoder and decoder"
+    description = "conditional VAE (Sohn et al. 2015), 784+10-512-2: the label one-hot into encoder and decoder"
     conditional = True
 
     def __init__(self, config: CVAEConfig):
