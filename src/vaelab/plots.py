@@ -211,7 +211,7 @@ def plot_loss_curves(history: Sequence[dict], steps: np.ndarray | None, step_col
                 right.plot(*kl_weight, lw=1.4, ls="--", color="tab:orange", label="its weight in the loss")
                 right.set_ylabel("effective weight", color="tab:orange")
                 right.set_ylim(bottom=0)
-                right.legend(fontsize=8, loc="lower right")
+                right.legend(fontsize=8, loc="center right")
     fig.suptitle(title)
     return save_figure(fig, path)
 
