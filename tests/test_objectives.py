@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from vaelab import checkpoint as ckpt
 from vaelab.batch import Batch, StepState
 from vaelab.errors import ConfigError
-from vaelab.figures import kl_weight_over_steps, read_steps
+from vaelab.figures import kl_weight_over_steps
+from vaelab.history_files import read_steps
 from vaelab.losses import kl_free_bits, kl_normal_per_dim
 from vaelab.models import build_model, make_config, vae_step
 from vaelab.models.vae import VAE
