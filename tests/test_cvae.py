@@ -158,3 +158,9 @@ def test_a_trained_cvae_draws_the_asked_class_on_synthetic_data(tiny_data, tmp_p
     samples = model.sample(100, generator=torch.Generator().manual_seed(0), condition=torch.arange(100) // 10)
     nearest = torch.cdist(samples.flatten(1), means.flatten(1)).argmin(1)
     assert (nearest == torch.arange(100) // 10).float().mean() >= 0.8
+
+
+def test_explore_refuses_a_conditional_model_in_one_line(cvae_run, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "explore", str(cvae_run), "--export", str(tmp_path / "x.html"))
+    assert code == 2 and err.count("\n") == 1 and "explorer cannot ask for yet" in err
+    assert not (tmp_path / "x.html").exists()

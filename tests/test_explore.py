@@ -49,8 +49,14 @@ CASES = {
 }
 
 
+# A conditional model decodes a class as well as a code; the page has no class control, so the
+# explorer refuses it in one line (tests/test_cvae.py).
+NOT_EXPLORED = {"cvae"}
+
+
 def test_every_registered_model_has_a_case():
-    assert {name for name, _ in CASES.values()} == set(MODELS)
+    assert {name for name, _ in CASES.values()} | NOT_EXPLORED == set(MODELS)
+    assert all(MODELS[name].conditional for name in NOT_EXPLORED)
 
 
 @pytest.fixture(scope="module")

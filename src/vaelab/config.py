@@ -137,8 +137,9 @@ def _describe(hint: Any) -> str:
 
 
 def option(default, help: str):
-    """A config field with its documentation in `help` metadata (`vaelab models --fields` prints
-    it). A list default is copied per instance, as `field(default_factory=...)` would."""
+    """A config field with its documentation in `help` metadata: a TrainConfig field's command-line
+    help, a model config field's line in `vaelab models --fields`. A list default is copied per
+    instance, as `field(default_factory=...)` would."""
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help})
     return dataclasses.field(default=default, metadata={"help": help})

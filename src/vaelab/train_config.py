@@ -9,9 +9,9 @@ one flag per field (`batch_size` -> `--batch-size`), so a new option is one new 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from .config import require
+from .config import option, require
 
 PRECISIONS = ("fp32", "bf16")
 BINARIZE_CHOICES = ("none", "dynamic", "static")
@@ -22,11 +22,6 @@ MAX_COUNT = 2**31 - 1
 # Every other field changes the batches, the updates or their rounding, so a resumed run would no
 # longer equal a straight one.
 RESUMABLE_FIELDS = ("epochs", "device")
-
-
-def option(default, help: str):
-    """A field with its command-line help."""
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass

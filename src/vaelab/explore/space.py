@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..errors import ConfigError
 from ..figures import encode_means, principal_axes
 from ..inference import batched
 
@@ -87,6 +88,10 @@ class LatentSpace:
 
     def __init__(self, model, images: torch.Tensor, labels: torch.Tensor, classes, dataset: str,
                  run_name: str = "", n_points: int = 3000, seed: int = 0):
+        if model.conditional:
+            # Its decoder draws a class as well as a code, and the page has no class control yet.
+            raise ConfigError(f"explore shows an unconditional decoder over its latent space; a {model.name} also "
+                              "needs a class for every decode, which the explorer cannot ask for yet")
         self.model = model.eval()
         self.classes = [str(c) for c in classes]
         self.dataset, self.run_name = dataset, run_name
