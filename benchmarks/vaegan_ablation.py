@@ -128,7 +128,7 @@ def load_generator(run_dir: Path, device: str):
 def cmd_score(args) -> int:
     from vaelab.data import load
     from vaelab.evaluate import generate
-    from vaelab.figures import read_history
+    from vaelab.history_files import read_history
     from vaelab.metrics import load_or_train_classifier, sample_quality
 
     rows = []

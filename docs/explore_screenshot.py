@@ -20,7 +20,7 @@ from selenium.webdriver.common.by import By
 from vaelab import runtime
 from vaelab.checkpoint import load_run
 from vaelab.explore import LatentSpace, make_server
-from vaelab.train import load_training_data
+from vaelab.data import load_training_data
 
 
 def main(run_dir: str, out: str) -> None:

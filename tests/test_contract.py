@@ -67,7 +67,7 @@ def test_the_trainer_hands_each_step_its_labels_and_an_advancing_state(tmp_path,
 def test_a_resumed_run_continues_the_step_count(tmp_path, tiny_data, monkeypatch):
     """Stopped after its 3rd step (inside epoch 1), a run resumes at step 3: no step counted twice
     or skipped, and the batches are those the uninterrupted run would have seen."""
-    from vaelab.train import TrainingInterrupted
+    from vaelab.errors import TrainingInterrupted
 
     run, cfg = tmp_path / "run", quick_config(epochs=2)
     calls = record_steps(monkeypatch, VAE, interrupt_at=3)

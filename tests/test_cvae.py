@@ -164,3 +164,14 @@ def test_explore_refuses_a_conditional_model_in_one_line(cvae_run, tmp_path, cap
     code, _, err = run_cli(capsys, "explore", str(cvae_run), "--export", str(tmp_path / "x.html"))
     assert code == 2 and err.count("\n") == 1 and "explorer cannot ask for yet" in err
     assert not (tmp_path / "x.html").exists()
+
+
+@pytest.mark.parametrize("n_classes", [5, 12])
+def test_a_cvae_whose_classes_differ_from_the_datasets_is_refused_before_anything_is_written(
+        tmp_path, synthetic_mnist, capsys, n_classes):
+    run = tmp_path / "cvae"
+    code, _, err = run_cli(capsys, "train", "cvae", "--epochs", "1", "--out", str(run), "--device", "cpu",
+                           "--set", f"n_classes={n_classes}", "--quiet")
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert f"n_classes={n_classes}" in err and "has 10 classes" in err
+    assert not run.exists()

@@ -171,7 +171,8 @@ class Served:
             body = body.encode()
         conn = http.client.HTTPConnection("127.0.0.1", self.server.port, timeout=30)
         try:
-            conn.request(method, path, body=body, headers=headers or {})
+            sent = {"Content-Type": "application/json"} if method == "POST" else {}
+            conn.request(method, path, body=body, headers={**sent, **(headers or {})})
             response = conn.getresponse()
             raw = response.read()
             if response.getheader("Content-Type", "").startswith("application/json"):
@@ -246,6 +247,8 @@ BAD_REQUESTS = [  # (method, path, body, headers, status, words in the message)
     # The length alone decides: the server answers before reading (and never reads) the body.
     ("POST", "/api/decode", "{}", {"Content-Length": str(5 << 20)}, 413, "at most"),
     ("POST", "/api/nothing", "{}", None, 404, "not found"),
+    ("POST", "/api/decode", '{"z": [[0, 0]]}', {"Content-Type": "text/plain"}, 415, "application/json"),
+    ("POST", "/api/encode", "{}", {"Content-Type": "application/x-www-form-urlencoded"}, 415, "application/json"),
     ("GET", "/etc/passwd", None, None, 404, "not found"),
     ("GET", "/../../etc/passwd", None, None, 404, "not found"),
     ("GET", "/%2e%2e/%2e%2e/etc/passwd", None, None, 404, "not found"),
@@ -275,7 +278,7 @@ def test_bad_requests_get_a_4xx_and_one_line(served_vae, method, path, body, hea
 def test_a_post_without_length_and_a_garbled_request_line(served_vae):
     import socket
 
-    for raw, status in ((b"POST /api/decode HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 411),
+    for raw, status in ((b"POST /api/decode HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\r\n", 411),
                         (b"GARBLED\r\n\r\n", 400)):
         with socket.create_connection(("127.0.0.1", served_vae.server.port), timeout=10) as sock:
             sock.sendall(raw)
@@ -349,6 +352,7 @@ def test_cli_export(tmp_path, trained_vae, capsys):
 @pytest.mark.parametrize("argv, words", [
     (["--export", "page.png"], "name it *.html"),
     (["--port", "70000"], "between 0"),
+    (["--points", "2"], "at least 3"),
 ])
 def test_cli_refuses_bad_options_in_one_line(trained_vae, capsys, argv, words):
     with pytest.raises(SystemExit) as e:
@@ -610,15 +614,17 @@ def test_browser_bad_requests_are_refused_and_said(browser, page):
     answers = browser.execute_async_script("""
         const done = arguments[arguments.length - 1];
         const ask = (path, init) => fetch(path, init).then(async (r) => [r.status, (await r.json()).error]);
+        const json = {'Content-Type': 'application/json'};
         Promise.all([
-          ask('/api/decode', {method: 'POST', body: '{not json'}),
-          ask('/api/decode', {method: 'POST', body: '{"z": [[NaN, 1]]}'}),
+          ask('/api/decode', {method: 'POST', headers: json, body: '{not json'}),
+          ask('/api/decode', {method: 'POST', headers: json, body: '{"z": [[NaN, 1]]}'}),
           ask('/..%2f..%2fetc/passwd'),
           ask('/api/info', {method: 'PUT', body: '{}'}),
+          ask('/api/decode', {method: 'POST', body: '{"z": [[0, 1]]}'}),  // text/plain: a form could send it
         ]).then(done);
     """)
-    assert [a[0] for a in answers] == [400, 400, 404, 405], answers
-    assert "not JSON" in answers[0][1] and "non-finite" in answers[1][1]
+    assert [a[0] for a in answers] == [400, 400, 404, 405, 415], answers
+    assert "not JSON" in answers[0][1] and "non-finite" in answers[1][1] and "application/json" in answers[4][1]
 
 
 @browser_test
@@ -687,3 +693,22 @@ def test_browser_explorer_works_inside_the_report(browser, report_with_explorer,
     finally:
         browser.switch_to.default_content()
     assert console_errors(browser) == []
+
+
+def test_server_listens_on_ipv6_loopback_and_checks_its_host_header(data):
+    space = make_space("vae", data, n_points=50)
+    server = make_server(space, host="::1")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        assert server.url == f"http://[::1]:{server.port}/"
+        for host, status in ((f"[::1]:{server.port}", 200), ("attacker.example", 403)):
+            conn = http.client.HTTPConnection("::1", server.port, timeout=30)
+            conn.request("GET", "/api/info", headers={"Host": host})
+            response = conn.getresponse()
+            response.read()
+            conn.close()
+            assert response.status == status, host
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -89,6 +89,13 @@ def test_the_step_is_only_taken_where_it_computes_the_same_update():
     handle = model.decoder.register_forward_hook(lambda *a: None)
     assert not vae_step.applies(model, x, packed, derivation)
     handle.remove()
+    for register in (model.register_forward_hook, model.register_forward_pre_hook):  # on the VAE itself
+        handle = register(lambda *a: None)
+        assert not vae_step.applies(model, x, packed, derivation)
+        handle.remove()
+    model.forward = lambda batch, state=None: None  # the VAE's own forward replaced
+    assert not vae_step.applies(model, x, packed, derivation)
+    del model.forward
     assert vae_step.applies(model, x, packed, derivation)
     model.decoder.net[0].forward = lambda z: z  # a forward replaced after the check
     assert not vae_step.applies(model, x, packed, derivation)

@@ -85,3 +85,7 @@ def test_mmd_imq_separates_distributions_and_has_finite_gradients():
     codes = torch.cat([shrunk[:4], shrunk[:4]]).requires_grad_()  # duplicates: zero distances
     mmd_imq(codes, prior).backward()
     assert torch.isfinite(codes.grad).all() and codes.grad.abs().sum() > 0
+    one = torch.randn(1, 16, requires_grad=True)  # a last batch of one image: no estimate, no NaN
+    assert float(mmd_imq(one, prior[:1]).detach()) == 0
+    mmd_imq(one, prior[:1]).backward()
+    assert torch.isfinite(one.grad).all()

@@ -18,7 +18,8 @@ from vaelab.history_files import read_steps
 from vaelab.losses import kl_free_bits, kl_normal_per_dim
 from vaelab.models import build_model, make_config, vae_step
 from vaelab.models.vae import VAE
-from vaelab.train import TrainingInterrupted, resume, train
+from vaelab.errors import TrainingInterrupted
+from vaelab.train import resume, train
 
 from conftest import quick_config
 from test_contract import record_steps

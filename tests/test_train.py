@@ -129,7 +129,7 @@ def test_a_run_interrupted_mid_epoch_resumes_to_the_weights_of_a_straight_run(tm
 
     from vaelab.history_files import read_history
     from vaelab.models import get_model_class
-    from vaelab.train import TrainingInterrupted
+    from vaelab.errors import TrainingInterrupted
 
     cfg, model_config = quick_config(epochs=2, binarize=binarize), make_config("vae", hidden_dims=[16])
     straight = train("vae", model_config, cfg, tmp_path / "straight", progress=False, data=tiny_data)

@@ -55,8 +55,6 @@ LOCK_FILE = ".lock"
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 # config.json is about 1 kB.
 MAX_CONFIG_BYTES = 1024 * 1024
-# What --resume may change in a stored training config (see the module docstring).
-RESUMABLE_TRAIN_FIELDS = RESUMABLE_FIELDS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,7 +308,7 @@ def config_differences(spec: RunSpec, stored: RunSpec) -> list[tuple[str, Any, A
     a, b = config_to_dict(spec.model_config), config_to_dict(stored.model_config)
     diffs += [(f"model_config.{k}", a.get(k), b.get(k)) for k in b if k not in free and a.get(k) != b.get(k)]
     a, b = config_to_dict(spec.train), config_to_dict(stored.train)
-    diffs += [(f"train.{k}", a.get(k), b.get(k)) for k in b if k not in RESUMABLE_TRAIN_FIELDS and a.get(k) != b.get(k)]
+    diffs += [(f"train.{k}", a.get(k), b.get(k)) for k in b if k not in RESUMABLE_FIELDS and a.get(k) != b.get(k)]
     return diffs
 
 

@@ -59,6 +59,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _point_count(text: str) -> int:
+    value = int(text)
+    if value < 3:  # a PCA plane through fewer codes has no second axis
+        raise argparse.ArgumentTypeError(f"must be at least 3, got {value}")
+    return value
+
+
 def _thread_count(text: str) -> int:
     try:
         return _positive_int(text)
@@ -451,8 +458,8 @@ def _add_explore(sub) -> None:
     p.add_argument("--no-browser", action="store_true", help="print the URL without opening a browser")
     p.add_argument("--export", type=_html_path, default=None, metavar="PAGE.html",
                    help="write the page with a grid of precomputed decodes to PAGE.html and exit")
-    p.add_argument("--points", type=_positive_int, default=3000,
-                   help="test images whose codes are shown (default 3000)")
+    p.add_argument("--points", type=_point_count, default=3000,
+                   help="test images whose codes are shown (default 3000; at least 3, for the PCA plane)")
     p.add_argument("--seed", type=_seed, default=0, help="which test images (default 0)")
     p.add_argument("--device", default="auto")
     _add_threads(p)

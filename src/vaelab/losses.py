@@ -113,11 +113,17 @@ def mmd_imq(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     heavy tails keep a gradient on codes far from the prior's bulk. Zero in expectation when a and
     b come from one distribution."""
     n, m, d = len(a), len(b), a.shape[1]
+    if min(n, m) < 2:  # the unbiased estimate needs two samples a side; one image says nothing
+        return a.sum() * 0
     ab = torch.cat([a, b])
     norms = ab.pow(2).sum(1)
     # |x|^2 + |y|^2 - 2 x.y rather than cdist: its gradient is finite at zero distance (the diagonal)
     sq = (norms[:, None] + norms[None, :] - 2 * ab @ ab.T).clamp_min(0)
     k = sum((2 * d * s) / (2 * d * s + sq) for s in IMQ_SCALES)
     k_aa, k_bb, k_ab = k[:n, :n], k[n:, n:], k[:n, n:]
-    off = lambda block, size: (block.sum() - block.diagonal().sum()) / (size * (size - 1))
-    return off(k_aa, n) + off(k_bb, m) - 2 * k_ab.mean()
+
+    def off_diagonal_mean(block: torch.Tensor) -> torch.Tensor:
+        size = len(block)
+        return (block.sum() - block.diagonal().sum()) / (size * (size - 1))
+
+    return off_diagonal_mean(k_aa) + off_diagonal_mean(k_bb) - 2 * k_ab.mean()

@@ -236,6 +236,10 @@ def train(model_name: str, model_config, config: TrainConfig, run_dir: str | Pat
         data = load_training_data(config, quiet=not progress)
     seed_everything(config.seed)
     model = build_model(model_name, model_config)
+    classes = getattr(model.config, "n_classes", None)
+    if model.conditional and classes is not None and classes != len(data.classes):
+        raise ConfigError(f"{model_name}: n_classes={classes}, but {data.name} has {len(data.classes)} "
+                          f"classes; set n_classes={len(data.classes)} or leave it out")
     workdir = target.open(model, config)
     try:
         trainer = Trainer(workdir, model, data, config, progress=progress)

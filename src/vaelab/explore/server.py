@@ -17,6 +17,7 @@ import errno
 import ipaddress
 import json
 import math
+import socket
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
@@ -81,6 +82,8 @@ class ExploreServer(ThreadingHTTPServer):
         self.space = space
         self.page = render_page(space.page_data()).encode("utf-8")
         self.info = json.dumps(space.page_data()).encode("utf-8")
+        if ":" in host:  # an IPv6 address such as ::1 (the base class listens on IPv4 only)
+            self.address_family = socket.AF_INET6
         try:
             super().__init__((host, port), Handler)
         except OSError as e:
@@ -195,6 +198,12 @@ class Handler(BaseHTTPRequestHandler):
             self._json(space.encode(parse_encode(body)))
 
     def _body(self) -> dict:
+        # JSON only: a cross-site form or text/plain POST (which needs no CORS preflight) is refused
+        # before any work, so another web page cannot make this server decode on its behalf.
+        kind = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if kind != "application/json":
+            raise RequestError(f"a POST body must be Content-Type: application/json, got {kind[:40] or 'none'!r}",
+                               HTTPStatus.UNSUPPORTED_MEDIA_TYPE)
         length = self.headers.get("Content-Length")
         if length is None:
             raise RequestError("a POST needs a Content-Length", HTTPStatus.LENGTH_REQUIRED)

@@ -269,7 +269,8 @@ class VAEGAN(GenerativeModel):
         terms = {n: t[n].detach() for n in self.term_names if n in t}
         terms["dec_updated"] = torch.tensor(float(train_dec), device=t["kl"].device)
         terms["dis_updated"] = torch.tensor(float(train_dis), device=t["kl"].device)
-        # loss = L_prior + L_llike + the discriminator's cross-entropy (-L_GAN): positive, one number
+        # loss = the encoder's loss (weighted L_prior + L_llike [+ MMD]) + the discriminator's
+        # cross-entropy (-L_GAN): one number to log
         loss = (t["enc_loss"] + t["dis_loss"]).detach()
         return ModelOutput(loss=loss, terms={n: terms[n] for n in self.term_names})
 

@@ -54,6 +54,7 @@ class Derivation:
         (a parametrization such as weight_norm changes it in place) or forward replaced. Identity
         checks only: microseconds a step."""
         return (all(a is b for a, b in zip((model.trunk, model.heads, model.decoder), self.parts))
+                and not forward_replaced(model)
                 and all(type(m) is c and not forward_replaced(m) for m, c in zip(self.modules, self.classes)))
 
 
@@ -92,14 +93,15 @@ def derived_for(model, vae_class: type) -> Derivation | None:
     return derivation if derivation.holds(model) else None
 
 
-def _has_hooks(derivation: Derivation) -> bool:
-    """Whether a hook would see the autograd step's tensors: the hand step would skip it."""
+def _has_hooks(derivation: Derivation, model) -> bool:
+    """Whether a hook would see the autograd step's tensors (on the model itself or any module or
+    weight inside it): the hand step would skip it."""
     if any(getattr(torch_module, name) for name in (
             "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
             "_global_backward_pre_hooks")):
         return True
     return (any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                for m in derivation.modules)
+                for m in [model, *derivation.modules])
             or any(p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None) for p in derivation.params))
 
 
@@ -109,7 +111,7 @@ def applies(model, x: torch.Tensor, optimizer, derivation: Derivation | None) ->
     bits, no importance samples; read each step, as the config is a plain dataclass), the model
     runs in fp32 on the CPU with oneDNN, no autocast and no hooks, and a `PackedAdam` that can take
     the gradients updates it."""
-    return (derivation is not None and derivation.holds(model) and not _has_hooks(derivation)
+    return (derivation is not None and derivation.holds(model) and not _has_hooks(derivation, model)
             and model.config.free_bits == 0 and model.config.iwae_k == 1
             and x.device.type == "cpu" and x.dtype == torch.float32 and onednn_available()
             and not torch.is_autocast_enabled("cpu") and torch.is_grad_enabled()
