@@ -60,6 +60,7 @@ VARIANTS: dict[str, tuple[dict, str | None]] = {
     "mid-z16-bn-ttur": ({"dis_lr_scale": 2.0, "dec_lr_scale": 0.5}, "mid-z16-bn"),
     # round 4: the adversarial game on prior samples only (docs/vae-gan.md, "Further attempts")
     "mid-z16-bn-g03-prior": ({"fakes": "prior"}, "mid-z16-bn-g03"),
+    "mid-z16-bn-g03-prior-dh1024": ({"dec_hidden": 1024}, "mid-z16-bn-g03-prior"),
 }
 
 
