@@ -385,7 +385,9 @@ def test_cli_serves_until_ctrl_c_then_exits_0(tmp_path, trained_vae):
     proc = subprocess.Popen([sys.executable, str(script), "--data", str(source), "--", "explore", str(trained_vae),
                              "--no-browser", "--port", "0", "--points", "50"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            # started with SIGINT ignored, as `cmd &` in a script starts it: Ctrl-C must still stop it
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         line = proc.stdout.readline()
         url = re.search(r"http://127\.0\.0\.1:(\d+)/", line)

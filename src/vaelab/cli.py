@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
 import typing
 from pathlib import Path
@@ -479,16 +480,20 @@ def cmd_explore(args) -> int:
               f"self-contained (open it in any browser; no server)")
         return 0
     server = make_server(space, args.host, args.port)
-    print(f"serving {run.path} at {server.url} (Ctrl-C stops)", flush=True)
-    if not args.no_browser:
-        import webbrowser
-
-        webbrowser.open(server.url)
+    # Ctrl-C stops the server even where SIGINT came in ignored (a job a non-interactive shell
+    # started with `&` inherits it so, and Python then never turns it into KeyboardInterrupt).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
+        print(f"serving {run.path} at {server.url} (Ctrl-C stops)", flush=True)
+        if not args.no_browser:
+            import webbrowser
+
+            webbrowser.open(server.url)
         server.serve_forever()
     except KeyboardInterrupt:
         print("stopped")
     finally:
+        signal.signal(signal.SIGINT, previous)
         server.server_close()
     return 0
 
