@@ -24,7 +24,8 @@ from pathlib import Path
 
 # name -> (changes against its base, base). "old" is the previous default.
 OLD = {"channels": [16, 32], "fc_dim": 128, "batch_norm": False, "project_norm": False,
-       "spectral_norm": False, "margin": 0.35, "gamma": 0.1, "feature_loss": False}
+       "spectral_norm": False, "margin": 0.35, "gamma": 0.1, "feature_loss": False,
+       "fakes": "both", "dec_hidden": 0}
 VARIANTS: dict[str, tuple[dict, str | None]] = {
     "old": (OLD, None),
     "wide": ({"channels": [64, 128], "fc_dim": 512}, "old"),
@@ -62,6 +63,9 @@ VARIANTS: dict[str, tuple[dict, str | None]] = {
     "mid-z16-bn-g03-prior": ({"fakes": "prior"}, "mid-z16-bn-g03"),
     "mid-z16-bn-g03-prior-dh1024": ({"dec_hidden": 1024}, "mid-z16-bn-g03-prior"),
 }
+
+# The variant the model's defaults are (tests/test_models.py checks they stay the same).
+DEFAULT_VARIANT = "mid-z16-bn-g03-prior-dh1024"
 
 
 def variant_config(name: str) -> dict:

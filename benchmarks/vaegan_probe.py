@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import time
 from pathlib import Path
 
@@ -49,15 +50,29 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ema", type=float, default=None, help="also score a moving average of the decoder")
+    p.add_argument("--decay", choices=("none", "linear", "cosine"), default="none",
+                   help="every learning rate falls from its start to 0 over the run")
+    p.add_argument("--real-label", type=float, default=1.0,
+                   help="the discriminator's target for real images (0.9: one-sided label smoothing, "
+                        "Salimans et al. 2016); an experiment, not a model option")
     p.add_argument("--out", default="runs/probe")
     p.add_argument("--limit", type=int, default=None, help="train on the first N images only (a smoke test)")
     a = p.parse_args()
 
+    if a.real_label != 1.0:
+        import torch.nn.functional as F
+        import vaelab.models.vae_gan as vae_gan_module
+
+        def smoothed(real_logits, fake_logits):
+            real = F.binary_cross_entropy_with_logits(real_logits, torch.full_like(real_logits, a.real_label))
+            return real + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
+        vae_gan_module.discriminator_loss = smoothed
     torch.manual_seed(a.seed)
     data = load(a.dataset, quiet=True)
     clf, _ = load_or_train_classifier(data)
     model = build_model("vae-gan", make_config("vae-gan", **json.loads(a.cfg)))
     optimizers = model.configure_optimizers(a.lr)
+    start_lrs = {name: [g["lr"] for g in o.param_groups] for name, o in optimizers.items()}
     ema = copy.deepcopy(model.decoder).requires_grad_(False) if a.ema else None
     x_train, x_test = to_float(data.train_x[: a.limit]), to_float(data.test_x[:5000])
     z = torch.randn(5000, model.config.latent_dim, generator=torch.Generator().manual_seed(1))
@@ -69,6 +84,12 @@ def main() -> None:
         start, perm, terms = time.time(), torch.randperm(len(x_train), generator=order), []
         for i in range(0, len(x_train) - a.batch + 1, a.batch):
             state = StepState(step=step, epoch=epoch, epochs=a.epochs, steps_per_epoch=steps_per_epoch)
+            if a.decay != "none":
+                done = step / (steps_per_epoch * a.epochs)
+                factor = 1 - done if a.decay == "linear" else 0.5 * (1 + math.cos(math.pi * done))
+                for name, o in optimizers.items():
+                    for g, lr0 in zip(o.param_groups, start_lrs[name]):
+                        g["lr"] = lr0 * factor
             out = model.training_step(Batch(x_train[perm[i : i + a.batch]]), optimizers, state)
             step += 1
             if ema is not None:

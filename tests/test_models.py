@@ -1,4 +1,5 @@
 import dataclasses
+from pathlib import Path
 """Every registered model on synthetic data: shapes, finite terms, one step moves every weight,
 the run-folder round trip, generation ranges; then each model's own promises (the AE's
 generation priors, the LSTM-VAE's decoder geometry, the VAE-GAN's gradient routing)."""
@@ -26,9 +27,10 @@ CASES = {
     "ae-normalized": ("ae", {"hidden_dims": [32], "normalize_latent": True}),
     "lstm-vae": ("lstm-vae", {"lstm_hidden": 16, "channels": [8, 4], "latent_dim": 4,
                               "batch_norm": True, "dropout": 0.1}),
-    "vae-gan-conv": ("vae-gan", {"channels": [4, 8], "fc_dim": 16, "latent_dim": 4, "margin": None}),
+    "vae-gan-conv": ("vae-gan", {"channels": [4, 8], "fc_dim": 16, "dec_hidden": 16, "latent_dim": 4,
+                                 "margin": None}),
     "vae-gan-mlp": ("vae-gan", {"arch": "mlp", "hidden_dims": [32], "dis_hidden_dims": [32, 16],
-                                "latent_dim": 4, "margin": None, "feature_loss": True}),
+                                "latent_dim": 4, "margin": None, "feature_loss": True, "fakes": "both"}),
     "cvae": ("cvae", {"hidden_dims": [32], "latent_dim": 3}),
     "cvae-lstm-conv": ("cvae", {"encoder": "lstm", "decoder": "conv", "lstm_hidden": 16, "channels": [8, 4],
                                 "latent_dim": 4}),
@@ -310,7 +312,7 @@ def test_vae_gan_basic_objective_is_prior_plus_gan_only():
     """objective=basic: the encoder minimises L_prior alone and the decoder -L_GAN alone, so the
     reconstruction error reaches no network (it is still reported)."""
     torch.manual_seed(0)
-    model = build_model("vae-gan", dict(CASES["vae-gan-conv"][1], objective="basic", gamma=1.0))
+    model = build_model("vae-gan", dict(CASES["vae-gan-conv"][1], objective="basic", gamma=1.0, fakes="both"))
     x = images(16)
     torch.manual_seed(1)
     t = model.losses(Batch(x))
@@ -323,7 +325,7 @@ def test_vae_gan_basic_objective_is_prior_plus_gan_only():
     _, d_logits = model.discriminator(torch.cat([x, model.decode(torch.cat([z, z_p]))]))
     torch.testing.assert_close(t["dec_loss"], generator_loss(d_logits[b:]))
     with pytest.raises(ConfigError, match="feature_loss needs objective=full"):
-        make_config("vae-gan", ["objective='basic'", "feature_loss=true"])
+        make_config("vae-gan", ["objective='basic'", "feature_loss=true", "fakes='both'"])
 
 
 @pytest.mark.parametrize("beta", [0.0, 1.0, 2.5])
@@ -392,11 +394,27 @@ def test_stored_vae_gan_config_from_before_new_fields_rebuilds_the_old_networks(
     assert not model.config.spectral_norm and not model.config.project_norm
     assert not any("parametrizations" in k for k in model.state_dict())
     assert not isinstance(model.decoder.project[1], torch.nn.BatchNorm1d)
+    assert model.config.fakes == "both" and model.config.dec_hidden == 0  # the game it was trained with
+    assert model.decoder.project[0].in_features == 4  # z projected straight onto the first map
+
+
+def test_vae_gan_defaults_are_the_ablations_default_row():
+    """docs/vae-gan.md and the README quote the scores of the ablation variant that the defaults
+    are; if either side changes, they no longer describe the model a user trains."""
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "vaegan_ablation.py"
+    spec = importlib.util.spec_from_file_location("vaegan_ablation", path)
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    variant = make_config("vae-gan", **ablation.variant_config(ablation.DEFAULT_VARIANT))
+    assert dataclasses.asdict(variant) == dataclasses.asdict(make_config("vae-gan"))
+    old = make_config("vae-gan", **ablation.variant_config("old"))
+    assert dataclasses.asdict(old) != dataclasses.asdict(make_config("vae-gan"))
 
 
 def test_vae_gan_dec_hidden_puts_a_fully_connected_layer_before_the_projection():
     base = CASES["vae-gan-conv"][1]
-    plain = build_model("vae-gan", base)
+    plain = build_model("vae-gan", dict(base, dec_hidden=0))
     wider = build_model("vae-gan", dict(base, dec_hidden=24))
     first = wider.decoder.project[0]
     assert (first.in_features, first.out_features) == (base["latent_dim"], 24)
@@ -415,7 +433,7 @@ def test_vae_gan_config_errors():
     with pytest.raises(ConfigError, match="arch"):
         make_config("vae-gan", ["arch='resnet'"])
     with pytest.raises(ConfigError, match="hidden layers"):
-        build_model("vae-gan", {"feature_loss": True, "feature_layer": 7})
+        build_model("vae-gan", {"feature_loss": True, "fakes": "both", "feature_layer": 7})
     with pytest.raises(ConfigError, match="nothing trains"):
         make_config("vae-gan", ["pixel_weight=0"])
 
