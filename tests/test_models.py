@@ -429,6 +429,21 @@ def test_vae_gan_dec_hidden_puts_a_fully_connected_layer_before_the_projection()
         make_config("vae-gan", ["dec_hidden=-1"])
 
 
+def test_vae_gan_dec_channels_widen_the_decoder_only():
+    base = CASES["vae-gan-conv"][1]
+    mirrored = build_model("vae-gan", base)
+    wide = build_model("vae-gan", dict(base, dec_channels=[12, 6]))
+    widths = lambda net: [m.in_channels for m in net.modules() if isinstance(m, torch.nn.ConvTranspose2d)]
+    assert widths(mirrored.decoder) == list(reversed(base["channels"])) and widths(wide.decoder) == [12, 6]
+    assert wide.decoder.project[-2].num_features == 12 * 7 * 7  # the projection feeds the first map
+    assert wide.encoder.state_dict().keys() == mirrored.encoder.state_dict().keys()
+    shapes = lambda net: [p.shape for p in net.parameters()]
+    assert shapes(wide.discriminator) == shapes(mirrored.discriminator)
+    assert wide.decode(torch.randn(3, base["latent_dim"])).shape == (3, 1, 28, 28)
+    with pytest.raises(ConfigError, match="dec_channels"):
+        make_config("vae-gan", ["dec_channels=[8]"])
+
+
 def test_vae_gan_config_errors():
     with pytest.raises(ConfigError, match="arch"):
         make_config("vae-gan", ["arch='resnet'"])

@@ -106,6 +106,9 @@ class VAEGANConfig:
     # arch=conv: a fully connected layer of this width at the decoder's input (0: none, z is
     # projected straight onto the first map), as InfoGAN's MNIST generator (1024)
     dec_hidden: int = 1024
+    # arch=conv: the decoder's map widths, first to last before the image (e.g. [128, 64], InfoGAN's
+    # MNIST generator); empty: the encoder's `channels` mirrored
+    dec_channels: list[int] = field(default_factory=list)
     # Batch norm in the conv encoder and decoder (never in the discriminator); project_norm adds
     # it after the decoder's first (linear) layer too, as DCGAN's generator has it.
     batch_norm: bool = True
@@ -133,7 +136,8 @@ class VAEGANConfig:
 
     # Fields added after runs were first saved, with the values that rebuild those older runs
     # (a stored config lacking them predates them).
-    legacy_defaults: ClassVar[dict] = {"objective": "full", "fakes": "both", "dec_hidden": 0, "project_norm": False, "spectral_norm": False,
+    legacy_defaults: ClassVar[dict] = {"objective": "full", "fakes": "both", "dec_hidden": 0, "dec_channels": [],
+                                       "project_norm": False, "spectral_norm": False,
                                        "enc_lr_scale": 1.0, "dec_lr_scale": 1.0, "dis_lr_scale": 1.0}
 
     def validate(self) -> None:
@@ -149,6 +153,8 @@ class VAEGANConfig:
         require(self.arch != "mlp" or len(self.dis_hidden_dims) >= 1, "dis_hidden_dims needs a layer")
         require(1 <= len(self.channels) <= 2 and min(self.channels) >= 1,
                 "channels must hold one or two positive widths (28 halves twice at most)")
+        require(not self.dec_channels or (len(self.dec_channels) == len(self.channels) and min(self.dec_channels) >= 1),
+                "dec_channels must be empty (mirror channels) or hold as many positive widths as channels")
         require(self.fc_dim >= 1, "fc_dim must be positive")
         require(not self.project_norm or self.batch_norm, "project_norm needs batch_norm=true")
         require(min(self.gamma, self.pixel_weight, self.beta, self.mmd_weight) >= 0,
@@ -189,7 +195,7 @@ class VAEGAN(GenerativeModel):
         if c.arch == "conv":
             n = len(c.channels)
             self.encoder = GaussianEncoder(ConvEncoderTrunk(c.channels, c.fc_dim, c.batch_norm), c.latent_dim)
-            self.decoder = ConvDecoder(c.latent_dim, list(reversed(c.channels)), [4] * n, [2] * n,
+            self.decoder = ConvDecoder(c.latent_dim, c.dec_channels or list(reversed(c.channels)), [4] * n, [2] * n,
                                        start_size=28 >> n, batch_norm=c.batch_norm, project_norm=c.project_norm,
                                        hidden=c.dec_hidden)
             self.discriminator = Discriminator([c.fc_dim], c.channels, spectral_norm=c.spectral_norm)
