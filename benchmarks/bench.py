@@ -386,7 +386,7 @@ def run_plain(model: str, overrides: dict, epochs: int, n_train: int | None, n_t
         loss = net(batch, state).loss
         loss.backward()
         opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     net.train()
     train_seconds, losses, i = 0.0, [], 0
