@@ -220,12 +220,19 @@ def clamped_in_place():
     return model
 
 
+def tanh_vae():
+    """The plain VAE class with tanh hidden layers (Burda et al.'s networks): the hand step's
+    gradients are derived through ReLUs, so it must not be taken."""
+    return build_model("vae", make_config("vae", hidden_dims=[24, 16], latent_dim=3, activation="tanh"))
+
+
 @pytest.mark.parametrize("make", [
     lambda: ClampedVAE(make_config("vae", hidden_dims=[24], latent_dim=3)),
     lambda: PenalizedVAE(make_config("vae", hidden_dims=[24], latent_dim=3)),
     lambda: RenamedVAE(make_config("vae", hidden_dims=[24], latent_dim=3)),
     clamped_in_place,
-], ids=["clamped-heads", "own-forward", "same-math-subclass", "heads-replaced"])
+    tanh_vae,
+], ids=["clamped-heads", "own-forward", "same-math-subclass", "heads-replaced", "tanh"])
 def test_a_changed_vae_trains_exactly_as_autograd_and_adam(make):
     """The hand-derived step is for the exact classes it was derived for; anything else falls
     back to autograd, which `torch.optim.Adam` on a copy reproduces bit for bit."""
@@ -261,3 +268,20 @@ def test_the_comparison_sees_the_hand_step_forced_on_a_subclass():
                                             [model.trunk.net[0]], [model.decoder.net[0], model.decoder.net[2]])
     step_both(model, opts, twin, twin_opts)
     assert float((model.heads.logvar.weight - twin.heads.logvar.weight).detach().abs().max()) > 100 * TOLERANCE
+
+
+def test_the_comparison_sees_the_relu_hand_step_forced_on_a_tanh_vae():
+    """What the tanh case above guards against: the ReLU-derived step on a tanh model trains it
+    far from autograd (the tanh layers' derivative is not the ReLU's mask)."""
+    torch.manual_seed(0)
+    model = tanh_vae()
+    twin, twin_opts = autograd_twin(model)
+    opts = model.configure_optimizers(1e-2)
+    assert model._derivation is None
+    model._derivation = vae_step.Derivation(model.trunk, model.heads, model.decoder,
+                                            [model.trunk.net[0], model.trunk.net[2]],
+                                            [model.decoder.net[0], model.decoder.net[2], model.decoder.net[4]])
+    step_both(model, opts, twin, twin_opts)
+    assert all(p.grad is None for p in model.parameters())  # it did take the hand step
+    assert max(float((p - q).detach().abs().max()) for p, q in zip(model.parameters(), twin.parameters())) \
+        > 100 * TOLERANCE

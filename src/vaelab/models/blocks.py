@@ -7,15 +7,18 @@ import torch
 from torch import nn
 
 IMAGE_PIXELS = 28 * 28
+# The hidden-layer nonlinearities an MLP may use, by the name a config gives.
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh}
 
 
-def mlp(dims: list[int], final_activation: bool = False) -> nn.Sequential:
-    """Linear layers through `dims` with ReLU between them (and after the last if asked)."""
+def mlp(dims: list[int], final_activation: bool = False, activation: str = "relu") -> nn.Sequential:
+    """Linear layers through `dims` with `activation` (a key of ACTIVATIONS) between them (and
+    after the last if asked)."""
     layers: list[nn.Module] = []
     for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
         layers.append(nn.Linear(d_in, d_out))
         if i < len(dims) - 2 or final_activation:
-            layers.append(nn.ReLU())
+            layers.append(ACTIVATIONS[activation]())
     return nn.Sequential(*layers)
 
 
@@ -36,9 +39,9 @@ class MLPEncoderTrunk(nn.Module):
     `extra_features`: a vector (B, E) joins the pixels at the input (a conditional VAE's one-hot
     label)."""
 
-    def __init__(self, hidden_dims: list[int], extra_features: int = 0):
+    def __init__(self, hidden_dims: list[int], extra_features: int = 0, activation: str = "relu"):
         super().__init__()
-        self.net = mlp([IMAGE_PIXELS + extra_features, *hidden_dims], final_activation=True)
+        self.net = mlp([IMAGE_PIXELS + extra_features, *hidden_dims], final_activation=True, activation=activation)
         self.out_features = hidden_dims[-1] if hidden_dims else IMAGE_PIXELS + extra_features
 
     def forward(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
@@ -51,9 +54,9 @@ class MLPEncoderTrunk(nn.Module):
 class MLPDecoder(nn.Module):
     """(B, D) -> (B, 1, 28, 28) logits through the reversed hidden sizes."""
 
-    def __init__(self, latent_dim: int, hidden_dims: list[int]):
+    def __init__(self, latent_dim: int, hidden_dims: list[int], activation: str = "relu"):
         super().__init__()
-        self.net = mlp([latent_dim, *reversed(hidden_dims), IMAGE_PIXELS])
+        self.net = mlp([latent_dim, *reversed(hidden_dims), IMAGE_PIXELS], activation=activation)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z).view(-1, 1, 28, 28)

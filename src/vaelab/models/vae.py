@@ -1,4 +1,5 @@
-"""The MLP VAE: 784 -> 512 ReLU -> (mu, log sigma^2) -> z -> 512 ReLU -> 784 sigmoid.
+"""The MLP VAE: 784 -> 512 ReLU -> (mu, log sigma^2) -> z -> 512 ReLU -> 784 sigmoid by default;
+the widths, depth and hidden nonlinearity (ReLU or tanh) are its config's.
 
 Also what every Gaussian VAE here shares (`GaussianVAE`, the MLP, LSTM and conditional ones): the
 objective and its options (`VAEObjective`): the KL weight beta, a linear KL warm-up, free bits,
@@ -18,7 +19,7 @@ from ..losses import (bce_from_logits, bce_from_logits_shared_target, iwae_bound
 from ..optim import PackedAdam
 from . import vae_step
 from .base import GenerativeModel, ModelOutput, Posterior
-from .blocks import GaussianHeads, MLPDecoder, MLPEncoderTrunk
+from .blocks import ACTIVATIONS, GaussianHeads, MLPDecoder, MLPEncoderTrunk
 from .registry import register
 
 
@@ -53,10 +54,13 @@ class VAEConfig(VAEObjective):
 
     hidden_dims: list[int] = field(default_factory=lambda: [512])  # encoder widths; decoder mirrors
     latent_dim: int = 2
+    activation: str = option("relu", "hidden-layer nonlinearity of encoder and decoder: relu (default) or "
+                                     "tanh (Burda et al. 2016's networks)")
 
     def validate(self) -> None:
         require(self.latent_dim >= 1, "latent_dim must be at least 1")
         require(all(h >= 1 for h in self.hidden_dims), "hidden_dims must be positive")
+        require(self.activation in ACTIVATIONS, f"activation must be one of {', '.join(ACTIVATIONS)}")
         self.validate_objective()
 
 
@@ -131,9 +135,9 @@ class VAE(GaussianVAE):
 
     def __init__(self, config: VAEConfig):
         super().__init__(config)
-        self.trunk = MLPEncoderTrunk(config.hidden_dims)
+        self.trunk = MLPEncoderTrunk(config.hidden_dims, activation=config.activation)
         self.heads = GaussianHeads(self.trunk.out_features, config.latent_dim)
-        self.decoder = MLPDecoder(config.latent_dim, config.hidden_dims)
+        self.decoder = MLPDecoder(config.latent_dim, config.hidden_dims, activation=config.activation)
 
     def configure_optimizers(self, lr: float) -> dict[str, torch.optim.Optimizer]:
         # Whether the hand-derived step (vae_step.py) computes this model's update is decided here,

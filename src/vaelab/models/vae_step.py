@@ -10,9 +10,10 @@ from the multiplies. tests/test_fast_step.py checks the gradients against autogr
 The derivation holds for one model only, so the step is taken only for it: exactly `VAE` built of
 exactly its own blocks (`derived_for`, by class identity, found once when the optimizer is made and
 confirmed by identity checks each step). A subclass, whatever it changes (clamped heads, its own
-forward, a KL schedule), trains by autograd. The KL weight `beta` is the model's `kl_weight` for
-the step, passed in, so a weight changed on the plain `VAE` (its `kl_warmup_steps` included) is
-honoured here as in autograd. Free bits and IWAE training change the objective itself: with either
+forward, a KL schedule), trains by autograd, and so does a `VAE` with tanh hidden layers
+(`activation="tanh"`, found by `linear_layers`): the backward below passes gradients through
+ReLUs. The KL weight `beta` is the model's `kl_weight` for the step, passed in, so a weight
+changed on the plain `VAE` (its `kl_warmup_steps` included) is honoured here as in autograd. Free bits and IWAE training change the objective itself: with either
 set, `VAE` too trains by autograd (`applies`).
 
 The gradients, for a batch of B images x, logits l, posterior (mu, log sigma^2 = v), eps ~ N(0, I)
