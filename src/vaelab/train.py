@@ -58,6 +58,8 @@ class Trainer:
             self.model.compile()  # in place: state_dict keys and checkpoints are unchanged
         self.data = data
         self.optimizers = model.configure_optimizers(config.lr)
+        # Each optimizer's rates as the model set them: the schedule scales these (`_set_lr`).
+        self.base_lrs = {name: [g["lr"] for g in opt.param_groups] for name, opt in self.optimizers.items()}
         self.batches = Batcher(data.train_x, config.batch_size, self.device, shuffle=True,
                                binarize="dynamic" if config.binarize == "dynamic" else "none",
                                seed=config.seed, labels=data.train_y)
@@ -138,6 +140,7 @@ class Trainer:
         else:
             batches_at_start = self.batches.state_dict()
             batches = iter(self.batches)
+        self._set_lr(epoch)
         log.begin_epoch(epoch, cfg.epochs, len(self.batches), self.device)
 
         for i, batch in enumerate(batches, start=done):
@@ -167,6 +170,17 @@ class Trainer:
                 f"{signals['stop']}: saved {self.run_dir} after epoch {epoch}; continue with "
                 f"`vaelab train --resume {self.run_dir}`", signals["stop"]
             )
+
+    def _set_lr(self, epoch: int) -> None:
+        """Epoch `epoch` (from 1) trains at each optimizer's initial rates times
+        lr_decay^(epoch - 1): a function of the epoch alone, so a resumed run (whose optimizers
+        come back with the rates they were saved with) trains at the rates of a straight one."""
+        if self.config.lr_decay == 1.0:
+            return
+        factor = self.config.lr_decay ** (epoch - 1)
+        for name, opt in self.optimizers.items():
+            for group, base in zip(opt.param_groups, self.base_lrs[name]):
+                group["lr"] = base * factor
 
     def _finish_epoch(self, epoch: int) -> None:
         """Evaluate, then save: the epoch's checkpoint, weights and history files."""

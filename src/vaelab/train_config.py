@@ -32,6 +32,8 @@ class TrainConfig:
     epochs: int = option(10, "epochs to train (default 10)")
     batch_size: int = option(128, "default 128")
     lr: float = option(1e-3, "Adam learning rate (default 1e-3)")
+    lr_decay: float = option(1.0, "multiply the learning rate by this after every epoch: epoch e trains at "
+                                  "lr * lr_decay^(e-1) (default 1, constant)")
     seed: int = option(0, "random seed (default 0)")
     device: str = option("auto", "auto (default), cpu or cuda")
     val_size: int = option(0, "training images held out as validation")
@@ -51,6 +53,7 @@ class TrainConfig:
         require(max(self.epochs, self.batch_size, self.val_size, self.eval_batch_size, self.log_every) <= MAX_COUNT,
                 f"epochs, batch sizes, val size and log_every must be at most {MAX_COUNT}")
         require(math.isfinite(self.lr) and self.lr > 0, "learning rate must be positive and finite")
+        require(0 < self.lr_decay <= 1, "lr-decay must be in (0, 1]")
         require(0 <= self.seed <= MAX_SEED, f"seed must be between 0 and {MAX_SEED}")
         require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
                 f"device must be auto, cpu or cuda, not {self.device!r}")
