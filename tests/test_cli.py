@@ -209,7 +209,7 @@ def test_threads_sets_the_thread_count_and_goes_with_resume(trained_run, capsys)
 # A value other than the default for each TrainConfig field, as typed on the command line and as
 # the config holds it. A new field without an entry here fails the test below: give it one.
 FLAG_VALUES = {"dataset": ("fashion-mnist", "fashion-mnist"), "epochs": ("3", 3), "batch_size": ("7", 7),
-               "lr": ("0.5", 0.5), "seed": ("5", 5), "device": ("cpu", "cpu"), "val_size": ("10", 10),
+               "lr": ("0.5", 0.5), "lr_decay": ("0.9", 0.9), "seed": ("5", 5), "device": ("cpu", "cpu"), "val_size": ("10", 10),
                "binarize": ("dynamic", "dynamic"), "precision": ("bf16", "bf16"), "clip_grad": ("2.5", 2.5),
                "eval_batch_size": ("33", 33), "log_every": ("9", 9), "compile": (None, True)}
 
