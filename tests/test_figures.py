@@ -114,7 +114,7 @@ def test_recipe_folder_rules(tmp_path):
     assert (notes / "todo.txt").read_text() == "keep me"
     with pytest.raises(ConfigError, match="unknown recipe"):
         get_recipe("nope")
-    assert set(RECIPES) == {"vae-2d-mnist", "lstm-vae-mnist", "fashion-generative"}
+    assert set(RECIPES) == {"vae-2d-mnist", "lstm-vae-mnist", "fashion-generative", "likelihood-mnist"}
     # The demo's budget: quick vae-2d-mnist estimated well under 2.5 minutes.
     assert estimate_seconds(RECIPES["vae-2d-mnist"], quick=True) < 150
 

@@ -132,9 +132,10 @@ def iwae_log_likelihood(model, x: torch.Tensor, k: int, chunk_rows: int = 8192,
 
 
 def iwae_nll(model, images: torch.Tensor, k: int, batch: int = 100, seed: int = 0,
-             progress: bool = False, labels: torch.Tensor | None = None) -> dict:
+             progress: bool = False, labels: torch.Tensor | None = None, keep_values: bool = False) -> dict:
     """Mean IWAE negative log-likelihood (nats) over `images` with its standard error; a
-    conditional model is given the images' `labels`."""
+    conditional model is given the images' `labels`. `keep_values`: also the per-image NLLs,
+    (N,) float64, under "values" (not JSON: for a caller comparing models image by image)."""
     device = model.device
     g = torch.Generator(device=device).manual_seed(seed)
     start = time.perf_counter()
@@ -146,8 +147,11 @@ def iwae_nll(model, images: torch.Tensor, k: int, batch: int = 100, seed: int = 
                   *inputs, batch_size=batch, device=device, progress=bar)
     bar.close()
     se = nll.std().item() / math.sqrt(len(nll)) if len(nll) > 1 else float("nan")
-    return {"nll": nll.mean().item(), "se": se, "k": k, "images": len(nll),
-            "seconds": round(time.perf_counter() - start, 1)}
+    out = {"nll": nll.mean().item(), "se": se, "k": k, "images": len(nll),
+           "seconds": round(time.perf_counter() - start, 1)}
+    if keep_values:
+        out["values"] = nll.cpu()
+    return out
 
 
 @torch.inference_mode()
@@ -211,9 +215,12 @@ def generate(model, n: int, seed: int = 0, batch: int = 1000, labels: torch.Tens
 # ---------------------------------------------------------------------------------------------
 
 
-def evaluate_run(run, data: ImageData, settings: EvalSettings | None = None, progress: bool = False) -> dict:
+def evaluate_run(run, data: ImageData, settings: EvalSettings | None = None, progress: bool = False,
+                 per_image: dict | None = None) -> dict:
     """Every metric of a loaded run (see `checkpoint.load_run`) on `data`; also written to
-    RUN/metrics.json."""
+    RUN/metrics.json. `per_image`, where given, receives the values behind the means that a
+    caller may compare run against run on the same images: "iwae_nll", the (N,) per-image NLLs
+    (float64, the first `settings.iw_images` test images, in order)."""
     settings = settings or EvalSettings()
     model = run.model.eval()
     cfg = run.train_config
@@ -235,7 +242,10 @@ def evaluate_run(run, data: ImageData, settings: EvalSettings | None = None, pro
     if "elbo" in metrics and settings.iw_samples > 0:
         metrics["iwae"] = iwae_nll(model, targets[: settings.iw_images], settings.iw_samples,
                                    seed=settings.seed, progress=progress,
-                                   labels=None if labels is None else labels[: settings.iw_images])
+                                   labels=None if labels is None else labels[: settings.iw_images],
+                                   keep_values=per_image is not None)
+        if per_image is not None:
+            per_image["iwae_nll"] = metrics["iwae"].pop("values")
         metrics["iwae"]["conditional"] = model.conditional
         seconds["iwae"] = metrics["iwae"]["seconds"]
 

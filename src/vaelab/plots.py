@@ -216,6 +216,30 @@ def plot_loss_curves(history: Sequence[dict], steps: np.ndarray | None, step_col
     return save_figure(fig, path)
 
 
+def plot_series(panels: Sequence[tuple[str, str, dict[str, tuple[Sequence[float], Sequence[float]]]]],
+                path: str | Path, title: str, xlabel: str = "epoch",
+                levels: dict[str, float] | None = None) -> Path:
+    """Side-by-side line panels, each (title, y label, {series label: (x, y)}); the same label
+    gets the same colour in every panel. `levels` {label: y}: dashed horizontal lines drawn on the
+    first panel in the colour of the series of that label (a reference value for it)."""
+    labels = list(dict.fromkeys(label for _, _, series in panels for label in series))
+    colours = {label: f"C{i}" for i, label in enumerate(labels)}
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False, layout="constrained")
+    for ax, (panel_title, ylabel, series) in zip(axes[0], panels):
+        for label, (x, y) in series.items():
+            ax.plot(x, y, marker="o", ms=2.5, lw=1.2, color=colours[label], label=label)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(panel_title, fontsize=10)
+        ax.grid(alpha=0.3)
+    for label, y in (levels or {}).items():
+        axes[0, 0].axhline(y, ls="--", lw=1, color=colours.get(label, "gray"), label=f"{label}: the paper's NLL")
+    for ax in axes[0]:
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    return save_figure(fig, path)
+
+
 def _smooth(y: np.ndarray, window: int = 25) -> np.ndarray:
     if len(y) < window:
         return y

@@ -801,3 +801,136 @@ def describe_training(first: Mapping[str, float], last: Mapping[str, float], epo
                      f"loss's epoch average, which includes the earlier, worse steps of the epoch: "
                      f"no sign of overfitting.")
     return text
+
+
+# ---------------------------------------------------------------------------------------------
+# A likelihood table against a paper's (the likelihood-mnist recipe: Burda et al. 2016)
+# ---------------------------------------------------------------------------------------------
+
+
+def nll_against_paper(name: str, nll: float, se: float | None, paper: float, band: float) -> tuple[str, str]:
+    """(status, sentence): a measured NLL (nats, lower is better) against the paper's value for
+    the same model, and whether it lies within `band` nats of it. The status is 'within' (even
+    2 standard errors further out it would be), 'outside' (even 2 standard errors closer it
+    would not be), or 'edge' (the band's border lies within 2 standard errors)."""
+    diff = nll - paper
+    spread = CLEAR_SES * (se or 0.0)
+    side = "above (worse than)" if diff > 0 else "below (better than)" if diff < 0 else "equal to"
+    where = f"{abs(diff):.2f} nats {side} the paper's {paper:.2f}" if diff else f"equal to the paper's {paper:.2f}"
+    measured = f"{name}: {nll:.2f}" + (f" ± {se:.2f}" if se is not None else "") + f" nats, {where}"
+    if abs(diff) + spread <= band:
+        return "within", f"{measured}: within the {band:g}-nat target."
+    if abs(diff) - spread > band:
+        if diff > 0:
+            return "outside", f"{measured}: outside the {band:g}-nat target."
+        return "outside", (f"{measured}: more than {band:g} nats better than the paper reports for the same "
+                           f"architecture, which is unexpected; check the evaluation before trusting it.")
+    return "edge", (f"{measured}: at the border of the {band:g}-nat target (within {CLEAR_SES:g} standard "
+                    f"errors of it), so neither inside nor outside it clearly.")
+
+
+@dataclass(frozen=True)
+class NLLGap:
+    """Model `b` (the larger k) against model `a` on the same test images: the mean of NLL_b - NLL_a
+    (negative: b is better) with its standard error, computed from the per-image differences
+    when `paired` (else combined from the two means' errors), and the paper's difference."""
+
+    a: str
+    b: str
+    diff: float
+    se: float | None
+    paired: bool
+    paper_diff: float
+
+    @property
+    def status(self) -> str:
+        """'b' or 'a' (that model clearly better: beyond CLEAR_SES standard errors), 'noise', or
+        'unquantified'."""
+        if self.se is None:
+            return "unquantified"
+        if abs(self.diff) <= CLEAR_SES * self.se:
+            return "noise"
+        return "b" if self.diff < 0 else "a"
+
+
+def nll_ordering(gaps: Sequence[NLLGap]) -> str:
+    """Whether the NLL falls from each model to the next as in the paper (each gap's b had the
+    lower NLL there), one clause per pair, then the overall reading."""
+    parts, agree = [], []
+    for g in gaps:
+        errors = "the per-image differences" if g.paired else "the two estimates (combined)"
+        lower = "lower" if g.paper_diff < 0 else "higher"
+        paper = f"the paper has {g.b} {abs(g.paper_diff):.2f} nats {lower}"
+        status = g.status
+        if status == "unquantified":
+            parts.append(f"{g.b} against {g.a}: {abs(g.diff):.2f} nats {'lower' if g.diff < 0 else 'higher'}, "
+                         f"with no uncertainty measured ({paper})")
+            agree.append(None)
+            continue
+        band = (f"{CLEAR_SES:g} standard errors of {errors}, {CLEAR_SES:g} × {significant(g.se, 2)} = "
+                f"{significant(CLEAR_SES * g.se, 2)}")
+        if status == "noise":
+            parts.append(f"{g.b} against {g.a}: no clear difference ({abs(g.diff):.2f} nats apart, within {band}; "
+                         f"{paper})")
+            agree.append(None)
+        else:
+            better, worse = (g.b, g.a) if status == "b" else (g.a, g.b)
+            as_paper = (status == "b") == (g.paper_diff < 0)
+            parts.append(f"{better} clearly better than {worse} by {abs(g.diff):.2f} nats (beyond {band}), "
+                         f"{'as in' if as_paper else 'the reverse of'} the paper, where {g.b} is "
+                         f"{abs(g.paper_diff):.2f} nats {lower}")
+            agree.append(as_paper)
+    text = "; ".join(parts) + "."
+    if agree and all(a is True for a in agree):
+        return f"As in the paper, the NLL falls as k grows: {text}"
+    if any(a is False for a in agree):
+        return f"Unlike the paper, at least one pair is clearly ordered the other way: {text}"
+    if any(a is True for a in agree):
+        return f"Part of the paper's ordering shows clearly, part is within the noise: {text}"
+    return f"No gap between the models shows clearly beyond the noise, unlike the paper's: {text}"
+
+
+def active_units_sentence(names: Sequence[str], ours: Sequence[int], paper: Sequence[int], latent_dim: int,
+                          threshold: float) -> str:
+    """The active-unit counts (Burda et al.'s criterion) against the paper's, in order of k, and
+    whether they rise with k as the paper's do."""
+    listed = join([f"{n} {u}" for n, u in zip(names, ours)])
+    head = (f"Active units (Burda et al.'s criterion: unit u is active when Cov_x(E_q(z|x)[z_u]) > "
+            f"{threshold:g}) of the {latent_dim}: {listed}; the paper: {join([str(p) for p in paper])}.")
+    rising = all(b > a for a, b in zip(ours, ours[1:]))
+    steps_down = [f"{names[i + 1]} ({ours[i + 1]}) against {names[i]} ({ours[i]})"
+                  for i in range(len(ours) - 1) if ours[i + 1] < ours[i]]
+    if rising:
+        tail = "They rise with k, as in the paper: importance weighting keeps more of the latent space in use."
+    elif steps_down:
+        tail = f"They do not rise with k as in the paper: fewer for {join(steps_down)}."
+    else:
+        tail = "They do not fall with k, but do not rise at every step as the paper's do (some counts tie)."
+    diffs = [u - p for u, p in zip(ours, paper)]
+    if all(d < 0 for d in diffs):
+        tail += " Every model uses fewer units than the paper's."
+    elif all(d > 0 for d in diffs):
+        tail += " Every model uses more units than the paper's."
+    return f"{head} {tail}"
+
+
+def training_length_note(names: Sequence[str], epochs: Sequence[int], paper_passes: int) -> str:
+    """How long the models trained against the paper's passes, and what unequal training means for
+    comparing them (names and epochs in order of k)."""
+    share = max(epochs) / paper_passes
+    text = (f"Trained for {join([f'{e}' for e in epochs])} passes over the training set ({join(names)}), "
+            f"against the paper's {paper_passes:,} each: at most {significant(100 * share, 2)}% of its training, so part of "
+            f"each gap to the paper's NLL is training the paper did and this run did not.")
+    if len(set(epochs)) > 1:
+        fewer = all(b <= a for a, b in zip(epochs, epochs[1:]))
+        more = all(b >= a for a, b in zip(epochs, epochs[1:]))
+        if fewer:
+            text += (" The models with more importance samples had fewer passes (they cost more per pass), "
+                     "which works against them in the comparison across k: a gain they show is not "
+                     "due to longer training.")
+        elif more:
+            text += (" The models with more importance samples had more passes, so part of a gain they "
+                     "show may be longer training.")
+        else:
+            text += " The passes differ between the models, so the comparison across k is not at equal training."
+    return text

@@ -31,7 +31,7 @@ from .checkpoint import load_run, read_json, read_run_config, write_json
 from .data import ImageData, load
 from .errors import ConfigError, VaelabError, WriteError
 from .atomic import clean_stale_siblings, exchange, temp_path
-from .evaluate import METRICS_FILE, EvalSettings, evaluate_run, generate, summary_rows
+from .evaluate import ACTIVE_UNIT_THRESHOLD, METRICS_FILE, EvalSettings, evaluate_run, generate, summary_rows
 from .explore import LatentSpace, export_page
 from .figures import random_test_images, write_run_figures
 from .history_files import read_history
@@ -39,10 +39,11 @@ from .inference import batched
 from .losses import mse
 from .metrics import CONFIDENT, KID_SUBSET_SIZE, classify, load_or_train_classifier
 from .models import MODELS, make_config
-from .prose import (RECON_MSE, SAMPLE_METRICS, answer_basic_vaegan, answer_naive_vs_normalized,
-                    answer_vae_quality, answer_vaegan_variant, comment_on_samples, comparison_details,
-                    describe_training, figure_caption, input_dependence, latent_size_note, leaders,
-                    verdict, verdict_sentence, with_uncertainty)
+from .prose import (RECON_MSE, SAMPLE_METRICS, NLLGap, active_units_sentence, answer_basic_vaegan,
+                    answer_naive_vs_normalized, answer_vae_quality, answer_vaegan_variant, combined_se,
+                    comment_on_samples, comparison_details, describe_training, figure_caption, input_dependence,
+                    latent_size_note, leaders, nll_against_paper, nll_ordering, training_length_note, verdict,
+                    verdict_sentence, with_uncertainty)
 from .report import Report
 from .run_folder import check_target, is_run_folder, prepare_folder
 from .runtime import idle_cores, physical_cores
@@ -131,7 +132,8 @@ def table_metrics(metrics: dict, config: dict | None = None) -> dict:
     drop = set(BOOKKEEPING_TERMS)
     if "elbo" in metrics:
         drop |= TERMS_SHOWN_ELSEWHERE["with_elbo"]
-        if set(terms) <= {"loss", "recon", "kl"}:  # loss = recon + kl: the negative ELBO again
+        # loss = recon + kl: the negative ELBO again; not so for IWAE training, whose loss is -L_k
+        if set(terms) <= {"loss", "recon", "kl"} and config.get("iwae_k", 1) == 1:
             drop.add("loss")
         if "dis_loss" in terms:  # a VAE-GAN
             drop.add("loss")  # enc_loss + dis_loss, both listed
@@ -379,6 +381,117 @@ VAE_2D = Step("vae-2d", "MLP VAE 784-512-2", "vae", "mnist", (12, 50),
 
 FASHION_FIGURES = ("loss_curves", "latent_scatter", "samples", "reconstructions")
 
+# Burda et al. 2016, section 5: the one-stochastic-layer networks, 784-200-200-50 with tanh, and
+# a Bernoulli decoder mirroring the encoder; trained on dynamically binarised MNIST with Adam
+# (beta 0.9, 0.999) in batches of 20.
+BURDA_MLP = {"hidden_dims": [200, 200], "latent_dim": 50, "activation": "tanh"}
+# Their table 1 (MNIST, one stochastic layer): step key -> (test NLL, the IWAE estimate with
+# K = 5000; active units), each model after 3^i passes at each of 8 rates, i = 0..7: 3280 passes.
+BURDA_TABLE = {"vae": (86.76, 19), "iwae-5": (85.54, 22), "iwae-50": (84.78, 25)}
+BURDA_PASSES = 3280
+NLL_TARGET_BAND = 1.5  # nats: the issue's target for each reproduced NLL
+LIKELIHOOD_QUICK_EVAL = EvalSettings(iw_samples=100, iw_images=500, n_samples=0)
+LIKELIHOOD_FULL_EVAL = EvalSettings(iw_samples=5000, iw_images=10000, n_samples=0)
+
+
+def _likelihood_step(key: str, title: str, k: int, epochs: tuple[int, int], seconds_per_epoch: float,
+                     measure_seconds: float) -> Step:
+    """One model of the likelihood table. The paper's schedule is 3280 passes at a rate falling
+    tenfold in 8 steps (1e-3 * 10^(-i/7) for 3^i passes, i = 0..7); a full run here has a small
+    fraction of those passes, so its rate falls tenfold over its own length, smoothly: 1e-3 *
+    lr_decay^(e-1) in epoch e, 1e-4 in the last."""
+    decay = 0.1 ** (1 / (epochs[1] - 1))
+    return Step(key, title, "vae", "mnist", epochs, config={**BURDA_MLP, "iwae_k": k},
+                train={"binarize": "dynamic", "batch_size": 20, "lr": 1e-3, "lr_decay": round(decay, 6)},
+                seconds_per_epoch=seconds_per_epoch, measure_seconds=measure_seconds,
+                figures=("loss_curves", "samples", "reconstructions"), short=title)
+
+
+def nll_gap(a: StepResult, b: StepResult, paper_diff: float) -> NLLGap:
+    """b's IWAE NLL minus a's with its standard error: from the per-image differences where both
+    were measured on the same images with the same K (the estimates of two models on one image are
+    correlated, so this is far tighter than the two errors combined), else combined."""
+    ia, ib = a.metrics["iwae"], b.metrics["iwae"]
+    va, vb = a.facts.get("nll_per_image"), b.facts.get("nll_per_image")
+    if (va is not None and vb is not None and len(va) == len(vb) == ia["images"] == ib["images"] > 1
+            and ia["k"] == ib["k"]):
+        d = (vb - va).double()
+        return NLLGap(short_name(a), short_name(b), d.mean().item(), d.std().item() / math.sqrt(len(d)), True,
+                      paper_diff)
+    return NLLGap(short_name(a), short_name(b), ib["nll"] - ia["nll"], combined_se(ia.get("se"), ib.get("se")),
+                  False, paper_diff)
+
+
+def _likelihood_discussion(result: RecipeResult, report: Report) -> None:
+    """Burda et al.'s table beside this run's: the NLLs against the paper's and the 1.5-nat
+    target, the ordering across k with paired standard errors, the active units, the training
+    length, and the test curves of every model in one figure."""
+    steps = [r for r in result.steps if "iwae" in r.metrics and r.step.key in BURDA_TABLE]
+    if not steps:
+        return
+    report.heading("The likelihood table (Burda et al. 2016, table 1, one stochastic layer)")
+    rows, sentences, statuses = [], [], []
+    word = {"within": "yes", "outside": "no", "edge": "at the border"}
+    for r in steps:
+        paper_nll, paper_units = BURDA_TABLE[r.step.key]
+        iw, lat = r.metrics["iwae"], r.metrics.get("latent", {})
+        status, sentence = nll_against_paper(short_name(r), iw["nll"], iw.get("se"), paper_nll, NLL_TARGET_BAND)
+        statuses.append(status)
+        sentences.append(sentence)
+        bound = r.metrics.get("test_terms", {}).get("loss")
+        rows.append([short_name(r), r.step.config.get("iwae_k", 1), r.step.epochs[0 if result.quick else 1],
+                     f"{iw['nll']:.2f} ± {iw['se']:.2f}", f"{paper_nll:.2f}", f"{iw['nll'] - paper_nll:+.2f}",
+                     word[status], f"{lat.get('active_units', '—')} / {paper_units}",
+                     "—" if bound is None else f"{bound:.2f}", f"{r.metrics['elbo']['neg_elbo']:.2f}"])
+    iw0 = steps[0].metrics["iwae"]
+    report.table(["model", "k", "epochs", "test NLL (nats)", "paper", "difference", f"within {NLL_TARGET_BAND:g} nats",
+                  "active units / paper", "test −L_k", "test −ELBO"], rows,
+                 caption=f"NLL: the IWAE estimate with K = {iw0['k']:,} importance samples per image on "
+                         f"{iw0['images']:,} test images ({steps[0].metrics.get('likelihood_data', '')}), ± its "
+                         f"standard error over images; the paper's: K = 5000 on the 10,000 test images after "
+                         f"{BURDA_PASSES:,} passes. −L_k: each model's own training bound on the test set "
+                         f"(k = 1: the negative ELBO); −ELBO: the single-sample negative ELBO. Active units: "
+                         f"Var over the test images of the posterior mean > {ACTIVE_UNIT_THRESHOLD:g}, of "
+                         f"{steps[0].metrics['latent_dim']}.")
+    n_within = statuses.count("within")
+    report.paragraph(f"{n_within} of {len(steps)} model{'s' if len(steps) != 1 else ''} within the "
+                     f"{NLL_TARGET_BAND:g}-nat target. " + " ".join(sentences), css_class="answer")
+    gaps = [nll_gap(a, b, BURDA_TABLE[b.step.key][0] - BURDA_TABLE[a.step.key][0])
+            for a, b in zip(steps, steps[1:])]
+    if gaps:
+        report.paragraph(nll_ordering(gaps), css_class="answer")
+    units = [r.metrics.get("latent", {}).get("active_units") for r in steps]
+    if all(u is not None for u in units):
+        report.paragraph(active_units_sentence([short_name(r) for r in steps], units,
+                                               [BURDA_TABLE[r.step.key][1] for r in steps],
+                                               int(steps[0].metrics["latent_dim"]), ACTIVE_UNIT_THRESHOLD),
+                         css_class="answer")
+    report.paragraph(training_length_note([short_name(r) for r in steps],
+                                          [r.step.epochs[0 if result.quick else 1] for r in steps], BURDA_PASSES),
+                     css_class="answer")
+
+    curves: dict[str, dict] = {"bound": {}, "elbo": {}}
+    for r in steps:
+        test = [h for h in read_history(r.run_dir) if h["split"] == "test"]
+        if test:
+            epochs = [h["epoch"] for h in test]
+            curves["bound"][short_name(r)] = (epochs, [float(h["loss"]) for h in test])
+            curves["elbo"][short_name(r)] = (epochs, [float(h["recon"]) + float(h["kl"]) for h in test])
+    if curves["bound"]:
+        fig_dir = result.out / "figures"
+        fig_dir.mkdir(exist_ok=True)
+        path = plots.plot_series(
+            [("test −L_k, each model's training objective", "nats", curves["bound"]),
+             ("test negative ELBO (reconstruction + KL)", "nats", curves["elbo"])],
+            fig_dir / "likelihood_curves.png", "Test curves of the likelihood table's models",
+            levels={short_name(r): BURDA_TABLE[r.step.key][0] for r in steps})
+        report.figure(path, "Each model's test bound −L_k (left; the dashed lines: the paper's NLL for the model "
+                            "of that colour) and its negative ELBO (right), after every epoch; the test images "
+                            "binarised with one fixed draw per evaluation.",
+                      "the bounds still falling at the last epoch mean more training would help; the IWAE's "
+                      "bound lies below its own ELBO by what the extra samples gain, and its ELBO can be "
+                      "worse than the VAE's while its likelihood is better.")
+
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe(
         "vae-2d-mnist", "The 784-512-2 MLP VAE on MNIST",
@@ -437,6 +550,20 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
               measure_seconds=60.0, figures=FASHION_FIGURES, short="conv VAE-GAN (latent {latent_dim})")),
         QUICK_EVAL, dataclasses.replace(FULL_EVAL, iw_samples=1000),
         discussion=_fashion_discussion),
+    Recipe(
+        "likelihood-mnist", "Burda et al.'s likelihood table: the VAE and the IWAE on binarised MNIST",
+        "Burda et al. 2016 (Importance Weighted Autoencoders), section 5 and table 1: the "
+        "one-stochastic-layer model, encoder 784-200-200-50 and decoder 50-200-200-784 with tanh "
+        "hidden units and a Bernoulli output, trained on dynamically binarised MNIST (each image "
+        "binarised afresh every time it is seen) as a VAE (k = 1) and as an IWAE with k = 5 and "
+        "k = 50 importance samples; each model's test negative log-likelihood (the IWAE estimate "
+        "with K = 5000 on the whole test set) and its active units beside the paper's.",
+        # seconds per epoch: 1 thread, CPU seconds (benchmarks/likelihood_timing.py): training at
+        # batch 20 plus the per-epoch test evaluation; measuring: the K = 5000 NLL, about 9 min each.
+        (_likelihood_step("vae", "VAE (k = 1)", 1, (1, 140), 12.1, 560.0),
+         _likelihood_step("iwae-5", "IWAE (k = 5)", 5, (1, 90), 19.1, 540.0),
+         _likelihood_step("iwae-50", "IWAE (k = 50)", 50, (1, 45), 99.1, 540.0)),
+        LIKELIHOOD_QUICK_EVAL, LIKELIHOOD_FULL_EVAL, discussion=_likelihood_discussion),
 )}
 
 
@@ -571,8 +698,11 @@ def _run_steps(recipe: Recipe, configs, out: Path, quick: bool, progress: bool, 
         run = load_run(out / step.key)
         figures = write_run_figures(run.path, run.model, data)
         _log(f"[{step.key}] measuring", progress)
-        metrics = evaluate_run(run, data, settings, progress=progress)
+        per_image: dict = {}
+        metrics = evaluate_run(run, data, settings, progress=progress, per_image=per_image)
         results.append(StepResult(step, run.path, metrics, figures, train_s, prior=run.model.prior_name))
+        if "iwae_nll" in per_image:  # for comparisons image by image (a discussion's paired errors)
+            results[-1].facts["nll_per_image"] = per_image["iwae_nll"]
         if step.explore:
             page = out / f"explore-{step.key}.html"
             results[-1].explore_page = export_page(LatentSpace.from_run(run, data), page)
@@ -590,15 +720,18 @@ def write_report(result: RecipeResult) -> Path:
     report = Report(f"{recipe.title} — vaelab recipe {recipe.name}")
     report.paragraph(recipe.assignment)
     settings = recipe.quick_eval if result.quick else recipe.full_eval
-    mode = ("--quick: short training and cheap metrics (IWAE with K = "
-            f"{settings.iw_samples} on {settings.iw_images} test images; {settings.n_samples} "
-            "samples for the classifier figures, whose Fréchet distances are therefore biased "
-            "upwards against the 10,000-sample figures). Numbers show the method works, not how "
-            "good the model can get; run without --quick for that."
-            if result.quick else
-            f"Full run: IWAE with K = {settings.iw_samples} on the first {settings.iw_images} test "
-            f"images; {settings.n_samples} samples and as many real training images for the "
-            f"classifier figures.")
+    test_size = min((len(d.test_x) for d in result.datasets.values()), default=settings.iw_images)
+    images = (f"all {test_size:,}" if settings.iw_images >= test_size else f"the first {settings.iw_images:,}")
+    if result.quick:
+        samples = (f"; {settings.n_samples} samples for the classifier figures, whose Fréchet distances are "
+                   f"therefore biased upwards against the 10,000-sample figures" if settings.n_samples else "")
+        mode = (f"--quick: short training and cheap metrics (IWAE with K = {settings.iw_samples} on {images} "
+                f"test images{samples}). Numbers show the method works, not how good the model can get; "
+                f"run without --quick for that.")
+    else:
+        samples = (f"; {settings.n_samples} samples and as many real training images for the classifier "
+                   f"figures" if settings.n_samples else "")
+        mode = f"Full run: IWAE with K = {settings.iw_samples} on {images} test images{samples}."
     report.paragraph(mode, css_class="note")
     report.table(["model", "folder", "epochs", "training time", "model config"],
                  [[r.step.title, f"{r.run_dir.name}/", r.step.epochs[0 if result.quick else 1],
