@@ -187,6 +187,10 @@ def test_the_report_follows_the_papers_ordering_when_the_numbers_do(tmp_path):
     assert "They rise with k, as in the paper" in units and "fewer units than the paper's" in units
     length = starting(answers, "Trained for")
     assert "140, 90 and 45 passes" in length and "3,280" in length and "works against them" in length
+    text = text_of(write_report(fake_likelihood_result(tmp_path / "again", nlls=(87.6, 86.3, 85.5),
+                                                       units=(18, 21, 24))).read_text())
+    assert "batches of 20 on dynamically binarised images" in text
+    assert "IWAE (k = 50) 45 epochs from 0.001 to 0.0001 (lr_decay 0.949014)" in text
 
 
 def test_swapped_numbers_swap_the_words(tmp_path):

@@ -42,8 +42,8 @@ from .models import MODELS, make_config
 from .prose import (RECON_MSE, SAMPLE_METRICS, NLLGap, active_units_sentence, answer_basic_vaegan,
                     answer_naive_vs_normalized, answer_vae_quality, answer_vaegan_variant, combined_se,
                     comment_on_samples, comparison_details, describe_training, figure_caption, input_dependence,
-                    latent_size_note, leaders, nll_against_paper, nll_ordering, training_length_note, verdict,
-                    verdict_sentence, with_uncertainty)
+                    join, latent_size_note, leaders, nll_against_paper, nll_ordering, training_length_note,
+                    verdict, verdict_sentence, with_uncertainty)
 from .report import Report
 from .run_folder import check_target, is_run_folder, prepare_folder
 from .runtime import idle_cores, physical_cores
@@ -450,9 +450,22 @@ def _likelihood_discussion(result: RecipeResult, report: Report) -> None:
                          f"{iw0['images']:,} test images ({steps[0].metrics.get('likelihood_data', '')}), ± its "
                          f"standard error over images; the paper's: K = 5000 on the 10,000 test images after "
                          f"{BURDA_PASSES:,} passes. −L_k: each model's own training bound on the test set "
-                         f"(k = 1: the negative ELBO); −ELBO: the single-sample negative ELBO. Active units: "
+                         f"after its last epoch (k = 1: the negative ELBO; on the per-epoch evaluation's own "
+                         f"binarisation of the test set, so at k = 1 it differs from the next column by that "
+                         f"draw); −ELBO: the single-sample negative ELBO. Active units: "
                          f"Var over the test images of the posterior mean > {ACTIVE_UNIT_THRESHOLD:g}, of "
                          f"{steps[0].metrics['latent_dim']}.")
+    schedules = []
+    for r in steps:
+        t, epochs = r.step.train, r.step.epochs[0 if result.quick else 1]
+        lr, decay = t.get("lr", 1e-3), t.get("lr_decay", 1.0)
+        schedules.append(f"{short_name(r)} {epochs} epoch{'s' if epochs != 1 else ''} from {lr:g} to "
+                         f"{lr * decay ** (epochs - 1):.2g} (lr_decay {decay:g})")
+    batches = sorted({r.step.train.get("batch_size", 128) for r in steps})
+    binarize = sorted({r.step.train.get("binarize", "none") for r in steps})
+    images = "dynamically binarised images" if binarize == ["dynamic"] else f"images (binarize: {join(binarize)})"
+    report.paragraph(f"Training: Adam in batches of {join(map(str, batches))} on {images}, the rate in epoch e "
+                     f"the initial rate times lr_decay^(e−1): {'; '.join(schedules)}.", css_class="note")
     n_within = statuses.count("within")
     report.paragraph(f"{n_within} of {len(steps)} model{'s' if len(steps) != 1 else ''} within the "
                      f"{NLL_TARGET_BAND:g}-nat target. " + " ".join(sentences), css_class="answer")
