@@ -11,20 +11,9 @@ import torch
 from . import plots
 from .batch import StepState
 from .data import to_float
+from .gallery import random_test_images, random_test_labels, reconstruction_rows, sample_rows
 from .history_files import read_history, read_steps
 from .inference import batched
-
-
-def random_test_images(test_x: torch.Tensor, n: int, seed: int, device) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(test_x), generator=g)[:n]
-    return to_float(test_x[idx]).to(device)
-
-
-def random_test_labels(test_y: torch.Tensor, n: int, seed: int, device) -> torch.Tensor:
-    """The labels of the images `random_test_images` picks with the same arguments."""
-    g = torch.Generator().manual_seed(seed)
-    return test_y[torch.randperm(len(test_y), generator=g)[:n]].to(device)
 
 
 def write_training_figures(run_dir: Path, model, test_x: torch.Tensor, seed: int = 0,
@@ -39,24 +28,20 @@ def write_training_figures(run_dir: Path, model, test_x: torch.Tensor, seed: int
     if loss is not None:
         written.append(loss)
     model.eval()
-    device = model.device
     if model.conditional:
         written.append(conditional_samples_figure(model, list(classes), fig_dir / "samples.png", seed))
     else:
-        g = torch.Generator(device=device).manual_seed(seed)
-        written.append(plots.save_image_grid(model.sample(100, generator=g), fig_dir / "samples.png", nrow=10))
+        samples = torch.cat(sample_rows(model, len(classes or ()), seed))
+        written.append(plots.save_image_grid(samples, fig_dir / "samples.png", nrow=10))
     written.append(reconstructions_figure(model, test_x, fig_dir / "reconstructions.png", seed, test_y=test_y))
     return written
 
 
-@torch.inference_mode()
 def conditional_samples_figure(model, classes: list[str], path: Path, seed: int = 0) -> Path:
     """A conditional model's samples, one row per class, each column one code z decoded with every
     label: the style held fixed down a column while the class changes (10 x 10 for 10 classes)."""
-    g = torch.Generator(device=model.device).manual_seed(seed)
-    z = model.prior_sample(len(classes), generator=g)  # (C, D): one code per column
-    rows = [model.decode(z, torch.full((len(z),), c, device=model.device)).cpu() for c in range(len(classes))]
-    return plots.plot_image_rows(rows, classes, path, col_labels=[f"z{j + 1}" for j in range(len(z))],
+    rows = sample_rows(model, len(classes), seed)
+    return plots.plot_image_rows(rows, classes, path, col_labels=[f"z{j + 1}" for j in range(len(rows[0]))],
                                  title=f"{model.name}: one row per class, the same code z down each column")
 
 
@@ -99,10 +84,8 @@ def kl_weight_over_steps(model, steps: np.ndarray, columns: list[str]) -> tuple[
 def reconstructions_figure(model, test_x: torch.Tensor, path: Path, seed: int = 0, n: int = 10,
                            test_y: torch.Tensor | None = None) -> Path:
     """A conditional model is given each image's label (`test_y`) to encode and decode with."""
-    x = random_test_images(test_x, n, seed, model.device)
-    y = random_test_labels(test_y, n, seed, model.device) if model.conditional else None
     return plots.plot_image_rows(
-        [x, model.reconstruct(x, y)], ["original", "reconstruction"], path,
+        reconstruction_rows(model, test_x, seed, n, test_y), ["original", "reconstruction"], path,
         title=f"{model.name}: {n} random test images and their reconstructions")
 
 
@@ -253,8 +236,7 @@ def write_run_figures(run_dir: Path, model, data, seed: int = 0, n_scatter: int 
     if model.conditional:
         written["samples"] = conditional_samples_figure(model, classes, path("samples"), seed)
     else:
-        gen = torch.Generator(device=device).manual_seed(seed)
-        written["samples"] = plots.plot_image_grid(model.sample(100, generator=gen), path("samples"),
+        written["samples"] = plots.plot_image_grid(torch.cat(sample_rows(model, len(classes), seed)), path("samples"),
                                                    title=f"{name}: 100 samples from the prior")
     written["reconstructions"] = reconstructions_figure(model, data.test_x, path("reconstructions"), seed,
                                                         test_y=data.test_y)

@@ -17,31 +17,10 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from .atomic import atomic_file  # noqa: E402
+from .gallery import as_uint8_images, grid_array  # noqa: E402
 
 SPLIT_STYLES = {"train": dict(color="tab:blue"), "test": dict(color="tab:orange"),
                 "val": dict(color="tab:green")}
-
-
-def _as_uint8_images(images: torch.Tensor | np.ndarray) -> np.ndarray:
-    """(N, 1, H, W) or (N, H, W) floats in [0, 1] -> (N, H, W) uint8."""
-    arr = images.detach().float().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
-    if arr.ndim == 4:
-        arr = arr[:, 0]
-    return (np.clip(arr, 0, 1) * 255 + 0.5).astype(np.uint8)
-
-
-def grid_array(images, nrow: int, padding: int = 2, pad_value: int = 255) -> np.ndarray:
-    """Tile N images into a (rows*H, nrow*W) uint8 array with `padding` pixels between them."""
-    arr = _as_uint8_images(images)
-    n, h, w = arr.shape
-    ncol = nrow
-    nrows = max(1, math.ceil(n / ncol))
-    out = np.full((nrows * (h + padding) + padding, ncol * (w + padding) + padding), pad_value, np.uint8)
-    for i in range(n):
-        r, c = divmod(i, ncol)
-        y, x = padding + r * (h + padding), padding + c * (w + padding)
-        out[y : y + h, x : x + w] = arr[i]
-    return out
 
 
 def save_image_grid(images, path: str | Path, nrow: int = 10, scale: int = 2) -> Path:
@@ -74,7 +53,7 @@ def plot_image_rows(rows: Sequence[torch.Tensor], row_labels: Sequence[str], pat
     fig, axes = plt.subplots(len(rows), ncol, figsize=(ncol * 0.9 + 0.8, len(rows) * 0.95 + 0.7),
                              squeeze=False)
     for r, (images, label) in enumerate(zip(rows, row_labels)):
-        arr = _as_uint8_images(images)
+        arr = as_uint8_images(images)
         for c in range(ncol):
             ax = axes[r, c]
             ax.set_xticks([])

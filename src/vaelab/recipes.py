@@ -33,7 +33,8 @@ from .errors import ConfigError, VaelabError, WriteError
 from .atomic import clean_stale_siblings, exchange, temp_path
 from .evaluate import ACTIVE_UNIT_THRESHOLD, METRICS_FILE, EvalSettings, evaluate_run, generate, summary_rows
 from .explore import LatentSpace, export_page
-from .figures import random_test_images, write_run_figures
+from .figures import write_run_figures
+from .gallery import random_test_images
 from .history_files import read_history
 from .inference import batched
 from .losses import mse
