@@ -211,7 +211,8 @@ def test_threads_sets_the_thread_count_and_goes_with_resume(trained_run, capsys)
 FLAG_VALUES = {"dataset": ("fashion-mnist", "fashion-mnist"), "epochs": ("3", 3), "batch_size": ("7", 7),
                "lr": ("0.5", 0.5), "lr_decay": ("0.9", 0.9), "seed": ("5", 5), "device": ("cpu", "cpu"), "val_size": ("10", 10),
                "binarize": ("dynamic", "dynamic"), "precision": ("bf16", "bf16"), "clip_grad": ("2.5", 2.5),
-               "eval_batch_size": ("33", 33), "log_every": ("9", 9), "compile": (None, True)}
+               "eval_batch_size": ("33", 33), "log_every": ("9", 9), "compile": (None, True),
+               "tensorboard": (None, "tb")}  # the flag alone: the run folder's tb/
 
 
 def test_every_train_config_field_is_a_train_flag_and_refused_with_resume(tmp_path, monkeypatch, capsys):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import signal
 import sys
 import typing
@@ -104,9 +105,17 @@ def _output_file(path: Path) -> Path:
     return path
 
 
+def _folder_here(text: str) -> str:
+    """A folder named on the command line, made absolute: relative to the current folder as the
+    user meant it, where a relative folder in a stored config is inside the run folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("name a folder, or give the flag alone")
+    return os.path.abspath(os.path.expanduser(text))
+
+
 # Training options whose values argparse checks itself (a usage error naming the flag); the
 # others are checked by TrainConfig.validate.
-FLAG_TYPES = {"seed": _seed}
+FLAG_TYPES = {"seed": _seed, "tensorboard": _folder_here}
 
 
 def _train_flags() -> list[tuple[str, str, type, str]]:
@@ -123,16 +132,41 @@ def _flag_type(hint):
     return None if kind is str else kind
 
 
+class _OptionalValue(argparse.Action):
+    """`--flag [VALUE]`: alone, the flag stores `alone` as it is; a VALUE goes through `parse`.
+    (argparse's own nargs="?" would pass a text const through the flag's type as well.)"""
+
+    def __init__(self, option_strings, dest, alone=None, parse=None, **kwargs):
+        super().__init__(option_strings, dest, nargs="?", **kwargs)
+        self.alone, self.parse = alone, parse
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if values is None:
+            value = self.alone
+        else:
+            try:
+                value = values if self.parse is None else self.parse(values)
+            except (argparse.ArgumentTypeError, ValueError) as e:
+                raise argparse.ArgumentError(self, str(e)) from None
+        setattr(namespace, self.dest, value)
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model into a run folder",
                        description="Train MODEL (see `vaelab models`) and write a run folder with "
                                    "config.json, model.safetensors, history.csv, steps.csv and figures/.")
     p.add_argument("model", nargs="?", help="registered model name, e.g. vae")
+    metadata = {f.name: f.metadata for f in dataclasses.fields(TrainConfig)}
     for name, flag, hint, text in _train_flags():
         if hint is bool:
             p.add_argument(flag, action="store_true", default=None, help=text)
+            continue
+        parse = FLAG_TYPES.get(name, _flag_type(hint))
+        if "const" in metadata[name]:  # an optional value: the flag alone stands for the const
+            p.add_argument(flag, action=_OptionalValue, alone=metadata[name]["const"], parse=parse, default=None,
+                           metavar=metadata[name].get("metavar"), help=text)
         else:
-            p.add_argument(flag, type=FLAG_TYPES.get(name, _flag_type(hint)), default=None, help=text)
+            p.add_argument(flag, type=parse, default=None, metavar=metadata[name].get("metavar"), help=text)
     p.add_argument("--latent-dim", type=int, default=None, help="latent size (model default if omitted)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="set a field of the model's config, e.g. --set 'hidden_dims=[400]'")
@@ -183,11 +217,11 @@ def cmd_train(args) -> int:
     with together():  # every figure or none
         written = write_training_figures(run_dir, run.model, trainer.data.test_x, seed=trainer.config.seed,
                                          test_y=trainer.data.test_y, classes=trainer.data.classes)
-    _print_summary(run_dir, written)
+    _print_summary(run_dir, written, trainer.config.tensorboard)
     return 0
 
 
-def _print_summary(run_dir: Path, figures: list[Path]) -> None:
+def _print_summary(run_dir: Path, figures: list[Path], tensorboard: str | None = None) -> None:
     run_dir = Path(run_dir)
     print(f"wrote {run_dir}/")
     for name, what in (("config.json", "model and training configuration"),
@@ -198,6 +232,9 @@ def _print_summary(run_dir: Path, figures: list[Path]) -> None:
         print(f"  {name:<24} {what}")
     for path in figures:
         print(f"  {str(Path(path).relative_to(run_dir)):<24} figure")
+    if tensorboard is not None:
+        logdir = run_dir / tensorboard  # a relative folder is inside the run folder
+        print(f"  {str(tensorboard) + '/':<24} TensorBoard log (`tensorboard --logdir {logdir}`)")
 
 
 def _add_generate(sub) -> None:

@@ -136,13 +136,20 @@ def _describe(hint: Any) -> str:
     )
 
 
-def option(default, help: str):
+def option(default, help: str, const: Any = None, metavar: str | None = None):
     """A config field with its documentation in `help` metadata: a TrainConfig field's command-line
     help, a model config field's line in `vaelab models --fields`. A list default is copied per
-    instance, as `field(default_factory=...)` would."""
+    instance, as `field(default_factory=...)` would. `const` makes a TrainConfig field's flag take
+    an optional value (`--tensorboard [DIR]`): the flag alone stands for `const`; `metavar` names
+    the value in the help."""
+    metadata = {"help": help}
+    if const is not None:
+        metadata["const"] = const
+    if metavar is not None:
+        metadata["metavar"] = metavar
     if isinstance(default, list):
-        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+        return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def require(condition: bool, message: str) -> None:

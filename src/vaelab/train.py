@@ -7,7 +7,8 @@ the run, and the gradient-norm limit), checks for divergence at its host syncs, 
 saves after each epoch, and on a signal saves mid-epoch. The rest is in the pieces it calls:
 the options (train_config.py), what it records and shows (training_log.py), the batches and
 their resumable order (data.Batcher), the run folder (run_folder.py, checkpoint.py,
-history_files.py), devices (devices.py), random states (rng.py) and signals (signals.py).
+history_files.py), devices (devices.py), random states (rng.py) and signals (signals.py). The
+optional TensorBoard log (tensorboard_log.py) is an observer the loop tells of its progress.
 
 Speed notes (see benchmarks/): batches are indexed out of a uint8 tensor on the device, the
 per-step loss terms stay on the device and are copied to the host once every `log_every` steps,
@@ -41,6 +42,7 @@ from .models import build_model
 from .rng import rng_state, seed_everything, set_rng_state
 from .run_folder import NewRun
 from .signals import stop_on_signals
+from .tensorboard_log import TensorBoardLog, check_available
 from .train_config import TrainConfig
 from .training_log import TrainingLog
 
@@ -73,6 +75,10 @@ class Trainer:
         # Called after each end-of-epoch save (`train --overwrite` swaps the new run in there).
         self.after_save: Callable[["Trainer"], None] | None = None
         self.nothing_saved = "no epoch had completed, so nothing was saved"  # for messages
+        # Told of the run's progress: on_steps(trainer, rows, first_step) after each host sync
+        # (the rows checked finite), on_epoch(trainer) once an epoch is evaluated, before it is
+        # saved, on_checkpoint(trainer) before each checkpoint, on_end(trainer) when fit ends.
+        self.observers = [TensorBoardLog(config.tensorboard)] if config.tensorboard is not None else []
 
     # The log's record, under the names the trainer has always had.
     step = property(lambda self: self.log.step, doc="completed optimizer steps")
@@ -105,7 +111,17 @@ class Trainer:
         self.epoch = state["epoch"]
         self.log.load_state_dict(state)
 
+    def step_state(self, step: int, epoch: int) -> StepState:
+        """The state of the step taken after `step` completed steps, in epoch `epoch`."""
+        return StepState(step=step, epoch=epoch, epochs=self.config.epochs, steps_per_epoch=len(self.batches),
+                         clip_grad=self.config.clip_grad)
+
+    def tell(self, event: str, *args) -> None:
+        for observer in self.observers:
+            getattr(observer, event)(self, *args)
+
     def save(self) -> None:
+        self.tell("on_checkpoint")
         ckpt.save_checkpoint(self.run_dir, self.state_dict(), self.stored_config)
         ckpt.save_model(self.run_dir, self.model, self.stored_config)
         self.write_history_files()
@@ -123,10 +139,13 @@ class Trainer:
         # fp32 linear layers through oneDNN while training on the CPU (see fastpath.py); inductor
         # has its own kernels, so not with compile.
         fast = self.device.type == "cpu" and not self.config.compile
-        with (stop_on_signals() as signals, onednn_linear(self.model, enabled=fast),
-              channels_last(self.model, enabled=wants_channels_last(self.model))):
-            while self.epoch < self.config.epochs:
-                self._run_epoch(self.epoch + 1, signals)
+        try:
+            with (stop_on_signals() as signals, onednn_linear(self.model, enabled=fast),
+                  channels_last(self.model, enabled=wants_channels_last(self.model))):
+                while self.epoch < self.config.epochs:
+                    self._run_epoch(self.epoch + 1, signals)
+        finally:
+            self.tell("on_end")
         return self.history
 
     def _run_epoch(self, epoch: int, signals: dict) -> None:
@@ -144,8 +163,7 @@ class Trainer:
         log.begin_epoch(epoch, cfg.epochs, len(self.batches), self.device)
 
         for i, batch in enumerate(batches, start=done):
-            state = StepState(step=log.next_step, epoch=epoch, epochs=cfg.epochs,
-                              steps_per_epoch=len(self.batches), clip_grad=cfg.clip_grad)
+            state = self.step_state(log.next_step, epoch)
             with autocast(self.device, cfg.precision):
                 out = model.training_step(batch, self.optimizers, state)
             log.record(out, len(batch))
@@ -154,9 +172,11 @@ class Trainer:
                 recent, first_step = log.sync()
                 self._check_finite(recent, epoch, first_step)
                 self._check_weights(epoch, log.next_step)
+                self.tell("on_steps", recent, first_step)
             if signals["stop"] and not last:
                 log.interrupt(i + 1, batches_at_start)
                 # Steps of the unfinished epoch live only in the checkpoint until the epoch completes.
+                self.tell("on_checkpoint")
                 ckpt.save_checkpoint(self.run_dir, self.state_dict(), self.stored_config)
                 raise TrainingInterrupted(
                     f"{signals['stop']}: saved {self.run_dir} in epoch {epoch} after "
@@ -190,6 +210,7 @@ class Trainer:
             self.log.add_evaluation(split, terms, time.perf_counter() - eval_start)
         self.epoch = epoch
         self.model.end_of_epoch(self.batches.images)
+        self.tell("on_epoch")
         self.save()
         if self.after_save is not None:
             self.after_save(self)
@@ -241,6 +262,7 @@ def train(model_name: str, model_config, config: TrainConfig, run_dir: str | Pat
     """Train a new model into `run_dir`; returns the Trainer (its model and history)."""
     run_dir = Path(run_dir)
     config.validate()
+    check_available(config)
     device = resolve_device(config.device)
     check_model_fits(meta_model(model_name, model_config), config, device)
     # Everything that can fail on a bad option happens before a folder is touched, so a mistake
@@ -310,6 +332,7 @@ def _resume_locked(run_dir: Path, epochs: int | None, device: str | None, progre
     if changes:
         config = config_from_dict(TrainConfig, {**config_to_dict(config), **changes}, where="train")
     # Options, device, model size and data are all resolved before anything is written.
+    check_available(config)
     torch_device = resolve_device(config.device)
     if data is None:
         data = load_training_data(config, quiet=not progress)

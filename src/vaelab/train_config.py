@@ -22,6 +22,9 @@ MAX_COUNT = 2**31 - 1
 # Every other field changes the batches, the updates or their rounding, so a resumed run would no
 # longer equal a straight one.
 RESUMABLE_FIELDS = ("epochs", "device")
+# Where `--tensorboard` alone logs: a relative folder is inside the run folder (it moves with the
+# run, and `tensorboard --logdir runs` finds every run's log).
+TENSORBOARD_DIR = "tb"
 
 
 @dataclass
@@ -46,6 +49,10 @@ class TrainConfig:
                                 "divergence (default 50)")
     compile: bool = option(False, "torch.compile the model (opt-in; benchmarks/RESULTS.md says when it pays)")
     # compile: the same math, but other random draws (inductor's RNG) and a slow start.
+    tensorboard: str | None = option(None, "log every loss term per step and per epoch, the learning rate, the KL "
+                                           "weight, sample and reconstruction grids and the test codes' embedding "
+                                           "to TensorBoard in DIR (alone: the run folder's tb/; needs the "
+                                           "tensorboard package)", const=TENSORBOARD_DIR, metavar="DIR")
 
     def validate(self) -> None:
         require(self.epochs >= 1, "epochs must be at least 1")
@@ -63,3 +70,5 @@ class TrainConfig:
         require(self.clip_grad is None or (math.isfinite(self.clip_grad) and self.clip_grad > 0),
                 "clip-grad must be positive and finite")
         require(self.eval_batch_size >= 1 and self.log_every >= 1, "batch sizes must be positive")
+        require(self.tensorboard is None or (self.tensorboard.strip() != "" and "\0" not in self.tensorboard),
+                "tensorboard must name a folder")
