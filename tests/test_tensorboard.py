@@ -180,6 +180,22 @@ def test_a_conditional_model_on_fashion_mnist(tmp_path):
     np.testing.assert_allclose(np.loadtxt(files["tensor_path"], delimiter="\t"), codes.numpy(), rtol=1e-4, atol=1e-5)
 
 
+def test_a_model_with_several_optimizers_logs_each_learning_rate(tmp_path):
+    """The VAE-GAN: its three networks' terms, and one learning rate per optimizer."""
+    run = tmp_path / "vae-gan"
+    model_config = make_config("vae-gan", ["arch='mlp'", "hidden_dims=[32]", "dis_hidden_dims=[32]",
+                                           "dis_lr_scale=0.5"])
+    train("vae-gan", model_config, quick_config(lr=1e-3, tensorboard="tb"), run, progress=False,
+          data=synthetic_data(n_train=128, n_test=40))
+    log = read_log(run / "tb")
+    check_log_matches_run(log, run)
+    assert len(steps_table(run)[0]) == 2 + 1 + 10  # step, epoch, loss and ten terms: all checked above
+    rates = {tag: {v for _, v in scalars(log, tag)} for tag in log.Tags()["scalars"] if tag.startswith("schedule/lr")}
+    stored = lambda lr: {float(np.float32(lr))}  # noqa: E731  (event files hold float32)
+    assert rates == {"schedule/lr_encoder": stored(1e-3), "schedule/lr_decoder": stored(1e-3),
+                     "schedule/lr_discriminator": stored(5e-4)}
+
+
 def test_the_log_changes_nothing_in_training(tmp_path):
     """Drawing the images and codes in the loop must neither draw from the global random state
     nor touch batch norm's statistics: a model with both trains to the same weights with the
@@ -290,16 +306,19 @@ def workspace(tmp_path_factory):
     return root, env
 
 
-@pytest.mark.parametrize("pause, sig", [
+@pytest.mark.parametrize("pause, sig, logged, extend", [
     # After epoch 2's log was flushed, before its checkpoint replaced epoch 1's: the log holds
     # 6 steps, one epoch's rows and images, and a projector the checkpoint does not.
-    (["--pause-before-replace", "checkpoint.safetensors:2"], signal.SIGKILL),
+    (["--pause-before-replace", "checkpoint.safetensors:2"], signal.SIGKILL, 12, []),
     # Mid-epoch: the checkpoint holds 9 steps, 3 of an unfinished epoch, and so does the log.
-    (["--pause-at-step", "9"], signal.SIGINT),
-], ids=["killed-before-checkpoint", "interrupted-mid-epoch"])
-def test_resume_continues_the_log_without_duplicates(workspace, pause, sig):
+    (["--pause-at-step", "9"], signal.SIGINT, 9, []),
+    # Just after the last checkpoint (before the weights' rename): the run is complete, and the
+    # resume extends it by an epoch, whose projector replaces the first one in the config.
+    (["--pause-before-replace", "model.safetensors:2"], signal.SIGKILL, 12, ["--epochs", "3"]),
+], ids=["killed-before-checkpoint", "interrupted-mid-epoch", "killed-after-checkpoint-then-extended"])
+def test_resume_continues_the_log_without_duplicates(workspace, pause, sig, logged, extend):
     root, _ = workspace
-    run = root / f"run-{sig.name}"
+    run = root / f"run-{sig.name}-{logged}-{len(extend)}"
     args = ["train", "vae", "--epochs", "2", "--batch-size", str(BATCH), "--log-every", "2", "--set",
             "hidden_dims=[16]", "--device", "cpu", "--quiet", "--out", str(run), "--tensorboard"]
     marker = root / f"{run.name}.marker"
@@ -307,11 +326,53 @@ def test_resume_continues_the_log_without_duplicates(workspace, pause, sig):
     signal_at(proc, marker, sig)
     finish(proc)
     before = read_log(run / "tb")
-    assert [s for s, _ in scalars(before, "loss/train_step")] == list(range(1, 13 if sig == signal.SIGKILL else 10))
-    code, _, err = finish(cli(workspace, "train", "--resume", str(run), "--quiet"))
+    assert [s for s, _ in scalars(before, "loss/train_step")] == list(range(1, logged + 1))
+    code, out, err = finish(cli(workspace, "train", "--resume", str(run), *extend, "--quiet"))
     assert code == 0, err
+    assert "warning" not in out.lower(), out  # a projector written again replaces the old one quietly
     assert len(list((run / "tb").glob("events.out.tfevents.*"))) == 2  # one per process, appended
     log = read_log(run / "tb")
     check_log_matches_run(log, run)  # each step, epoch row and image once
-    assert [s for s, _ in scalars(log, "loss/train_step")] == list(range(1, 13))
-    assert projector_files(run / "tb")["tensor_path"].is_file()
+    total = 6 * (3 if extend else 2)
+    assert [s for s, _ in scalars(log, "loss/train_step")] == list(range(1, total + 1))
+    assert f"{total:05d}/test_codes/tensors.tsv" in str(projector_files(run / "tb")["tensor_path"])
+
+
+def test_the_log_is_on_disk_before_each_checkpoint(tmp_path, tiny_data, monkeypatch):
+    """With a slow disk (20 ms per event), each checkpoint, at the end of an epoch and at a
+    Ctrl-C mid-epoch, finds every step it holds (and the epoch's last image) already in the
+    event file: a process killed right after a checkpoint leaves no gap in its log."""
+    import os
+    import time
+
+    from tensorboard.summary.writer import record_writer
+
+    from vaelab.errors import TrainingInterrupted
+    from vaelab.models import get_model_class
+
+    write = record_writer.RecordWriter.write
+    monkeypatch.setattr(record_writer.RecordWriter, "write", lambda self, data: (time.sleep(0.02), write(self, data)))
+    seen, save = [], ckpt.save_checkpoint
+
+    def save_and_look(run_dir, state, config=None):
+        log = read_log(Path(run_dir) / "tb")
+        images = [e.step for e in log.Images("reconstructions")] if "reconstructions" in log.Tags()["images"] else []
+        seen.append((state["step"], scalars(log, "loss/train_step")[-1][0], images[-1:]))
+        save(run_dir, state, config)
+
+    cls = get_model_class("vae")
+    step, calls = cls.training_step, {"n": 0}
+
+    def step_then_interrupt(self, *args, **kwargs):
+        out = step(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 7:  # the third step of epoch 2 (4 per epoch)
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_and_look)
+    monkeypatch.setattr(cls, "training_step", step_then_interrupt)
+    with pytest.raises(TrainingInterrupted):
+        train("vae", make_config("vae", hidden_dims=[16]), quick_config(epochs=2, tensorboard="tb"), tmp_path / "run",
+              progress=False, data=tiny_data)
+    assert seen == [(4, 4, [4]), (7, 7, [4])]

@@ -117,7 +117,8 @@ class TensorBoardLog:
         logdir = Path(trainer.run_dir) / self.folder  # an absolute folder stays itself
         if logdir != self.logdir:
             # The first call; or an --overwrite run was swapped in under the run's name, and the
-            # writer must follow it (the projector's files go where the writer thinks it is).
+            # writer must follow it: it appends to its event file by path, and writes the
+            # projector's files where it thinks it is.
             self.on_end(trainer)
             self.writer = summary_writer_class()(str(logdir), purge_step=trainer.step + 1)
             self.logdir = logdir
@@ -143,6 +144,8 @@ def schedules(trainer, steps: range) -> dict[str, list[float]]:
     values = {}
     optimizers = trainer.optimizers
     for name, opt in optimizers.items():
+        # Read at the sync: nothing changes a learning rate between two syncs (vaelab has no
+        # learning-rate schedule; a model's optimizers keep the rate they were made with).
         tag = "schedule/lr" if len(optimizers) == 1 else f"schedule/lr_{name}"
         values[tag] = [opt.param_groups[0]["lr"]] * len(steps)
     kl_weight = getattr(trainer.model, "kl_weight", None)
