@@ -73,14 +73,18 @@ class TensorBoardLog:
 
     def on_steps(self, trainer, rows: torch.Tensor, first_step: int) -> None:
         """`rows`: (steps, terms) loss rows on the host, of the steps `first_step`, `first_step + 1`, ..."""
+        from tensorboard.compat.proto.summary_pb2 import Summary  # there: the writer is open
+        from torch.utils.tensorboard.summary import scalar
+
         writer = self._writer(trainer)
         steps = range(first_step, first_step + len(rows))
-        for name, values in zip(trainer.term_names, rows.T.tolist()):
-            for step, value in zip(steps, values):
-                writer.add_scalar(f"{name}/train_step", value, step)
-        for tag, values in schedules(trainer, steps).items():
-            for step, value in zip(steps, values):
-                writer.add_scalar(tag, value, step)
+        series = {f"{name}/train_step": values for name, values in zip(trainer.term_names, rows.T.tolist())}
+        series.update(schedules(trainer, steps))
+        # One event per step holding every tag's value: a tenth of the time of one event per
+        # value (`add_scalar`), which took ~10 % of an MLP VAE epoch here.
+        for i, step in enumerate(steps):
+            values = [v for tag, column in series.items() for v in scalar(tag, column[i]).value]
+            writer.file_writer.add_summary(Summary(value=values), step)
 
     def on_epoch(self, trainer) -> None:
         """The epoch `trainer.epoch` is evaluated (its history rows written) and not yet saved."""
