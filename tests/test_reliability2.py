@@ -697,7 +697,8 @@ def train_new(out: str):
                    option("--binarize", st.sampled_from(["none", "dynamic", "static", "x"])),
                    option("--precision", st.sampled_from(["fp32", "bf16", "x"])),
                    option("--dataset", st.sampled_from(["mnist", "fashion-mnist", "x"])),
-                   option("--set", SET_ITEMS), st.just(["--overwrite"]), st.just(["--compile"]))
+                   option("--set", SET_ITEMS), st.just(["--overwrite"]), st.just(["--compile"]),
+                   st.just(["--tensorboard"]))
     return st.tuples(st.sampled_from(["vae", "ae", "nope", ""]), opts).map(
         lambda t: ["train", t[0], "--epochs", "1", "--batch-size", "256", "--set", "hidden_dims=[16]",
                    "--device", "cpu", *t[1], "--out", out, "--quiet"])
@@ -745,7 +746,8 @@ def damage_strategy():
         st.tuples(st.just("config-field"), st.sampled_from(["model", "model_config", "train", "format_version"]),
                   json_values()),
         st.tuples(st.just("train-field"), st.sampled_from(["dataset", "epochs", "batch_size", "lr", "seed", "device",
-                                                            "val_size", "binarize", "clip_grad", "log_every"]),
+                                                            "val_size", "binarize", "clip_grad", "log_every",
+                                                            "tensorboard"]),
                   json_values()),
     )
 

@@ -266,6 +266,15 @@ def test_without_the_package_one_line_and_nothing_written(tmp_path, synthetic_mn
         assert after == before and not (tmp_path / "new").exists()
 
 
+def test_a_file_where_the_log_goes_is_refused_before_anything_is_written(tmp_path, synthetic_mnist, capsys):
+    (tmp_path / "taken").write_text("not a folder")
+    assert main(["train", "vae", "--epochs", "1", "--quiet", "--out", str(tmp_path / "new" / "run"),
+                 "--tensorboard", str(tmp_path / "taken")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"vaelab: error: --tensorboard {tmp_path / 'taken'}: exists and is not a folder\n"
+    assert not (tmp_path / "new").exists()
+
+
 def test_a_run_saved_before_the_option_loads_and_resumes_without_a_log(tmp_path, synthetic_mnist, monkeypatch):
     """Run folders written before the field existed lack it in config.json and in the weights'
     stored config: they load, and resume, as runs without a log."""

@@ -55,10 +55,14 @@ def summary_writer_class():
     return SummaryWriter
 
 
-def check_available(config: TrainConfig) -> None:
-    """Refuse a config that asks for a log this Python cannot write."""
-    if config.tensorboard is not None:
-        summary_writer_class()
+def check_available(config: TrainConfig, run_dir: Path) -> None:
+    """Refuse a config that asks for a log this Python, or this place, cannot take."""
+    if config.tensorboard is None:
+        return
+    summary_writer_class()
+    logdir = Path(run_dir) / config.tensorboard
+    if logdir.exists() and not logdir.is_dir():
+        raise ConfigError(f"--tensorboard {logdir}: exists and is not a folder")
 
 
 class TensorBoardLog:

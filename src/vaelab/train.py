@@ -262,7 +262,7 @@ def train(model_name: str, model_config, config: TrainConfig, run_dir: str | Pat
     """Train a new model into `run_dir`; returns the Trainer (its model and history)."""
     run_dir = Path(run_dir)
     config.validate()
-    check_available(config)
+    check_available(config, run_dir)
     device = resolve_device(config.device)
     check_model_fits(meta_model(model_name, model_config), config, device)
     # Everything that can fail on a bad option happens before a folder is touched, so a mistake
@@ -332,7 +332,7 @@ def _resume_locked(run_dir: Path, epochs: int | None, device: str | None, progre
     if changes:
         config = config_from_dict(TrainConfig, {**config_to_dict(config), **changes}, where="train")
     # Options, device, model size and data are all resolved before anything is written.
-    check_available(config)
+    check_available(config, run_dir)
     torch_device = resolve_device(config.device)
     if data is None:
         data = load_training_data(config, quiet=not progress)
