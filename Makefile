@@ -20,11 +20,15 @@ $(STAMP): requirements.lock pyproject.toml
 demo: install
 	$(BIN)/vaelab recipe vae-2d-mnist --quick --out runs/demo --overwrite
 
+# One test process per CPU (pytest-xdist), each on one thread unless OMP_NUM_THREADS says otherwise:
+# the tests are small, so processes side by side beat threads inside one.
+TEST_RUN := OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q -n auto
+
 test: install
-	$(BIN)/python -m pytest -q
+	$(TEST_RUN)
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not realdata"
+	$(TEST_RUN) -m "not realdata"
 
 bench: install
 	$(BIN)/python benchmarks/bench.py

@@ -200,6 +200,44 @@ def _count_trainings(monkeypatch) -> list:
     return calls
 
 
+def test_two_processes_at_once_train_the_classifier_once(fast_classifier, monkeypatch):
+    """Two evaluations (or test workers) starting together: the second waits for the first's
+    classifier instead of training its own; no lock file is left in the cache. (flock locks belong
+    to an open file description, so two threads opening the folder exclude each other as two
+    processes would.)"""
+    import threading
+    import time
+
+    from vaelab.data import load
+
+    data = load("mnist", quiet=True)
+    trainings, started = [], threading.Event()
+    real_train, real_lock = metrics.train_classifier, metrics.folder_lock
+
+    def slow(*a, **k):
+        trainings.append(threading.current_thread().name)
+        started.set()
+        time.sleep(0.5)  # long enough for the other caller to reach the lock
+        return real_train(*a, **k)
+
+    waited = []
+    monkeypatch.setattr(metrics, "train_classifier", slow)
+    monkeypatch.setattr(metrics, "folder_lock", lambda folder, on_wait=None: real_lock(
+        folder, on_wait=lambda: waited.append(threading.current_thread().name)))
+    results = {}
+    first = threading.Thread(name="first", target=lambda: results.update(
+        first=metrics.load_or_train_classifier(data)[0]))
+    first.start()
+    assert started.wait(30)
+    results["second"] = metrics.load_or_train_classifier(data)[0]
+    first.join(60)
+    assert trainings == ["first"] and waited == [threading.current_thread().name]
+    x = torch.rand(3, 1, 28, 28)
+    torch.testing.assert_close(results["first"](x), results["second"](x))  # the second loaded the first's
+    weights, _ = metrics.classifier_paths("mnist")
+    assert not [p for p in weights.parent.iterdir() if "lock" in p.name]
+
+
 def test_classifier_cache_is_retrained_when_its_settings_or_weights_change(fast_classifier, monkeypatch, capsys):
     from vaelab.data import load
 

@@ -184,6 +184,13 @@ def test_benchmark_functions_on_a_tiny_configuration(synthetic_mnist):
     for r in (base, fast):
         assert r["images"] == 256 and r["wall_seconds"] > 0 and r["run_cpu_seconds"] > 0 and len(r["curve"]) == 1
     assert fast["sample_images_per_s"] > 0
+    plain = bench.run_plain("vae", {"hidden_dims": [400], "latent_dim": 20}, epochs=1, n_train=256, n_test=128)
+    assert plain["images"] == 256 and plain["train_seconds"] > 0
+    # one step of the 784-400-20 VAE: the GEMMs counted by hand, plus the sampling layer's few
+    assert 128 * bench.gemm_flops(bench.mlp_step_gemms(1)) <= plain["step_flops"] <= 1.01 * 128 * 3 * forward
+    for name in ("cvae", "vae-gan"):  # a conditional model and one with three optimizers
+        tiny = {"hidden_dims": [8]} if name == "cvae" else {"arch": "mlp", "hidden_dims": [8], "dis_hidden_dims": [8]}
+        assert bench.run_plain(name, tiny, epochs=1, n_train=256, n_test=128)["images"] == 256
     results = {"machine": {**bench.machine_info(), "load_at_start": 0.0, "load_at_end": 0.0},
                "settings": {"quick": True, "epochs": 1}, "variants": {},
                "baseline": {**base, "max_rss_mb": 1.0, "cpu_seconds": 1.0, "load_before": 0, "load_after": 0},
@@ -191,10 +198,12 @@ def test_benchmark_functions_on_a_tiny_configuration(synthetic_mnist):
                "matmul": {"threads": 1, "step_gemms_fp32_gflops": 1.0, "step_gemms_fp32_aten_gflops": 1.0,
                           "step_gemms_fp32_onednn_gflops": 1.0, "step_gemms_bf16_gflops": 1.0,
                           "square_fp32_gflops": 1.0, "square_bf16_gflops": 1.0},
-               "models": [{"model": "vae", **fast}, {"model": "broken", "error": "boom"}]}
+               "models": [{"model": "vae", **fast, "plain": {**plain, "train_seconds": 2 * fast["train_seconds"]}},
+                          {"model": "broken", "error": "boom"}]}
     bench.summarize(results)
     text = bench.report(results)
     assert "Speed-up" in text and "| vae |" in text and "| broken | error" in text
+    assert "| 2.00x |" in text  # vaelab / plain, from the two loops' train seconds
     from vaelab.models import MODELS
 
     assert {name for _, name, _ in bench.model_variants()} == set(MODELS)

@@ -24,13 +24,14 @@ file: `clean_stale_temps` removes the first kind (the next command that owns the
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import re
 import secrets
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 from .errors import WriteError
 
@@ -234,3 +235,27 @@ def atomic_write(dest: str | Path, data: bytes) -> None:
     """Write `data` to `dest` atomically (see the module docstring)."""
     with atomic_file(dest) as f:
         f.write(data)
+
+
+@contextmanager
+def folder_lock(folder: Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """An exclusive advisory lock (`flock`) on `folder` itself, held inside the block, so that
+    processes about to build the same cached file take turns: the second finds the first one's
+    result instead of building it again. No lock file is left behind. `on_wait` is called once if
+    another process holds the lock. Nothing is created: where the folder does not exist or cannot
+    be opened, no lock (there is then no cache to share, or writing fails with its own message)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

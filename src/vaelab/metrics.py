@@ -47,6 +47,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .atomic import folder_lock
 from .checkpoint import load_state_into, load_tensors, save_tensors, write_json
 from .data import ImageData, cache_root, get_spec, load, to_float
 from .errors import DataError, VaelabError
@@ -307,6 +308,23 @@ def load_or_train_classifier(data: ImageData, device: str | torch.device = "cpu"
     damaged or malformed cache, one whose weights do not match their recorded SHA-256, or one
     trained with other settings, is retrained. A classifier short of its target accuracy is used,
     with a warning on stderr (and `meets_target: false` in classifier.json)."""
+    weights, _ = classifier_paths(data.name)
+    # Two processes that start at once (two evaluations, parallel tests) train it once: the
+    # second waits, then loads what the first cached.
+    def waiting() -> None:
+        if progress:
+            print(f"waiting for another process to finish the {data.name} domain classifier "
+                  f"({weights.parent}) ...", file=sys.stderr, flush=True)
+
+    with folder_lock(weights.parent, on_wait=waiting):
+        clf, info = _load_or_train(data, device, progress)
+    message = _shortfall(info)
+    if message:
+        _warn(message)
+    return clf.to(device).eval(), info
+
+
+def _load_or_train(data: ImageData, device, progress: bool) -> tuple[DomainClassifier, dict]:
     n_classes = len(data.classes)
     weights, info_path = classifier_paths(data.name)
     settings = classifier_settings(data.name, n_classes)
@@ -332,10 +350,7 @@ def load_or_train_classifier(data: ImageData, device: str | torch.device = "cpu"
         write_json(info_path, info)  # after the weights: a kill in between leaves a mismatch, retrained
         if progress:
             print(f"  test accuracy {accuracy:.2%} in {seconds} s", file=sys.stderr, flush=True)
-    message = _shortfall(info)
-    if message:
-        _warn(message)
-    return clf.to(device).eval(), info
+    return clf, info
 
 
 def classifier_summary(dataset: str, info: dict) -> dict:
