@@ -2,7 +2,9 @@
 the exported page, the command line, and the page itself in headless Chromium.
 
 The reference throughout is the model: whatever the page or the API shows for a code z must be
-`model.decode(z)` (as 8-bit grey levels), and a drawn image's code `model.encode(x).mu`.
+`model.decode(z)` (as 8-bit grey levels), and a drawn image's code `model.encode(x).mu`; for a
+conditional model (`cvae`) `model.decode(z, condition=y)` and `model.encode(x, condition=y)`
+with y the class the page has selected.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 from PIL import Image
 
 from vaelab.cli import main
-from vaelab.errors import WriteError
+from vaelab.errors import ConfigError, WriteError
 from vaelab.explore import LatentSpace, export_page, make_server
 from vaelab.explore.space import MAX_SLIDERS, latent_plane
 from vaelab.models import MODELS, build_model, make_config
@@ -46,17 +48,14 @@ CASES = {
     "lstm-vae": ("lstm-vae", dict(lstm_hidden=16, latent_dim=3, channels=[8, 4])),
     "vae-gan": ("vae-gan", dict(latent_dim=16)),  # the convolutional default
     "vae-gan-mlp": ("vae-gan", dict(arch="mlp", hidden_dims=[16], dis_hidden_dims=[16, 8], latent_dim=2)),
+    # conditional: every decode and encode takes the selected class
+    "cvae": ("cvae", dict(hidden_dims=[16], latent_dim=2)),
+    "cvae-4d": ("cvae", dict(encoder="lstm", decoder="conv", lstm_hidden=16, channels=[8, 4], latent_dim=4)),
 }
 
 
-# A conditional model decodes a class as well as a code; the page has no class control, so the
-# explorer refuses it in one line (tests/test_cvae.py).
-NOT_EXPLORED = {"cvae"}
-
-
 def test_every_registered_model_has_a_case():
-    assert {name for name, _ in CASES.values()} | NOT_EXPLORED == set(MODELS)
-    assert all(MODELS[name].conditional for name in NOT_EXPLORED)
+    assert {name for name, _ in CASES.values()} == set(MODELS)
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +74,25 @@ def as_bytes(images: torch.Tensor) -> np.ndarray:
     return (images.float().clamp(0, 1) * 255).round().to(torch.uint8).reshape(len(images), -1).numpy()
 
 
+def condition(label: int | None, n: int) -> torch.Tensor | None:
+    return None if label is None else torch.full((n,), label)
+
+
 @torch.inference_mode()
-def reference_decode(model, z) -> np.ndarray:
-    """(B, 784) uint8: what the decoder makes of the codes z, computed here, not by the explorer."""
-    return as_bytes(model.decode(torch.as_tensor(z, dtype=torch.float32).reshape(-1, model.latent_dim)))
+def reference_decode(model, z, label: int | None = None) -> np.ndarray:
+    """(B, 784) uint8: what the decoder makes of the codes z (as class `label` for a conditional
+    model), computed here, not by the explorer."""
+    z = torch.as_tensor(z, dtype=torch.float32).reshape(-1, model.latent_dim)
+    return as_bytes(model.decode(z, condition(label, len(z))))
+
+
+def label_for(space) -> int | None:
+    """The class a test asks a conditional space for (not 0, the page's default), else None."""
+    return 3 if space.conditional else None
+
+
+def with_class(body: dict, space) -> dict:
+    return {**body, "class": label_for(space)} if space.conditional else body
 
 
 def close(a, b, levels: int = 1) -> bool:
@@ -199,27 +213,30 @@ def test_page_and_info(served):
     status, info = served.request("GET", "/api/info")
     model = served.space.model
     assert status == 200 and info["latent_dim"] == model.latent_dim and info["model"] == model.name
-    assert info["has_std"] == (model.encode(torch.zeros(1, 1, 28, 28)).logvar is not None)
+    assert info["has_std"] == (model.encode(torch.zeros(1, 1, 28, 28), condition(label_for(served.space), 1))
+                               .logvar is not None)
     assert len(info["points"]["xy"]) == 2 * len(info["points"]["labels"]) == 400
     assert info["classes"] == [str(i) for i in range(10)] and info["mode"] == "server"
+    assert info["conditional"] is model.conditional and bool(info["class_note"]) is model.conditional
 
 
 def test_decode_answers_what_the_decoder_makes(served):
     d = served.space.latent_dim
     z = torch.randn(5, d, generator=torch.Generator().manual_seed(3)).tolist()
-    status, answer = served.request("POST", "/api/decode", {"z": z})
+    status, answer = served.request("POST", "/api/decode", with_class({"z": z}, served.space))
     assert status == 200
     images = np.stack([np.frombuffer(base64.b64decode(s), np.uint8) for s in answer["images"]])
-    assert images.shape == (5, 784) and close(images, reference_decode(served.space.model, z))
+    assert images.shape == (5, 784)
+    assert close(images, reference_decode(served.space.model, z, label_for(served.space)))
 
 
 def test_encode_answers_the_posterior_and_its_reconstruction(served, data):
     x = data.test_x[7].float().div(255)
-    status, answer = served.request("POST", "/api/encode", {"image": x.reshape(-1).tolist()})
+    status, answer = served.request("POST", "/api/encode", with_class({"image": x.reshape(-1).tolist()}, served.space))
     assert status == 200
-    model = served.space.model
+    model, label = served.space.model, label_for(served.space)
     with torch.inference_mode():
-        post = model.encode(x.reshape(1, 1, 28, 28))
+        post = model.encode(x.reshape(1, 1, 28, 28), condition(label, 1))
     assert np.allclose(answer["mu"], post.mu[0].numpy(), atol=1e-5)
     assert np.allclose(answer["point"], served.space.plane.project(post.mu.double())[0].numpy(), atol=1e-5)
     if post.logvar is None:
@@ -228,7 +245,7 @@ def test_encode_answers_the_posterior_and_its_reconstruction(served, data):
         assert np.allclose(answer["std"], post.logvar[0].mul(0.5).exp().numpy(), rtol=1e-5)
         assert len(answer["ellipse"]["radii"]) == 2
     recon = np.frombuffer(base64.b64decode(answer["reconstruction"]), np.uint8)
-    assert close(recon, reference_decode(model, post.mu)[0])
+    assert close(recon, reference_decode(model, post.mu, label)[0])
 
 
 BAD_REQUESTS = [  # (method, path, body, headers, status, words in the message)
@@ -298,11 +315,17 @@ def test_server_binds_to_loopback_by_default(served_vae):
 # ---------------------------------------------------------------------------------------------
 
 
-def atlas_of(page: str) -> tuple[int, np.ndarray]:
+def atlases_of(page: str) -> tuple[int, list[np.ndarray]]:
+    """An exported page's grid size and its atlases (one, or one per class), as pixel sheets."""
     payload = json.loads(re.search(r'<script type="application/json" id="vaelab-data">(.*?)</script>',
                                    page, re.S).group(1))
-    png = base64.b64decode(payload["atlas"]["png"])
-    return payload["atlas"]["n"], np.asarray(Image.open(io.BytesIO(png)))
+    sheets = [np.asarray(Image.open(io.BytesIO(base64.b64decode(png)))) for png in payload["atlas"]["pngs"]]
+    return payload["atlas"]["n"], sheets
+
+
+def tiles_of(sheet: np.ndarray, n: int) -> np.ndarray:
+    """(n * 28, n * 28) -> (n * n, 784), row by row from the top, as `grid_points` orders them."""
+    return sheet.reshape(n, 28, n, 28).transpose(0, 2, 1, 3).reshape(n * n, 784)
 
 
 @pytest.mark.parametrize("case", ["vae", "ae-5d"])
@@ -312,23 +335,147 @@ def test_export_is_one_self_contained_file_of_the_decoder_s_images(tmp_path, dat
     # Nothing is fetched from anywhere: no URL in a src or href, no http(s) at all.
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page, re.I)
     assert "http:" not in page and "https:" not in page and "@import" not in page
-    n, sheet = atlas_of(page)
-    assert n == 8 and sheet.shape == (8 * 28, 8 * 28)
-    tiles = sheet.reshape(8, 28, 8, 28).transpose(0, 2, 1, 3).reshape(64, 784)
-    assert close(tiles, reference_decode(space.model, space.grid_points(8)))
+    n, sheets = atlases_of(page)
+    assert n == 8 and len(sheets) == 1 and sheets[0].shape == (8 * 28, 8 * 28)
+    assert close(tiles_of(sheets[0], 8), reference_decode(space.model, space.grid_points(8)))
 
 
 def test_export_failure_keeps_the_previous_file(tmp_path, data, monkeypatch):
     space = make_space("vae", data, n_points=50)
     out = tmp_path / "page.html"
     out.write_text("previous")
-    monkeypatch.setattr(space, "atlas_png", lambda n: (_ for _ in ()).throw(MemoryError()))
+    monkeypatch.setattr(space, "atlas_png", lambda n, label=None: (_ for _ in ()).throw(MemoryError()))
     with pytest.raises(MemoryError):
         export_page(space, out, grid=4)
     assert out.read_text() == "previous" and [p.name for p in tmp_path.iterdir()] == ["page.html"]
     (tmp_path / "dir.html").mkdir()
     with pytest.raises(WriteError):
         export_page(make_space("vae", data, n_points=50), tmp_path / "dir.html", grid=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# A conditional model: the class the page selects goes into every decode and encode
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cvae_data():
+    return synthetic_data(n_train=256, n_test=300)
+
+
+@pytest.fixture(scope="module")
+def trained_cvae(cvae_data):
+    """A 2-D cvae trained 160 steps on the synthetic bars (class k: a bar at its own angle), so
+    its decoder draws the class it is given (as in test_cvae); the explorer's space over its 300
+    test images."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = train("cvae", make_config("cvae", hidden_dims=[64], latent_dim=2),
+                        quick_config(epochs=10, batch_size=16, lr=3e-3), Path(tmp) / "cvae", progress=False,
+                        data=cvae_data)
+    d = cvae_data
+    return LatentSpace(trainer.model.eval(), d.test_x, d.test_y, d.classes, d.name, run_name="cvae", n_points=300)
+
+
+def test_a_conditional_page_says_so_and_lists_the_classes(trained_cvae, data):
+    page = trained_cvae.page_data()
+    assert page["conditional"] is True and page["classes"] == [str(i) for i in range(10)]
+    assert "selected class" in page["class_note"] and page["atlas"] is None
+    plain = make_space("vae", data, n_points=50).page_data()
+    assert plain["conditional"] is False and plain["class_note"] == ""
+
+
+def test_conditional_codes_are_posterior_means_given_each_image_s_own_label(trained_cvae, cvae_data):
+    from vaelab.data import to_float
+
+    idx = torch.randperm(len(cvae_data.test_x), generator=torch.Generator().manual_seed(0))[:300]
+    x, y = to_float(cvae_data.test_x[idx]), cvae_data.test_y[idx]
+    model = trained_cvae.model
+    with torch.inference_mode():
+        own, other = model.encode(x, y).mu, model.encode(x, (y + 1) % 10).mu
+    assert torch.equal(trained_cvae.labels, y)
+    assert torch.allclose(trained_cvae.codes, own, atol=1e-5)
+    assert not torch.allclose(trained_cvae.codes, other, atol=1e-3)  # the label matters to the codes
+
+
+def test_conditional_decode_draws_the_same_z_as_each_class(trained_cvae, data):
+    z = torch.randn(6, 2, generator=torch.Generator().manual_seed(4))
+    model = trained_cvae.model
+    two, seven = trained_cvae.decode(z, 2), trained_cvae.decode(z, 7)
+    assert close(two, reference_decode(model, z, 2)) and close(seven, reference_decode(model, z, 7))
+    # The synthetic classes are bars at different angles: the two classes' images differ widely.
+    assert np.abs(two.astype(np.int16) - seven.astype(np.int16)).mean(1).min() > 10
+    for bad in (None, 10, -1):
+        with pytest.raises(ConfigError, match="is conditional: pass a class in 0..9"):
+            trained_cvae.decode(z, bad)
+    with pytest.raises(ConfigError, match="vae is unconditional: it takes no class"):
+        make_space("vae", data, n_points=50).decode(z, 2)
+
+
+def test_conditional_encode_is_given_the_class_and_reconstructs_as_it(trained_cvae, cvae_data):
+    x = cvae_data.test_x[5].float().div(255)
+    model, answers = trained_cvae.model, {}
+    for label in (2, 7):
+        answers[label] = answer = trained_cvae.encode(x.reshape(-1), label)
+        with torch.inference_mode():
+            post = model.encode(x.reshape(1, 1, 28, 28), torch.tensor([label]))
+        assert np.allclose(answer["mu"], post.mu[0].numpy(), atol=1e-5)
+        assert np.allclose(answer["std"], post.logvar[0].mul(0.5).exp().numpy(), rtol=1e-5)
+        recon = np.frombuffer(base64.b64decode(answer["reconstruction"]), np.uint8)
+        assert close(recon, reference_decode(model, post.mu, label)[0])
+    assert not np.allclose(answers[2]["mu"], answers[7]["mu"], atol=1e-3)
+    assert answers[2]["reconstruction"] != answers[7]["reconstruction"]
+
+
+@pytest.fixture(scope="module")
+def served_cvae(data):
+    s = Served(make_space("cvae", data, n_points=100))
+    yield s
+    s.close()
+
+
+MISSING = object()
+CLASS_ERRORS = [  # (model, endpoint, the "class" field, words in the message)
+    ("cvae", "decode", MISSING, 'decode: cvae is conditional: pass "class", an index in 0..9'),
+    ("cvae", "encode", MISSING, 'encode: cvae is conditional: pass "class", an index in 0..9'),
+    ("cvae", "decode", 10, '"class" 10 out of range: mnist has classes 0..9'),
+    ("cvae", "encode", -1, '"class" -1 out of range'),
+    ("cvae", "decode", "3", 'must be an index in 0..9, got "3"'),
+    ("cvae", "decode", 3.0, "must be an index in 0..9, got 3.0"),
+    ("cvae", "encode", True, "must be an index in 0..9, got true"),
+    ("cvae", "decode", None, "must be an index in 0..9, got null"),
+    ("vae", "decode", 3, 'decode: "class" given, but vae is unconditional: it takes no class'),
+    ("vae", "encode", 0, 'encode: "class" given, but vae is unconditional'),
+    ("vae", "decode", None, "unconditional"),  # even null: the field is not this model's
+]
+
+
+@pytest.mark.parametrize("model, endpoint, label, words", CLASS_ERRORS,
+                         ids=[f"{m} {e} {i}" for i, (m, e, *_) in enumerate(CLASS_ERRORS)])
+def test_a_missing_wrong_or_unexpected_class_is_a_400_in_one_line(served_vae, served_cvae, model, endpoint,
+                                                                 label, words):
+    served = served_cvae if model == "cvae" else served_vae
+    body = {"z": [[0.0] * served.space.latent_dim]} if endpoint == "decode" else {"image": [0.5] * 784}
+    if label is not MISSING:
+        body["class"] = label
+    got, answer = served.request("POST", f"/api/{endpoint}", body)
+    assert got == 400 and words in answer["error"] and "\n" not in answer["error"], answer
+    body["class"] = 1 if model == "cvae" else MISSING  # the same request with the class right: answered
+    got, _ = served.request("POST", f"/api/{endpoint}", {k: v for k, v in body.items() if v is not MISSING})
+    assert got == 200
+
+
+def test_export_holds_an_atlas_per_class(tmp_path, trained_cvae, data):
+    page = export_page(trained_cvae, tmp_path / "page.html").read_text()
+    n, sheets = atlases_of(page)
+    # By default the 64 x 64 decodes of an unconditional page, shared among the ten classes.
+    assert n == trained_cvae.export_grid == 20 and make_space("vae", data, n_points=50).export_grid == 64
+    assert len(sheets) == 10
+    grid, model = trained_cvae.grid_points(n), trained_cvae.model
+    for label, sheet in enumerate(sheets):
+        assert close(tiles_of(sheet, n), reference_decode(model, grid, label)), label
+    assert len({sheet.tobytes() for sheet in sheets}) == 10
 
 
 # ---------------------------------------------------------------------------------------------
@@ -636,7 +783,7 @@ def test_browser_exported_page_works_from_a_file(browser, trained_spaces, tmp_pa
     space = trained_spaces[key]
     path = export_page(space, tmp_path / "page.html", grid=32)
     open_page(browser, path.resolve().as_uri())
-    n, sheet = atlas_of(path.read_text())
+    n, _ = atlases_of(path.read_text())
     x0, x1, y0, y1 = space.box
     for fx, fy in ((0.1, 0.2), (0.6, 0.4), (0.9, 0.95)):
         hover(browser, fx, fy)

@@ -513,8 +513,9 @@ def cmd_explore(args) -> int:
     space = LatentSpace.from_run(run, data, n_points=args.points, seed=args.seed)
     if args.export is not None:
         export_page(space, args.export)
-        print(f"wrote {args.export}: the {run.model.name}'s latent space over {len(space.points)} test codes, "
-              f"self-contained (open it in any browser; no server)")
+        print(f"wrote {args.export}: the {run.model.name}'s latent space over {len(space.points)} test codes"
+              f"{', one atlas per class' if space.conditional else ''}, self-contained (open it in any browser; "
+              f"no server)")
         return 0
     server = make_server(space, args.host, args.port)
     # Ctrl-C stops the server even where SIGINT came in ignored (a job a non-interactive shell

@@ -105,13 +105,15 @@ def pca_2d(codes: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
     return ((codes.double() - mean) @ axes.T).float(), share
 
 
-def encode_means(model, images_uint8: torch.Tensor, batch: int = 1000):
-    """Posterior means (codes) and, for VAEs, log-variances of uint8 images, batched."""
-    def encode(x):
-        post = model.encode(to_float(x))
+def encode_means(model, images_uint8: torch.Tensor, labels: torch.Tensor | None = None, batch: int = 1000):
+    """Posterior means (codes) and, for VAEs, log-variances of uint8 images, batched; a
+    conditional model's are of q(z|x, y), each image given its label in `labels` (B,)."""
+    def encode(x, *y):
+        post = model.encode(to_float(x), y[0] if y else None)
         return post.mu.float(), (None if post.logvar is None else post.logvar.float())
 
-    return batched(encode, images_uint8, batch_size=batch, device=model.device)
+    inputs = (images_uint8,) if labels is None else (images_uint8, labels)
+    return batched(encode, *inputs, batch_size=batch, device=model.device)
 
 
 def latent_axis_values(model, n: int) -> tuple[list[list[float]], str]:

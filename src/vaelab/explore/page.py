@@ -1,6 +1,6 @@
 """The explorer's page: one HTML file with its style, script and data inlined, the same for the
 server (which answers its decode and encode requests) and for `--export` (which embeds a grid of
-decodes instead). Plain HTML, CSS and a <canvas>: a scatter, a few images and sliders need no web
+decodes instead, one per class for a conditional model). Plain HTML, CSS and a <canvas>: a scatter, a few images and sliders need no web
 library, and nothing is fetched from anywhere at run time.
 """
 
@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..atomic import atomic_write
-from .space import EXPORT_GRID, LatentSpace
+from .space import LatentSpace
 
 
 def _static(name: str) -> str:
@@ -30,8 +30,10 @@ def render_page(data: dict) -> str:
     return page
 
 
-def export_page(space: LatentSpace, path: str | Path, grid: int = EXPORT_GRID) -> Path:
-    """Write the page with a grid x grid atlas of decodes and no server behind it, atomically."""
+def export_page(space: LatentSpace, path: str | Path, grid: int | None = None) -> Path:
+    """Write the page with a grid x grid atlas of decodes (one per class for a conditional model;
+    grid: `space.export_grid` unless given) and no server behind it, atomically."""
     path = Path(path)
-    atomic_write(path, render_page(space.page_data(atlas=grid)).encode("utf-8"))
+    atlas = space.export_grid if grid is None else grid
+    atomic_write(path, render_page(space.page_data(atlas=atlas)).encode("utf-8"))
     return path

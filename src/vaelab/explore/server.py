@@ -5,6 +5,10 @@
     POST /api/decode   {"z": [[D numbers], ...]}  -> {"images": [base64 of 784 uint8, ...]}
     POST /api/encode   {"image": [784 numbers in [0, 1]]} -> mu, std, point, ellipse, reconstruction
 
+For a conditional model both POSTs also carry "class": the index of the class to decode as (and
+encode given); it is required there and refused for an unconditional model, so that nothing
+asked for is silently ignored.
+
 Any other path is a 404 (no files are served from disk, so there is nothing to list or traverse);
 a malformed request is a 4xx whose JSON body is {"error": "one line"}. Bound to a loopback
 address, it also refuses requests whose Host header names another host, so a web page elsewhere
@@ -65,6 +69,23 @@ def parse_decode(body: dict, latent_dim: int) -> torch.Tensor:
     if float(z.abs().max()) > MAX_ABS_Z:
         raise RequestError(f"decode: a coordinate beyond +-{MAX_ABS_Z:g}, far outside the latent space")
     return z
+
+
+def parse_class(body: dict, space: LatentSpace, where: str) -> int | None:
+    """The "class" field: an index into the classes for a conditional model, absent otherwise."""
+    if not space.conditional:
+        if "class" in body:
+            raise RequestError(f'{where}: "class" given, but {space.model.name} is unconditional: it takes no class')
+        return None
+    n = len(space.classes)
+    if "class" not in body:
+        raise RequestError(f'{where}: {space.model.name} is conditional: pass "class", an index in 0..{n - 1}')
+    label = body["class"]
+    if isinstance(label, bool) or not isinstance(label, int):
+        raise RequestError(f'{where}: "class" must be an index in 0..{n - 1}, got {json.dumps(label)[:40]}')
+    if not 0 <= label < n:
+        raise RequestError(f'{where}: "class" {label} out of range: {space.dataset} has classes 0..{n - 1}')
+    return label
 
 
 def parse_encode(body: dict) -> torch.Tensor:
@@ -191,11 +212,14 @@ class Handler(BaseHTTPRequestHandler):
             self._not_found()
         body = self._body()
         space = self.server.space
+        where = path.removeprefix("/api/")
         if path == "/api/decode":
-            images = space.decode(parse_decode(body, space.latent_dim))
+            z = parse_decode(body, space.latent_dim)
+            images = space.decode(z, parse_class(body, space, where))
             self._json({"images": [b64(row.tobytes()) for row in images]})
         else:
-            self._json(space.encode(parse_encode(body)))
+            image = parse_encode(body)
+            self._json(space.encode(image, parse_class(body, space, where)))
 
     def _body(self) -> dict:
         # JSON only: a cross-site form or text/plain POST (which needs no CORS preflight) is refused

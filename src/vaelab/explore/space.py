@@ -6,6 +6,11 @@ itself (origin 0, axes the unit vectors); for a higher-dimensional one it passes
 codes' mean along their first two principal axes, and the sliders add an offset along single
 latent axes, so the decoded point is the PCA back-projection plus the slider offsets. The page
 computes z the same way from the numbers `page_data` gives it.
+
+A conditional model (a `cvae`) decodes a class as well as a code: every decode and encode here
+then takes the class as an index (`label`), and the codes shown are the posterior means of the
+test images given their own labels. Its z holds the style the label leaves out, so one z decoded
+as each class draws every class in one style.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from ..inference import batched
 
 MAX_SLIDERS = 10  # beyond this many a page of sliders is no longer something to play with
 SLIDER_STDS = 3.0  # a slider spans +-3 standard deviations of the codes along its axis
-EXPORT_GRID = 64  # decodes per side of the exported page's grid: 4096 images, about a megabyte
+EXPORT_GRID = 64  # decodes per side of the exported page's grid: 4096 images, about 1.5 MB of PNG
 DECODE_CHUNK = 1024
 
 
@@ -64,6 +69,16 @@ def latent_plane(codes: torch.Tensor) -> Plane:
                  f"the point of the plane under the mouse plus the sliders' offsets.")
 
 
+def export_grid(n_atlases: int) -> int:
+    """Decodes per side of each atlas of an exported page holding `n_atlases` of them (a
+    conditional model's page holds one per class). The 4096 decodes of one 64 x 64 atlas are
+    shared among them: 64 / sqrt(n) per side, 20 for ten classes, so the page weighs about what
+    an unconditional one does (1.6 MB for the 2-D MNIST cvae; 32 per class would be 3.9 MB, 64
+    per class 15 MB). A cell is then 30 pixels of the 600-pixel plane: fine for a code that
+    holds only the style, which changes slowly across the plane."""
+    return max(8, round(EXPORT_GRID / math.sqrt(n_atlases)))
+
+
 def view_box(points: torch.Tensor) -> list[float]:
     """[x0, x1, y0, y1]: a square around 99 % of the points (outliers would shrink the rest to a
     dot), with a margin, so distances look the same across and up."""
@@ -88,17 +103,18 @@ class LatentSpace:
 
     def __init__(self, model, images: torch.Tensor, labels: torch.Tensor, classes, dataset: str,
                  run_name: str = "", n_points: int = 3000, seed: int = 0):
-        if model.conditional:
-            # Its decoder draws a class as well as a code, and the page has no class control yet.
-            raise ConfigError(f"explore shows an unconditional decoder over its latent space; a {model.name} also "
-                              "needs a class for every decode, which the explorer cannot ask for yet")
         self.model = model.eval()
         self.classes = [str(c) for c in classes]
+        self.conditional = bool(model.conditional)
+        n_labels = getattr(model.config, "n_classes", len(self.classes))
+        if self.conditional and n_labels != len(self.classes):
+            raise ConfigError(f"{model.name} takes {n_labels} classes, but {dataset} has {len(self.classes)}")
         self.dataset, self.run_name = dataset, run_name
         g = torch.Generator().manual_seed(seed)
         idx = torch.randperm(len(images), generator=g)[:n_points]
         self.labels = labels[idx]
-        self.codes, logvar = encode_means(model, images[idx])  # (N, D) posterior means
+        # (N, D) posterior means; a conditional model's given each image's own label
+        self.codes, logvar = encode_means(model, images[idx], self.labels if self.conditional else None)
         self.has_std = logvar is not None
         self.plane = latent_plane(self.codes)
         points = self.plane.project(self.codes).float()
@@ -120,6 +136,11 @@ class LatentSpace:
     def latent_dim(self) -> int:
         return self.codes.shape[1]
 
+    @property
+    def export_grid(self) -> int:
+        """Decodes per side of each atlas `--export` embeds: one atlas, or one per class."""
+        return export_grid(len(self.classes) if self.conditional else 1)
+
     def _sliders(self, logvar: torch.Tensor | None) -> list[dict]:
         d = self.latent_dim
         if d <= 2:
@@ -137,22 +158,39 @@ class LatentSpace:
 
     # --- what the page asks -------------------------------------------------------------------
 
-    def decode(self, z: torch.Tensor) -> np.ndarray:
-        """(B, D) latent points -> (B, 784) uint8 images."""
+    def condition(self, label: int | None, n: int) -> torch.Tensor | None:
+        """The (n,) condition for `label`, None for an unconditional model. A label must be given
+        exactly when the model is conditional: one ignored, or one missing, would draw something
+        other than what was asked."""
+        if not self.conditional:
+            if label is not None:
+                raise ConfigError(f"{self.model.name} is unconditional: it takes no class")
+            return None
+        if label is None or not 0 <= label < len(self.classes):
+            raise ConfigError(f"{self.model.name} is conditional: pass a class in 0..{len(self.classes) - 1}, "
+                              f"got {label}")
+        return torch.full((n,), label, dtype=torch.long)
+
+    def decode(self, z: torch.Tensor, label: int | None = None) -> np.ndarray:
+        """(B, D) latent points, decoded as class `label` for a conditional model -> (B, 784) uint8 images."""
+        y = self.condition(label, len(z))
+        inputs = (z.float(),) if y is None else (z.float(), y)
         with self._lock:
-            images = batched(self.model.decode, z.float(), batch_size=DECODE_CHUNK, device=self.model.device)
+            images = batched(self.model.decode, *inputs, batch_size=DECODE_CHUNK, device=self.model.device)
         return to_bytes(images)
 
     @torch.inference_mode()
-    def encode(self, image: torch.Tensor) -> dict:
-        """A (784,) image in [0, 1] -> its posterior mean, std (None for an autoencoder), its place
-        on the plane, the 1-std ellipse of q(z|x) projected on the plane, and its reconstruction."""
+    def encode(self, image: torch.Tensor, label: int | None = None) -> dict:
+        """A (784,) image in [0, 1] (given class `label` for a conditional model) -> its posterior
+        mean, std (None for an autoencoder), its place on the plane, the 1-std ellipse of q(z|x)
+        projected on the plane, and its reconstruction (decoded as the same class)."""
+        y = self.condition(label, 1)
         x = image.float().reshape(1, 1, 28, 28).to(self.model.device)
         with self._lock:
-            post = self.model.encode(x)
+            post = self.model.encode(x, None if y is None else y.to(self.model.device))
         mu = post.mu[0].double().cpu()
         out = {"mu": mu.tolist(), "std": None, "point": self.plane.project(mu[None])[0].tolist(),
-               "ellipse": None, "reconstruction": b64(self.decode(mu[None]).tobytes())}
+               "ellipse": None, "reconstruction": b64(self.decode(mu[None], label).tobytes())}
         if post.logvar is not None:
             std = post.logvar[0].double().cpu().mul(0.5).exp()
             out["std"] = std.tolist()
@@ -178,11 +216,12 @@ class LatentSpace:
         yy, xx = torch.meshgrid(ys, xs, indexing="ij")
         return self.plane.lift(torch.stack([xx.reshape(-1), yy.reshape(-1)], 1))
 
-    def atlas_png(self, n: int = EXPORT_GRID) -> bytes:
-        """The decodes of `grid_points(n)` as one greyscale PNG of n x n tiles of 28 x 28."""
+    def atlas_png(self, n: int = EXPORT_GRID, label: int | None = None) -> bytes:
+        """The decodes of `grid_points(n)` (as class `label` for a conditional model) as one
+        greyscale PNG of n x n tiles of 28 x 28."""
         from PIL import Image
 
-        tiles = self.decode(self.grid_points(n)).reshape(n, n, 28, 28)
+        tiles = self.decode(self.grid_points(n), label).reshape(n, n, 28, 28)
         sheet = tiles.transpose(0, 2, 1, 3).reshape(n * 28, n * 28)  # (row, y, col, x) -> rows of pixels
         buf = io.BytesIO()
         Image.fromarray(sheet, mode="L").save(buf, format="PNG", optimize=True)
@@ -190,7 +229,8 @@ class LatentSpace:
 
     def page_data(self, atlas: int | None = None) -> dict:
         """Everything the page needs, as JSON-ready values; with `atlas`, an atlas x atlas grid of
-        decodes for a page with no server behind it."""
+        decodes for a page with no server behind it (one per class for a conditional model, in
+        the order of `classes`)."""
         kind = "VAE" if self.has_std else "autoencoder"
         d = self.latent_dim
         data = {
@@ -198,6 +238,10 @@ class LatentSpace:
             "title": f"{self.model.name} ({d}-D latent) on {self.dataset}",
             "model": self.model.name, "kind": kind, "has_std": self.has_std, "latent_dim": d,
             "dataset": self.dataset, "classes": self.classes, "run": self.run_name,
+            "conditional": self.conditional,
+            "class_note": ("Every image on this page is decoded as the selected class (the drawing is "
+                           "encoded given it too): the same z keeps its style while the class changes."
+                           if self.conditional else ""),
             "plane": {"origin": self.plane.origin.tolist(), "axes": self.plane.axes.tolist(),
                       "box": self.box, "labels": list(self.plane.labels), "note": self.plane.note},
             "points": {"xy": [round(v, 4) for v in self.points.reshape(-1).tolist()],
@@ -210,5 +254,6 @@ class LatentSpace:
             "atlas": None,
         }
         if atlas:
-            data["atlas"] = {"n": atlas, "png": b64(self.atlas_png(atlas))}
+            labels = range(len(self.classes)) if self.conditional else [None]
+            data["atlas"] = {"n": atlas, "pngs": [b64(self.atlas_png(atlas, label)) for label in labels]}
         return data

@@ -2,11 +2,13 @@
 //   "server": decodes and encodes go to the JSON API of `vaelab explore RUN`;
 //   "static": the file written by `--export`, where a grid of precomputed decodes (an atlas PNG)
 //             answers the mouse and nothing needs a server.
+// A conditional model (DATA.conditional) decodes a class as well as a code: the class selector
+// sets state.label, and every decode and encode the page makes (or atlas it reads) uses it.
 // window.vaelab holds what the page last showed, so a test can check it against the model.
 "use strict";
 (function () {
   const DATA = JSON.parse(document.getElementById("vaelab-data").textContent);
-  const STATIC = DATA.mode === "static";
+  const STATIC = DATA.mode === "static", COND = DATA.conditional;
   const COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
                   "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"];  // matplotlib's tab10, as the PNG figures
   const D = DATA.latent_dim, P = DATA.plane;
@@ -18,7 +20,7 @@
 
   const state = {
     mode: DATA.mode, ready: false, shown: null, drawn: null, strip: null, pair: [], rtts: [], errors: [],
-    offsets: new Array(D).fill(0), hover: null, grid: null,
+    offsets: new Array(D).fill(0), hover: null, grid: null, label: COND ? 0 : null,
   };
   window.vaelab = state;
 
@@ -67,22 +69,29 @@
     $("status").textContent = "";
     return answer;
   }
-  async function decodeMany(zs) {
-    const answer = await api("/api/decode", {z: zs});
+  // The "class" field goes with every request of a conditional model and never otherwise: the
+  // server refuses a missing one and an unexpected one alike.
+  const withClass = (body, label) => (COND ? Object.assign(body, {class: label}) : body);
+  async function decodeMany(zs, label) {
+    const answer = await api("/api/decode", withClass({z: zs}, label));
     return answer.images.map(bytesFromB64);
   }
 
-  // --- the atlas of an exported page -------------------------------------------------------------
-  let atlas = null;  // {n, img, pixels}
-  async function loadAtlas() {
-    const img = new Image();
-    img.src = "data:image/png;base64," + DATA.atlas.png;
-    await img.decode();
-    const n = DATA.atlas.n, c = document.createElement("canvas");
-    c.width = c.height = n * 28;
-    const ctx = c.getContext("2d");
-    ctx.drawImage(img, 0, 0);
-    atlas = {n, img, pixels: ctx.getImageData(0, 0, n * 28, n * 28).data};
+  // --- the atlases of an exported page (one per class for a conditional model) -------------------
+  let atlases = [], atlas = null;  // each {n, img, pixels}; `atlas` is the selected class's
+  async function loadAtlases() {
+    const n = DATA.atlas.n;
+    atlases = await Promise.all(DATA.atlas.pngs.map(async (png) => {
+      const img = new Image();
+      img.src = "data:image/png;base64," + png;
+      await img.decode();
+      const c = document.createElement("canvas");
+      c.width = c.height = n * 28;
+      const ctx = c.getContext("2d");
+      ctx.drawImage(img, 0, 0);
+      return {n, img, pixels: ctx.getImageData(0, 0, n * 28, n * 28).data};
+    }));
+    atlas = atlases[0];
   }
   function atlasCell(x, y) {
     // The nearest of the n x n grid centres; row 0 is the top (largest y), as space.grid_points.
@@ -97,24 +106,26 @@
 
   // --- the decoded point under the mouse ---------------------------------------------------------
   function fmt(v) { return (v >= 0 ? " " : "") + v.toFixed(2); }
-  function show(z, bytes) {
+  const asClass = (label) => (COND ? ` as “${DATA.classes[label]}”` : "");
+  function show(z, bytes, label) {
     drawDigit($("decoded"), bytes);
-    state.shown = {z: z, image: Array.from(bytes), seq: (state.shown ? state.shown.seq : 0) + 1};
-    $("zread").textContent = "z = (" + z.slice(0, 8).map(fmt).join(",") + (D > 8 ? ", … " + D + " dims" : "") + ")";
+    state.shown = {z: z, label: label, image: Array.from(bytes), seq: (state.shown ? state.shown.seq : 0) + 1};
+    $("zread").textContent = "z = (" + z.slice(0, 8).map(fmt).join(",") + (D > 8 ? ", … " + D + " dims" : "") + ")" +
+      (COND ? " decoded" + asClass(label) : "");
   }
   let pending = null, inflight = false;
-  function requestDecode(z) { pending = z; pump(); }
+  function requestDecode(z) { pending = {z, label: state.label}; pump(); }
   async function pump() {
     if (inflight || pending === null) return;
-    const z = pending;
+    const {z, label} = pending;
     pending = null;
     inflight = true;
     const t0 = performance.now();
     try {
-      const [bytes] = await decodeMany([z]);
+      const [bytes] = await decodeMany([z], label);
       state.rtts.push(performance.now() - t0);
       if (state.rtts.length > 200) state.rtts.shift();
-      show(z, bytes);
+      show(z, bytes, label);
       showTiming();
     } catch (e) {
       report(e);
@@ -131,7 +142,7 @@
   function showAt(x, y) {
     if (STATIC) {
       const cell = atlasCell(x, y);
-      show(cell.z, cell.bytes);
+      show(cell.z, cell.bytes, state.label);
     } else {
       requestDecode(lift(x, y, state.offsets));
     }
@@ -220,26 +231,30 @@
     }
   }
 
-  // The decoded grid behind the points (server mode: decoded for the current slider offsets).
-  let gridTimer = null;
+  // The decoded grid behind the points (server mode: decoded for the current slider offsets and
+  // class). Each of these answers is dropped if a newer request was made meanwhile, so a slow
+  // answer for the previous class cannot replace the current one.
+  let gridTimer = null, gridSeq = 0;
   function refreshGrid() {
     if (STATIC || !$("show-grid").checked) { drawPlane(); return; }
     clearTimeout(gridTimer);
     gridTimer = setTimeout(async () => {
-      const n = SERVER_GRID, zs = [];
+      const n = SERVER_GRID, zs = [], seq = ++gridSeq, label = state.label;
       for (let r = 0; r < n; r++)
         for (let c = 0; c < n; c++)
           zs.push(lift(X0 + (c + 0.5) * (X1 - X0) / n, Y1 - (r + 0.5) * (Y1 - Y0) / n, state.offsets));
-      try {
-        state.grid = {n, tiles: (await decodeMany(zs)).map(digitCanvas)};
-      } catch (e) { report(e); }
+      let tiles;
+      try { tiles = (await decodeMany(zs, label)).map(digitCanvas); } catch (e) { report(e); }
+      if (seq !== gridSeq) return;
+      if (tiles) state.grid = {n, label, tiles};
       drawPlane();
     }, 120);
   }
 
   // --- interpolation -------------------------------------------------------------------------------
+  let stripSeq = 0;
   async function interpolate() {
-    const [a, b] = state.pair, zs = [], strip = $("strip");
+    const [a, b] = state.pair, zs = [], strip = $("strip"), seq = ++stripSeq, label = state.label;
     let images;
     if (STATIC) {
       const cells = [];
@@ -254,10 +269,11 @@
         const t = k / (STRIP - 1);
         zs.push(a.z.map((v, i) => (1 - t) * v + t * b.z[i]));
       }
-      try { images = await decodeMany(zs); } catch (e) { report(e); return; }
+      try { images = await decodeMany(zs, label); } catch (e) { report(e); return; }
+      if (seq !== stripSeq) return;
     }
     strip.replaceChildren(...images.map(digitCanvas));
-    state.strip = {zs, images: images.map((b) => Array.from(b))};
+    state.strip = {zs, label, images: images.map((b) => Array.from(b))};
   }
 
   // --- the drawing pad ---------------------------------------------------------------------------------
@@ -298,17 +314,21 @@
       }
     return out;
   }
+  let padSeq = 0;
   async function encodePad() {
     const img = padImage();
     if (!img) return;
+    const seq = ++padSeq, label = state.label;
     drawDigit($("pad-input"), Uint8Array.from(img, (v) => Math.round(v * 255)));
     let r;
-    try { r = await api("/api/encode", {image: Array.from(img)}); } catch (e) { report(e); return; }
+    try { r = await api("/api/encode", withClass({image: Array.from(img)}, label)); } catch (e) { report(e); return; }
+    if (seq !== padSeq) return;
     const recon = bytesFromB64(r.reconstruction);
     drawDigit($("pad-recon"), recon);
-    state.drawn = {input: Array.from(img), mu: r.mu, std: r.std, point: r.point, ellipse: r.ellipse,
+    state.drawn = {input: Array.from(img), label, mu: r.mu, std: r.std, point: r.point, ellipse: r.ellipse,
                    reconstruction: Array.from(recon)};
     $("pad-note").textContent = "posterior mean z = (" + r.mu.slice(0, 8).map(fmt).join(",") + (D > 8 ? ", …" : "") + ")" +
+      (COND ? " given" + asClass(label) + ", reconstructed as it" : "") +
       (r.std ? "; on the plane: the red circle, with the 1- and 2-std ellipses of q(z|x) projected on it"
              : "; on the plane: the red circle (an autoencoder has no posterior spread to draw)");
     drawOverlay();
@@ -328,13 +348,27 @@
   });
   pad.addEventListener("pointerup", () => { if (drawing) { drawing = false; encodePad(); } });
 
+  // --- the class of a conditional model ----------------------------------------------------------------
+  const centre = [(X0 + X1) / 2, (Y0 + Y1) / 2];
+  function setLabel(label) {
+    // Everything on show is redone as the new class, for the same codes (and the same drawing).
+    state.label = label;
+    if (STATIC) atlas = atlases[label];
+    showAt(...(state.hover || centre));
+    refreshGrid();
+    if (state.pair.length === 2) interpolate();
+    if (state.drawn) encodePad();
+  }
+
   // --- wiring ---------------------------------------------------------------------------------------------
   function setUp() {
     $("title").textContent = "vaelab explore: " + DATA.title;
     const n = DATA.points.labels.length;
-    $("subtitle").textContent = `run ${DATA.run} · ${DATA.kind} · the codes (posterior means) of ${n} test images` +
+    $("subtitle").textContent = `run ${DATA.run} · ${DATA.kind} · the codes (posterior means` +
+      (COND ? ", each given its own label" : "") + `) of ${n} test images` +
       (STATIC ? ` · exported page, no server: the image under the mouse is the nearest of ` +
-                `${DATA.atlas.n} × ${DATA.atlas.n} decodes precomputed over this view` : "");
+                `${DATA.atlas.n} × ${DATA.atlas.n} decodes precomputed over this view` +
+                (COND ? " for each class" : "") : "");
     document.title = "vaelab explore: " + DATA.title;
     $("plane-note").textContent = P.note;
     $("xlabel").textContent = `${P.labels[0]} → [${X0.toFixed(2)}, ${X1.toFixed(2)}]`;
@@ -346,6 +380,14 @@
       li.append(sw, document.createTextNode(name));
       $("legend").append(li);
     });
+    if (COND) {
+      const select = $("class-select");
+      DATA.classes.forEach((name, i) => select.append(new Option(name, String(i))));
+      select.value = String(state.label);
+      select.addEventListener("change", () => setLabel(Number(select.value)));
+      $("class-note").textContent = DATA.class_note;
+      $("class-card").hidden = false;
+    }
     if (STATIC) {
       $("timing").textContent = "precomputed decodes: no server round trip";
       $("pad-card").querySelector(".row").hidden = true;
@@ -397,21 +439,20 @@
       if (state.pair.length === 2) interpolate();
     });
     $("clear-pair").addEventListener("click", () => {
-      state.pair = []; state.strip = null;
+      state.pair = []; state.strip = null; stripSeq++;
       $("strip").replaceChildren();
       drawOverlay();
     });
     $("show-grid").addEventListener("change", refreshGrid);
     $("show-points").addEventListener("change", drawPlane);
     $("pad-clear").addEventListener("click", () => {
-      clearPad(); state.drawn = null;
+      clearPad(); state.drawn = null; padSeq++;
       ["pad-input", "pad-recon"].forEach((id) => $(id).getContext("2d").clearRect(0, 0, 28, 28));
       $("pad-note").textContent = "";
       drawOverlay();
     });
     clearPad();
     // Something to look at before the mouse arrives: the point at the centre of the view.
-    const centre = [(X0 + X1) / 2, (Y0 + Y1) / 2];
     showAt(...centre);
     drawPlane();
     drawOverlay();
@@ -419,5 +460,5 @@
     state.ready = true;
   }
 
-  (STATIC ? loadAtlas() : Promise.resolve()).then(setUp).catch(report);
+  (STATIC ? loadAtlases() : Promise.resolve()).then(setUp).catch(report);
 })();
