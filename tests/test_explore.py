@@ -595,7 +595,7 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def trained_spaces():
+def trained_spaces(trained_cvae):
     """Small trained models, so that the decodes differ visibly across the plane."""
     import tempfile
 
@@ -608,10 +608,11 @@ def trained_spaces():
                             progress=False, data=data)
             spaces[key] = LatentSpace(trainer.model.eval(), data.test_x, data.test_y, data.classes, data.name,
                                       run_name=key, n_points=300)
+    spaces["cvae"] = trained_cvae
     return spaces
 
 
-@pytest.fixture(scope="module", params=["vae", "ae-5d"])
+@pytest.fixture(scope="module", params=["vae", "ae-5d", "cvae"])
 def page(request, trained_spaces):
     s = Served(trained_spaces[request.param])
     yield s
@@ -685,7 +686,8 @@ def test_browser_hover_shows_the_decoder_s_image_of_the_point_under_the_mouse(br
     for fx, fy in ((0.2, 0.3), (0.5, 0.5), (0.8, 0.75), (0.35, 0.9)):
         hover(browser, fx, fy)
         shown = shown_at(browser, space, fx, fy)
-        assert close(shown["image"], reference_decode(space.model, shown["z"])[0])
+        assert shown["label"] == (0 if space.conditional else None)  # a cvae's page starts at the first class
+        assert close(shown["image"], reference_decode(space.model, shown["z"], shown["label"])[0])
         assert canvas_pixels(browser, "decoded") == shown["image"]  # what is drawn is what came back
         seen.append(tuple(shown["image"]))
     assert len(set(seen)) == len(seen), "the decoded image did not change as the mouse moved"
@@ -699,7 +701,7 @@ def test_browser_hover_shows_the_decoder_s_image_of_the_point_under_the_mouse(br
         offsets = np.zeros(space.latent_dim)
         offsets[s["dim"]] = s["range"] / 2
         shown = shown_at(browser, space, 0.35, 0.9, offsets)
-        assert close(shown["image"], reference_decode(space.model, shown["z"])[0])
+        assert close(shown["image"], reference_decode(space.model, shown["z"], shown["label"])[0])
     # The grid of decodes behind the points.
     browser.execute_script("document.getElementById('show-grid').click()")
     tiles = wait_for(browser, "return window.vaelab.grid && window.vaelab.grid.tiles.length")
@@ -718,7 +720,7 @@ def test_browser_two_clicks_give_an_interpolation_strip(browser, page):
     ActionChains(browser).click().perform()
     strip = wait_for(browser, "return window.vaelab.strip")
     zs = np.asarray(strip["zs"])
-    assert len(zs) == 10 and close(strip["images"], reference_decode(page.space.model, zs))
+    assert len(zs) == 10 and close(strip["images"], reference_decode(page.space.model, zs, strip["label"]))
     tol = 1.5 * (page.space.box[1] - page.space.box[0]) / 600
     assert np.abs(zs[0] - expected_z(page.space, 0.25, 0.25)).max() <= tol
     assert np.abs(zs[-1] - expected_z(page.space, 0.75, 0.7)).max() <= tol
@@ -743,12 +745,13 @@ def test_browser_drawing_pad_encodes_what_was_drawn(browser, page):
     img = x.reshape(28, 28)
     com = ((img * xs).sum() / img.sum(), (img * ys).sum() / img.sum())
     assert all(abs(c - 13.5) <= 1 for c in com), com  # centred by its centre of mass, as MNIST
-    model = page.space.model
+    model, label = page.space.model, drawn["label"]
+    assert label == (0 if page.space.conditional else None)
     with torch.inference_mode():
-        post = model.encode(x.reshape(1, 1, 28, 28))
+        post = model.encode(x.reshape(1, 1, 28, 28), condition(label, 1))
     assert np.allclose(drawn["mu"], post.mu[0].numpy(), atol=1e-5)
     assert np.allclose(drawn["point"], page.space.plane.project(post.mu.double())[0].numpy(), atol=1e-5)
-    assert close(drawn["reconstruction"], reference_decode(model, post.mu)[0])
+    assert close(drawn["reconstruction"], reference_decode(model, post.mu, label)[0])
     assert canvas_pixels(browser, "pad-recon") == drawn["reconstruction"]
     assert (drawn["ellipse"] is not None) == page.space.has_std
     assert console_errors(browser) == []
@@ -778,7 +781,7 @@ def test_browser_bad_requests_are_refused_and_said(browser, page):
 
 
 @browser_test
-@pytest.mark.parametrize("key", ["vae", "ae-5d"])
+@pytest.mark.parametrize("key", ["vae", "ae-5d", "cvae"])
 def test_browser_exported_page_works_from_a_file(browser, trained_spaces, tmp_path, key):
     space = trained_spaces[key]
     path = export_page(space, tmp_path / "page.html", grid=32)
@@ -794,9 +797,113 @@ def test_browser_exported_page_works_from_a_file(browser, trained_spaces, tmp_pa
         want = space.plane.lift(centre)[0].numpy()
         shown = wait_for(browser, "const s = window.vaelab.shown; return s.z.every((v, i) => "
                                   "Math.abs(v - arguments[0][i]) < 1e-9) && s;", 20, want.tolist())
-        assert close(shown["image"], reference_decode(space.model, shown["z"])[0], levels=2)
+        assert shown["label"] == (0 if space.conditional else None)
+        assert close(shown["image"], reference_decode(space.model, shown["z"], shown["label"])[0], levels=2)
     # Hidden means not drawn (a CSS display rule must not bring it back).
     assert browser.execute_script("return getComputedStyle(document.querySelector('#pad-card .row')).display") == "none"
+    browser.execute_script("document.getElementById('show-grid').click()")
+    assert console_errors(browser) == []
+
+
+def choose_class(driver, label: int):
+    """Pick `label` in the page's class selector, as a user does (a change event follows)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.select import Select
+
+    select = driver.find_element(By.ID, "class-select")
+    assert select.is_displayed()
+    Select(select).select_by_value(str(label))
+
+
+def tile_pixels(driver) -> np.ndarray:
+    """The server page's decoded grid behind the points: (n * n, 784), row by row from the top."""
+    return np.asarray(driver.execute_script(
+        "return window.vaelab.grid.tiles.map((t) => Array.from(t.getContext('2d').getImageData(0, 0, 28, 28).data)"
+        ".filter((_, i) => i % 4 === 0))"), np.int16)
+
+
+@pytest.fixture(scope="module")
+def cvae_page(trained_cvae):
+    s = Served(trained_cvae)
+    yield s
+    s.close()
+
+
+@browser_test
+def test_browser_choosing_a_class_redoes_every_decode_as_it(browser, cvae_page):
+    """Under a fixed mouse position, with a strip, the decoded grid and a drawing on show: each
+    class chosen in the selector redraws all of them as the decoder draws that class, for the same
+    codes (the drawing's code is its encoding given the class)."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    space, model = cvae_page.space, cvae_page.space.model
+    open_page(browser, cvae_page.url)
+    labels = browser.find_elements(By.CSS_SELECTOR, "#class-select option")
+    assert [o.text for o in labels] == space.classes
+    assert "selected class" in browser.find_element(By.ID, "class-note").text
+    pad = browser.find_element(By.ID, "pad")
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", pad)
+    ActionChains(browser).move_to_element_with_offset(pad, -30, -80).click_and_hold() \
+        .move_by_offset(40, 0).move_by_offset(-10, 60).release().perform()
+    drawn0 = wait_for(browser, "return window.vaelab.drawn")
+    browser.execute_script("arguments[0].scrollIntoView({block: 'start'})", browser.find_element(By.ID, "plane"))
+    browser.execute_script("document.getElementById('show-grid').click()")
+    wait_for(browser, "return window.vaelab.grid && window.vaelab.grid.tiles.length")
+    for fx, fy in ((0.25, 0.25), (0.75, 0.7)):
+        hover(browser, fx, fy)
+        ActionChains(browser).click().perform()
+    strip0 = wait_for(browser, "return window.vaelab.strip")
+    hover(browser, 0.4, 0.6)
+    z = shown_at(browser, space, 0.4, 0.6)["z"]
+    shown_images = {}
+    for label in (7, 2):
+        choose_class(browser, label)
+        shown = wait_for(browser, "const s = window.vaelab.shown; return s.label === arguments[0] && s", 20, label)
+        assert np.allclose(shown["z"], z)  # the same code under the mouse, drawn as the new class
+        assert close(shown["image"], reference_decode(model, z, label)[0])
+        assert canvas_pixels(browser, "decoded") == shown["image"]
+        shown_images[label] = shown["image"]
+        strip = wait_for(browser, "const s = window.vaelab.strip; return s.label === arguments[0] && s", 20, label)
+        assert np.allclose(strip["zs"], strip0["zs"])
+        assert close(strip["images"], reference_decode(model, strip["zs"], label))
+        wait_for(browser, "return window.vaelab.grid.label === arguments[0]", 20, label)
+        assert close(tile_pixels(browser), reference_decode(model, space.grid_points(16), label))
+        drawn = wait_for(browser, "const d = window.vaelab.drawn; return d.label === arguments[0] && d", 20, label)
+        assert drawn["input"] == drawn0["input"]  # the same drawing, encoded given the new class
+        with torch.inference_mode():
+            post = model.encode(torch.tensor(drawn["input"], dtype=torch.float32).reshape(1, 1, 28, 28),
+                                condition(label, 1))
+        assert np.allclose(drawn["mu"], post.mu[0].numpy(), atol=1e-5)
+        assert close(drawn["reconstruction"], reference_decode(model, post.mu, label)[0])
+    assert not close(shown_images[7], shown_images[2], levels=20)
+    assert console_errors(browser) == []
+
+
+@browser_test
+def test_browser_exported_page_s_class_selector_switches_atlases(browser, trained_cvae, tmp_path):
+    space = trained_cvae
+    path = export_page(space, tmp_path / "page.html")
+    n, sheets = atlases_of(path.read_text())
+    open_page(browser, path.resolve().as_uri())
+    fx, fy = 0.43, 0.62  # inside a cell of the 20 x 20 grid, not on its edge
+    hover(browser, fx, fy)
+    col, row = min(int(fx * n), n - 1), min(int(fy * n), n - 1)  # the grid cell under the mouse
+    x0, x1, y0, y1 = space.box
+    want = space.plane.lift(torch.tensor([[x0 + (col + 0.5) * (x1 - x0) / n, y1 - (row + 0.5) * (y1 - y0) / n]],
+                                         dtype=torch.float64))[0].numpy()
+    seen = set()
+    for label in (0, 5, 9):
+        if label:
+            choose_class(browser, label)
+        shown = wait_for(browser, "const s = window.vaelab.shown; return s.label === arguments[1] && "
+                                  "s.z.every((v, i) => Math.abs(v - arguments[0][i]) < 1e-9) && s;",
+                         20, want.tolist(), label)
+        # That class's atlas, its tile under the mouse: the decoder's image of the cell's centre.
+        assert shown["image"] == tiles_of(sheets[label], n)[row * n + col].tolist()
+        assert close(shown["image"], reference_decode(space.model, want, label)[0], levels=2)
+        seen.add(tuple(shown["image"]))
+    assert len(seen) == 3
     browser.execute_script("document.getElementById('show-grid').click()")
     assert console_errors(browser) == []
 
