@@ -5,8 +5,9 @@
 For every registered model (at its default config and at the configs the recipes train), a
 `LatentSpace` over 3000 synthetic images and the real server on 127.0.0.1; then `--requests`
 POST /api/decode of one code each, one after the other, each on a new connection as the page's
-fetch may make them: HTTP, JSON, the decode and the base64 answer. Weights are random: a decode
-costs the same whatever they hold. Prints a markdown table (median, 95th percentile, max in ms);
+fetch may make them: HTTP, JSON, the decode and the base64 answer (a conditional model's with
+the class, a different one each time, as the page sends its selected class). Weights are random:
+a decode costs the same whatever they hold. Prints a markdown table (median, 95th percentile, max in ms);
 the issue's bound is 50 ms.
 """
 
@@ -47,7 +48,10 @@ def measure(model, n_requests: int) -> list[float]:
     times = []
     try:
         for i in range(n_requests + 10):
-            body = json.dumps({"z": [torch.randn(space.latent_dim, generator=g).tolist()]}).encode()
+            ask = {"z": [torch.randn(space.latent_dim, generator=g).tolist()]}
+            if space.conditional:
+                ask["class"] = i % len(space.classes)
+            body = json.dumps(ask).encode()
             request = urllib.request.Request(server.url + "api/decode", data=body, method="POST",
                                              headers={"Content-Type": "application/json"})
             start = time.perf_counter()
