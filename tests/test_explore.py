@@ -386,6 +386,12 @@ def test_a_conditional_page_says_so_and_lists_the_classes(trained_cvae, data):
     assert plain["conditional"] is False and plain["class_note"] == ""
 
 
+def test_a_conditional_model_for_other_classes_than_the_data_s_is_refused(data):
+    model = build_model("cvae", make_config("cvae", hidden_dims=[16], n_classes=12))
+    with pytest.raises(ConfigError, match="cvae takes 12 classes, but mnist has 10"):
+        LatentSpace(model, data.test_x, data.test_y, data.classes, data.name)
+
+
 def test_conditional_codes_are_posterior_means_given_each_image_s_own_label(trained_cvae, cvae_data):
     from vaelab.data import to_float
 
