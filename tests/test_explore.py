@@ -625,7 +625,7 @@ def page(request, trained_spaces):
     s.close()
 
 
-def wait_for(driver, script: str, timeout: float = 20, *args):  
+def wait_for(driver, script: str, timeout: float = 60, *args):  
     """Poll a JS expression until it is truthy; returns its value."""
     deadline = time.monotonic() + timeout
     while True:
@@ -669,7 +669,7 @@ def shown_at(driver, space, fx, fy, offsets=None) -> dict:
     """Wait until the page shows the decode of the point at (fx, fy); return what it shows."""
     target = expected_z(space, fx, fy, offsets)
     tol = 1.5 * (space.box[1] - space.box[0]) / 600  # a pixel and a half of the 600-pixel canvas
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60
     while True:
         shown = driver.execute_script("return window.vaelab.shown")
         if np.abs(np.asarray(shown["z"]) - target).max() <= tol:
