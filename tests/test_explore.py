@@ -625,7 +625,7 @@ def page(request, trained_spaces):
     s.close()
 
 
-def wait_for(driver, script: str, timeout: float = 60, *args):  
+def wait_for(driver, script: str, timeout: float = 60, *args):
     """Poll a JS expression until it is truthy; returns its value."""
     deadline = time.monotonic() + timeout
     while True:
