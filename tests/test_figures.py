@@ -135,3 +135,22 @@ def test_recipe_re_estimates_what_is_left_from_the_pace_so_far():
     # quick: 2 epochs + 20 s of metrics = 22 s a step; running at half the planned time
     assert seconds_left(recipe, quick=True, done=2, elapsed=22.0) == (11.0, 0.5)
     assert seconds_left(recipe, quick=True, done=3, elapsed=70.0)[0] == 0.0
+
+
+def test_drawing_figures_leaves_the_matplotlib_backend_alone(tmp_path):
+    """A library does not change the process it is imported into: a notebook's inline backend
+    (or any other) is the same after vaelab has drawn every kind of figure."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import matplotlib, torch\n"
+            "from vaelab import plots, figures, recipes\n"
+            "plots.plot_image_grid(torch.rand(4, 1, 28, 28), 'g.png', 'grid', nrow=2)\n"
+            "plots.plot_series([('t', 'y', {'a': ([1, 2], [3, 4])})], 's.png', 'series')\n"
+            "print(matplotlib.get_backend())\n")
+    env = {**os.environ, "MPLBACKEND": "svg"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "svg"

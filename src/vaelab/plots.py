@@ -1,6 +1,11 @@
 """Pure plotting functions: tensors or rows in, a PNG out. They never import the trainer.
 
-Every PNG is written through `atomic.atomic_file`: a failed write leaves the previous file."""
+Every PNG is written through `atomic.atomic_file`: a failed write leaves the previous file.
+
+Figures are `matplotlib.figure.Figure` objects, not pyplot's: writing a PNG needs no backend and
+no global figure registry, so importing this module changes nothing in the process (a notebook's
+inline plots and a GUI's backend stay as their owner set them; see STYLE.md on libraries and
+process settings), and a figure is freed when its function returns."""
 
 from __future__ import annotations
 
@@ -9,15 +14,13 @@ from pathlib import Path
 from typing import Sequence
 
 import matplotlib
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from PIL import Image
 
-matplotlib.use("Agg")  # no display on servers; set before pyplot is imported
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from .atomic import atomic_file  # noqa: E402
-from .gallery import as_uint8_images, grid_array  # noqa: E402
+from .atomic import atomic_file
+from .gallery import as_uint8_images, grid_array
 
 SPLIT_STYLES = {"train": dict(color="tab:blue"), "test": dict(color="tab:orange"),
                 "val": dict(color="tab:green")}
@@ -35,13 +38,10 @@ def save_image_grid(images, path: str | Path, nrow: int = 10, scale: int = 2) ->
     return path
 
 
-def save_figure(fig, path: str | Path) -> Path:
+def save_figure(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
-    try:
-        with atomic_file(path) as f:
-            fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
-    finally:
-        plt.close(fig)
+    with atomic_file(path) as f:
+        fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
     return path
 
 
@@ -50,8 +50,8 @@ def plot_image_rows(rows: Sequence[torch.Tensor], row_labels: Sequence[str], pat
     """Rows of images (each (N, 1, 28, 28)) with a label per row (originals above
     reconstructions, one class per row, one model per row) and optional column labels."""
     ncol = max(len(r) for r in rows)
-    fig, axes = plt.subplots(len(rows), ncol, figsize=(ncol * 0.9 + 0.8, len(rows) * 0.95 + 0.7),
-                             squeeze=False)
+    fig = Figure(figsize=(ncol * 0.9 + 0.8, len(rows) * 0.95 + 0.7))
+    axes = fig.subplots(len(rows), ncol, squeeze=False)
     for r, (images, label) in enumerate(zip(rows, row_labels)):
         arr = as_uint8_images(images)
         for c in range(ncol):
@@ -73,7 +73,8 @@ def plot_image_grid(images, path: str | Path, title: str, nrow: int = 10) -> Pat
     """A grid of images (e.g. 100 samples) as one picture with a title, no axes."""
     arr = grid_array(images, nrow, padding=1)
     size = max(3.0, 0.42 * nrow)
-    fig, ax = plt.subplots(figsize=(size, size * arr.shape[0] / arr.shape[1] + 0.4))
+    fig = Figure(figsize=(size, size * arr.shape[0] / arr.shape[1] + 0.4))
+    ax = fig.subplots()
     ax.imshow(arr, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([])
@@ -82,7 +83,7 @@ def plot_image_grid(images, path: str | Path, title: str, nrow: int = 10) -> Pat
 
 
 # The fixed colour map for classes: class k is always colour k, in every figure.
-CLASS_COLORS = plt.get_cmap("tab10").colors
+CLASS_COLORS = matplotlib.colormaps["tab10"].colors
 
 
 def plot_latent_scatter(points: torch.Tensor | np.ndarray, labels, class_names: Sequence[str],
@@ -92,7 +93,8 @@ def plot_latent_scatter(points: torch.Tensor | np.ndarray, labels, class_names: 
     printed in the corner (e.g. that the points are a PCA projection)."""
     pts = np.asarray(points.detach().cpu() if isinstance(points, torch.Tensor) else points, dtype=float)
     labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
-    fig, ax = plt.subplots(figsize=(7.6, 6.2))
+    fig = Figure(figsize=(7.6, 6.2))
+    ax = fig.subplots()
     for k, name in enumerate(class_names):
         sel = labels == k
         ax.scatter(pts[sel, 0], pts[sel, 1], s=4, alpha=0.6, color=CLASS_COLORS[k % 10],
@@ -118,7 +120,8 @@ def plot_manifold(images, x_values: Sequence[float], y_values: Sequence[float], 
     ny, nx = len(y_values), len(x_values)
     arr = grid_array(images, nx, padding=0)  # (ny*28, nx*28)
     h, w = arr.shape[0] / ny, arr.shape[1] / nx
-    fig, ax = plt.subplots(figsize=(0.5 * nx + 1.4, 0.5 * ny + 1.2))
+    fig = Figure(figsize=(0.5 * nx + 1.4, 0.5 * ny + 1.2))
+    ax = fig.subplots()
     ax.imshow(arr, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
     ax.set_xticks((np.arange(nx) + 0.5) * w, [f"{v:.2f}" for v in x_values], rotation=90, fontsize=7)
     ax.set_yticks((np.arange(ny) + 0.5) * h, [f"{v:.2f}" for v in y_values], fontsize=7)
@@ -152,8 +155,9 @@ def plot_loss_curves(history: Sequence[dict], steps: np.ndarray | None, step_col
     ncols = min(len(panels), 4)  # wrap many terms (the VAE-GAN's) into bands of 4 columns
     bands = math.ceil(len(panels) / ncols)
     width = 4.2 if ncols <= 3 else 3.5
-    fig, axes = plt.subplots(bands * per_term, ncols, figsize=(width * ncols, 3.1 * bands * per_term + 0.5),
-                             squeeze=False, layout="constrained")  # leaves room for the suptitle
+    # constrained layout leaves room for the suptitle
+    fig = Figure(figsize=(width * ncols, 3.1 * bands * per_term + 0.5), layout="constrained")
+    axes = fig.subplots(bands * per_term, ncols, squeeze=False)
     for ax in axes[:, len(panels) % ncols or ncols:][-per_term:].flat:
         ax.axis("off")  # unused cells of the last band
     splits = list(dict.fromkeys(r["split"] for r in history))
@@ -203,7 +207,8 @@ def plot_series(panels: Sequence[tuple[str, str, dict[str, tuple[Sequence[float]
     first panel in the colour of the series of that label (a reference value for it)."""
     labels = list(dict.fromkeys(label for _, _, series in panels for label in series))
     colours = {label: f"C{i}" for i, label in enumerate(labels)}
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False, layout="constrained")
+    fig = Figure(figsize=(5.2 * len(panels), 3.8), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (panel_title, ylabel, series) in zip(axes[0], panels):
         for label, (x, y) in series.items():
             ax.plot(x, y, marker="o", ms=2.5, lw=1.2, color=colours[label], label=label)
