@@ -97,6 +97,26 @@ def test_load_with_validation_split_and_static_binarization(synthetic_mnist):
     assert d.classes[3] == "3"
 
 
+def test_subset_draws_images_with_their_labels_and_keeps_the_rest(synthetic_mnist):
+    data = load("mnist", val_size=50, quiet=True)
+    small = data_mod.subset(data, train=100, test=20, seed=3)
+    assert (len(small.train_x), len(small.test_x)) == (100, 20) and small.classes == data.classes
+    # each image is one of the split's, with its own label, in the split's order, none twice
+    rows = {bytes(x.numpy().tobytes()): (i, int(y)) for i, (x, y) in enumerate(zip(data.train_x, data.train_y))}
+    found = [rows[bytes(x.numpy().tobytes())] for x in small.train_x]
+    assert [y for _, y in found] == small.train_y.tolist()
+    assert [i for i, _ in found] == sorted({i for i, _ in found})
+    assert small.val_x is data.val_x
+    assert torch.equal(data_mod.subset(data, test=20, seed=3).test_x, small.test_x)  # whatever the train size
+    assert torch.equal(data_mod.subset(data, train=100, test=20, seed=3).train_x, small.train_x)
+    assert not torch.equal(data_mod.subset(data, train=100, seed=4).train_x, small.train_x)
+    whole = data_mod.subset(data)
+    assert whole.train_x is data.train_x and whole.test_x is data.test_x
+    for bad in (0, len(data.train_x) + 1):
+        with pytest.raises(DataError, match="subset of"):
+            data_mod.subset(data, train=bad)
+
+
 def test_batcher_shapes_order_and_determinism(tiny_data):
     b1 = Batcher(tiny_data.train_x, 100, shuffle=True, seed=5)
     b2 = Batcher(tiny_data.train_x, 100, shuffle=True, seed=5)

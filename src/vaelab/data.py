@@ -431,6 +431,25 @@ def load(name: str, val_size: int = 0, binarize: str = "none", seed: int = 0,
     return data
 
 
+def subset(data: ImageData, train: int | None = None, test: int | None = None, seed: int = 0) -> ImageData:
+    """`data` with `train` random training images and `test` random test images (None: all of
+    that split), drawn without replacement by `seed`, in their original order: a smaller dataset
+    for a quick run. Each split has its own draw, so the test images do not change with the
+    number of training images. A validation split is kept whole."""
+    def pick(x: torch.Tensor, y: torch.Tensor, n: int | None, stream: int, split: str):
+        if n is None:
+            return x, y
+        if not 0 < n <= len(x):
+            raise DataError(f"{data.name}: a subset of {n} {split} images, but the split has {len(x)}")
+        g = torch.Generator().manual_seed(seed * 2 + stream)
+        idx = torch.randperm(len(x), generator=g)[:n].sort().values
+        return x[idx], y[idx]
+
+    train_x, train_y = pick(data.train_x, data.train_y, train, 0, "training")
+    test_x, test_y = pick(data.test_x, data.test_y, test, 1, "test")
+    return ImageData(data.name, data.classes, train_x, train_y, test_x, test_y, data.val_x, data.val_y)
+
+
 def _bernoulli_uint8(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return (torch.rand(x.shape, generator=g) < x.float() / 255).to(torch.uint8) * 255
 
