@@ -48,23 +48,41 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
 def plot_image_rows(rows: Sequence[torch.Tensor], row_labels: Sequence[str], path: str | Path,
                     title: str, col_labels: Sequence[str] | None = None) -> Path:
     """Rows of images (each (N, 1, 28, 28)) with a label per row (originals above
-    reconstructions, one class per row, one model per row) and optional column labels."""
-    ncol = max(len(r) for r in rows)
-    fig = Figure(figsize=(ncol * 0.9 + 0.8, len(rows) * 0.95 + 0.7))
-    axes = fig.subplots(len(rows), ncol, squeeze=False)
-    for r, (images, label) in enumerate(zip(rows, row_labels)):
-        arr = as_uint8_images(images)
-        for c in range(ncol):
-            ax = axes[r, c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c < len(arr):
-                ax.imshow(arr[c], cmap="gray", vmin=0, vmax=255)
-            else:
-                ax.axis("off")
-        axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
-    for c, label in enumerate(col_labels or []):
-        axes[0, c].set_title(label, fontsize=8)
+    reconstructions, one class per row, one model per row) and optional column labels.
+
+    The images are tiled into one picture, each in a thin dark frame with white gutters, and
+    drawn on a single axes whose ticks carry the labels: the same figure as an axes per image,
+    drawn ten to fifty times faster (matplotlib's cost is per axes, not per pixel)."""
+    arrays = [as_uint8_images(images) for images in rows]
+    ncol = max(len(a) for a in arrays)
+    h, w = max(a.shape[1] for a in arrays), max(a.shape[2] for a in arrays)
+    frame, gap = 1, 6  # pixels: the frame around each image, the white gutter between frames
+    cell_h, cell_w = h + 2 * frame + gap, w + 2 * frame + gap
+    canvas = np.full((len(arrays) * cell_h - gap, ncol * cell_w - gap), 255, np.uint8)
+    for r, arr in enumerate(arrays):
+        for c, image in enumerate(arr):
+            y, x = r * cell_h, c * cell_w
+            canvas[y : y + h + 2 * frame, x : x + w + 2 * frame] = 0
+            canvas[y + frame : y + frame + image.shape[0], x + frame : x + frame + image.shape[1]] = image
+    height = len(rows) * 0.95 + 0.7
+    fig = Figure(figsize=(ncol * 0.9 + 0.8, height))
+    # The axes take the whole figure below the title and the column labels; the picture sits at
+    # its top, and the saved PNG is cropped to what is drawn.
+    above = 0.3 * (title.count("\n") + 1) + (0.25 if col_labels else 0.05)  # inches
+    fig.subplots_adjust(left=0, right=1, bottom=0, top=1 - above / height)
+    ax = fig.subplots()
+    ax.imshow(canvas, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    ax.set_anchor("N")
+    ax.set_yticks([r * cell_h + frame + h / 2 - 0.5 for r in range(len(arrays))], list(row_labels), fontsize=9)
+    if col_labels:
+        ax.xaxis.tick_top()
+        ax.set_xticks([c * cell_w + frame + w / 2 - 0.5 for c in range(len(col_labels))], list(col_labels),
+                      fontsize=8)
+    else:
+        ax.set_xticks([])
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
     fig.suptitle(title)
     return save_figure(fig, path)
 
