@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -170,13 +171,38 @@ def class_samples(codes: torch.Tensor, labels: torch.Tensor, n_classes: int, k: 
 
 
 @torch.inference_mode()
+def class_grid_rows(model, data, per_class: int = 5, seed: int = 0) -> tuple[list[torch.Tensor], str]:
+    """The per-class grid's images, one row (per_class, 1, 28, 28) per class, and how they were
+    drawn: samples from each class's region of latent space (`class_samples` on the codes of the
+    test images); a conditional model's from its decoder, given the class, with codes from the prior."""
+    device = model.device
+    n_classes = len(data.classes)
+    if model.conditional:
+        gen = torch.Generator(device=device).manual_seed(seed)
+        rows = [model.sample(per_class, generator=gen, condition=torch.full((per_class,), c, device=device)).cpu()
+                for c in range(n_classes)]
+        return rows, f"{per_class} samples per class: prior codes decoded with the class's label"
+    mu, _ = encode_means(model, data.test_x)
+    z = class_samples(mu, data.test_y, n_classes, per_class, seed=seed).to(device)
+    decoded = model.decode(z).cpu()
+    rows = [decoded[c * per_class : (c + 1) * per_class] for c in range(n_classes)]
+    return rows, f"{per_class} samples per class from a Gaussian\nfitted to the class's test codes"
+
+
+@torch.inference_mode()
 def write_run_figures(run_dir: Path, model, data, seed: int = 0, n_scatter: int = 5000,
-                      grid_size: int = 15, per_class: int = 5) -> dict[str, Path]:
-    """Every figure of a trained run into RUN/figures/; returns name -> path (see FIGURE_FILES).
+                      grid_size: int = 15, per_class: int = 5, keys: Sequence[str] | None = None) -> dict[str, Path]:
+    """Every figure of a trained run into RUN/figures/, or only those named in `keys` (of
+    FIGURE_FILES); returns name -> path. Each figure is drawn with its own random draws, so it is
+    the same whichever others are drawn.
 
     The manifold is drawn only for 2-D latents; the scatter of higher-dimensional codes is a PCA
     projection, said on the plot.
     """
+    wanted = set(FIGURE_FILES if keys is None else keys)
+    if wanted - set(FIGURE_FILES):
+        unknown = ", ".join(sorted(wanted - set(FIGURE_FILES)))
+        raise KeyError(f"no figure {unknown}; the figures: {', '.join(FIGURE_FILES)}")
     fig_dir = Path(run_dir) / "figures"
     fig_dir.mkdir(exist_ok=True)
     model.eval()
@@ -186,33 +212,34 @@ def write_run_figures(run_dir: Path, model, data, seed: int = 0, n_scatter: int 
     written: dict[str, Path] = {}
     path = lambda key: fig_dir / FIGURE_FILES[key]  # noqa: E731
 
-    loss = loss_curves_figure(run_dir, model, path("loss_curves"))
+    loss = loss_curves_figure(run_dir, model, path("loss_curves")) if "loss_curves" in wanted else None
     if loss is not None:
         written["loss_curves"] = loss
 
-    # Latent scatter: reparameterized codes of random test images.
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(data.test_x), generator=g)[:n_scatter]
-    labels = data.test_y[idx]
-    # A conditional model's codes are of q(z|x, y): each image goes with its label.
-    inputs = (data.test_x[idx], labels) if model.conditional else (data.test_x[idx],)
-    codes = batched(lambda x, *y: model.latent(to_float(x), condition=y[0] if y else None).float(), *inputs,
-                    batch_size=1000, device=device)
-    if model.latent_dim == 2:
-        points, axes, note = codes, ("z1", "z2"), None
-    elif model.latent_dim == 1:
-        points = torch.cat([codes, torch.rand(len(codes), 1, generator=g) - 0.5], 1)
-        axes, note = ("z", "random jitter (no meaning)"), "1-D latent: the vertical axis is jitter"
-    else:
-        points, share = pca_2d(codes)
-        axes = (f"PC 1 ({share[0]:.0%} of variance)", f"PC 2 ({share[1]:.0%} of variance)")
-        note = f"PCA projection of the {model.latent_dim}-D codes onto their first two principal axes"
-    written["latent_scatter"] = plots.plot_latent_scatter(
-        points, labels, classes, path("latent_scatter"), axis_labels=axes, note=note,
-        title=f"{name}: codes z of {len(idx)} test images ({data.name})")
+    if "latent_scatter" in wanted:
+        # Latent scatter: reparameterized codes of random test images.
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(len(data.test_x), generator=g)[:n_scatter]
+        labels = data.test_y[idx]
+        # A conditional model's codes are of q(z|x, y): each image goes with its label.
+        inputs = (data.test_x[idx], labels) if model.conditional else (data.test_x[idx],)
+        codes = batched(lambda x, *y: model.latent(to_float(x), condition=y[0] if y else None).float(), *inputs,
+                        batch_size=1000, device=device)
+        if model.latent_dim == 2:
+            points, axes, note = codes, ("z1", "z2"), None
+        elif model.latent_dim == 1:
+            points = torch.cat([codes, torch.rand(len(codes), 1, generator=g) - 0.5], 1)
+            axes, note = ("z", "random jitter (no meaning)"), "1-D latent: the vertical axis is jitter"
+        else:
+            points, share = pca_2d(codes)
+            axes = (f"PC 1 ({share[0]:.0%} of variance)", f"PC 2 ({share[1]:.0%} of variance)")
+            note = f"PCA projection of the {model.latent_dim}-D codes onto their first two principal axes"
+        written["latent_scatter"] = plots.plot_latent_scatter(
+            points, labels, classes, path("latent_scatter"), axis_labels=axes, note=note,
+            title=f"{name}: codes z of {len(idx)} test images ({data.name})")
 
     # Manifold over the 2-D latent plane (a conditional model's would need a class: not drawn).
-    if model.latent_dim == 2 and not model.conditional:
+    if "manifold" in wanted and model.latent_dim == 2 and not model.conditional:
         (xs, ys), how = latent_axis_values(model, grid_size)
         ys = ys[::-1]  # the top row is the largest z2
         zz = torch.tensor([[x, y] for y in ys for x in xs], dtype=torch.float32, device=device)
@@ -220,49 +247,42 @@ def write_run_figures(run_dir: Path, model, data, seed: int = 0, n_scatter: int 
             model.decode(zz), xs, ys, path("manifold"),
             title=f"{name}: {grid_size}x{grid_size} images decoded over the latent plane\n({how})")
 
-    # Per-class grid: samples from each class's region of latent space; a conditional model's
-    # from its decoder, given the class, with codes from the prior.
-    if model.conditional:
-        gen = torch.Generator(device=device).manual_seed(seed)
-        rows = [model.sample(per_class, generator=gen, condition=torch.full((per_class,), c, device=device)).cpu()
-                for c in range(len(classes))]
-        how = f"{per_class} samples per class: prior codes decoded with the class's label"
-    else:
-        mu, _ = encode_means(model, data.test_x)
-        z = class_samples(mu, data.test_y, len(classes), per_class, seed=seed).to(device)
-        decoded = model.decode(z).cpu()
-        rows = [decoded[c * per_class : (c + 1) * per_class] for c in range(len(classes))]
-        how = f"{per_class} samples per class from a Gaussian\nfitted to the class's test codes"
-    written["class_grid"] = plots.plot_image_rows(rows, classes, path("class_grid"), title=f"{name}: {how}")
+    if "class_grid" in wanted:
+        rows, how = class_grid_rows(model, data, per_class, seed)
+        written["class_grid"] = plots.plot_image_rows(rows, classes, path("class_grid"), title=f"{name}: {how}")
 
-    if model.conditional:
-        written["samples"] = conditional_samples_figure(model, classes, path("samples"), seed)
-    else:
-        written["samples"] = plots.plot_image_grid(torch.cat(sample_rows(model, len(classes), seed)), path("samples"),
-                                                   title=f"{name}: 100 samples from the prior")
-    written["reconstructions"] = reconstructions_figure(model, data.test_x, path("reconstructions"), seed,
-                                                        test_y=data.test_y)
+    if "samples" in wanted:
+        if model.conditional:
+            written["samples"] = conditional_samples_figure(model, classes, path("samples"), seed)
+        else:
+            samples = torch.cat(sample_rows(model, len(classes), seed))
+            written["samples"] = plots.plot_image_grid(samples, path("samples"),
+                                                       title=f"{name}: 100 samples from the prior")
+    if "reconstructions" in wanted:
+        written["reconstructions"] = reconstructions_figure(model, data.test_x, path("reconstructions"), seed,
+                                                            test_y=data.test_y)
 
-    # Interpolations between pairs of random test images, endpoints shown beside the path; a
-    # conditional model's pairs share a class, the label both ends and the path are decoded with.
-    pairs = random_test_images(data.test_x, 6, seed + 1, device)
-    pair_labels = [None] * 3
-    if model.conditional:
-        firsts = random_test_images(data.test_x, 3, seed + 1, device)
-        firsts_y = random_test_labels(data.test_y, 3, seed + 1, device)
-        g_pair = torch.Generator().manual_seed(seed + 2)
-        partners = []
-        for y in firsts_y.tolist():
-            same = torch.nonzero(data.test_y == y).flatten()
-            partners.append(int(same[torch.randint(len(same), (1,), generator=g_pair)]))
-        seconds = to_float(data.test_x[partners]).to(device)
-        pairs = torch.stack([firsts, seconds], 1).flatten(0, 1)  # (3, 2, 1, 28, 28) -> a, b, a, b, a, b
-        pair_labels = list(firsts_y[:, None])
-    steps = 10
-    rows = [torch.cat([a[None], model.interpolate(a[None], b[None], steps, condition=y), b[None]])
-            for a, b, y in zip(pairs[0::2], pairs[1::2], pair_labels)]
-    written["interpolation"] = plots.plot_image_rows(
-        rows, [f"pair {i + 1}" for i in range(len(rows))], path("interpolation"),
-        col_labels=["image A"] + [f"t={t:.2f}" for t in torch.linspace(0, 1, steps).tolist()] + ["image B"],
-        title=f"{name}: decoding the straight line between the codes of two test images")
+    if "interpolation" in wanted:
+        # Interpolations between pairs of random test images, endpoints shown beside the path; a
+        # conditional model's pairs share a class, the label both ends and the path are decoded with.
+        pairs = random_test_images(data.test_x, 6, seed + 1, device)
+        pair_labels = [None] * 3
+        if model.conditional:
+            firsts = random_test_images(data.test_x, 3, seed + 1, device)
+            firsts_y = random_test_labels(data.test_y, 3, seed + 1, device)
+            g_pair = torch.Generator().manual_seed(seed + 2)
+            partners = []
+            for y in firsts_y.tolist():
+                same = torch.nonzero(data.test_y == y).flatten()
+                partners.append(int(same[torch.randint(len(same), (1,), generator=g_pair)]))
+            seconds = to_float(data.test_x[partners]).to(device)
+            pairs = torch.stack([firsts, seconds], 1).flatten(0, 1)  # (3, 2, 1, 28, 28) -> a, b, a, b, a, b
+            pair_labels = list(firsts_y[:, None])
+        steps = 10
+        rows = [torch.cat([a[None], model.interpolate(a[None], b[None], steps, condition=y), b[None]])
+                for a, b, y in zip(pairs[0::2], pairs[1::2], pair_labels)]
+        written["interpolation"] = plots.plot_image_rows(
+            rows, [f"pair {i + 1}" for i in range(len(rows))], path("interpolation"),
+            col_labels=["image A"] + [f"t={t:.2f}" for t in torch.linspace(0, 1, steps).tolist()] + ["image B"],
+            title=f"{name}: decoding the straight line between the codes of two test images")
     return written
