@@ -242,6 +242,23 @@ def test_comment_on_samples_when_all_digits_come_out_evenly():
     assert "Every digit comes out confidently about as often as in the data" in text
 
 
+def test_class_grid_comment_counts_each_rows_own_class_and_names_the_misreads():
+    names = [str(i) for i in range(10)]
+    best = [[c] * 5 for c in range(10)]
+    sure = [[True] * 5 for _ in range(10)]
+    best[4] = [9, 9, 4, 9, 7]  # the 4s' region decodes mostly 9s
+    sure[7] = [True, False, True, True, True]
+    text = prose.comment_on_class_grid(best, sure, names)
+    assert "reads 46 (92%) as their row's digit, 45 of them with confidence > 0.9" in text
+    assert "fewer than half the images read as their digit: 4 (1 of 5; the others read as 9 (3) and 7 (1))" in text
+    assert "in every image: 0, 1, 2, 3, 5, 6, 8 and 9." in text  # not 4, not 7 (one unsure)
+    best[4] = [4, 4, 4, 9, 9]
+    assert "Every row shows its digit in at least half of its images." in prose.comment_on_class_grid(best, sure, names)
+    garments = ["T-shirt/top", "Trouser"]
+    text = prose.comment_on_class_grid([[1, 1], [1, 1]], [[True, True], [False, True]], garments, item="garment")
+    assert "reads 2 (50%) as their row's garment, 1 of them" in text and "T-shirt/top (0 of 2; the others read as Trouser (2))" in text
+
+
 def test_training_description_follows_the_kl_direction():
     first = {"loss": 180.0, "recon": 170.0, "kl": 10.0}
     rising = prose.describe_training(first, {"loss": 110.0, "recon": 85.0, "kl": 25.0}, 3)

@@ -200,6 +200,53 @@ def test_lstm_report_comments_on_its_100_samples(tmp_path, tiny_data, monkeypatc
     assert f"{latent}-D bottleneck" in text and "2-D" not in text.replace("2-D latent plane", "")
 
 
+def test_vae_2d_report_reads_its_per_digit_grid_and_its_training_curves(tmp_path, tiny_data, monkeypatch):
+    seen = {}
+
+    def fake_classify(clf, images):
+        seen["images"] = images
+        probs = torch.full((len(images), 10), 0.01)
+        for i in range(len(images)):
+            row = i // 5
+            probs[i, 9 if row == 4 else row] = 0.95  # row 4's images all read as 9
+        return torch.zeros(len(images), 4), probs.double()
+
+    monkeypatch.setattr(recipes, "load_or_train_classifier", lambda data, device="cpu": (FakeClassifier(), {}))
+    monkeypatch.setattr(recipes, "classify", fake_classify)
+    result = fake_result(tmp_path, RECIPES["vae-2d-mnist"], tiny_data, {})
+    r = result.steps[0]
+    r.metrics["classifier"] = {"test_accuracy": 0.995, "target_accuracy": 0.993, "meets_target": True}
+    (r.run_dir / "history.csv").write_text(
+        "epoch,split,loss,recon,kl,seconds\n1,train,180,176,4,1\n1,test,160,155,5,1\n"
+        "2,train,150,144,6,1\n2,test,148,142,6,1\n")
+    page = write_report(result).read_text()
+    # the images classified are the grid's own (figures.class_grid_rows, seed 0)
+    from vaelab.figures import class_grid_rows
+
+    rows, _ = class_grid_rows(recipes.load_run(r.run_dir).model, tiny_data)
+    assert torch.equal(seen["images"], torch.cat(rows))
+    grid = next(a for a in answer_paragraphs(page) if a.startswith("Of the 50 images of the per-digit grid"))
+    assert "reads 45 (90%) as their row's digit, 45 of them with confidence > 0.9" in grid
+    assert "4 (0 of 5; the others read as 9 (5))" in grid
+    training = next(a for a in answer_paragraphs(page) if a.startswith("Over 2 epochs"))
+    assert "KL term rose from 4.0 to 6.0" in training
+    # each comment sits under its figure
+    assert page.index("Training curves:") < page.index("Over 2 epochs") < page.index("Codes z")
+    assert page.index("Five samples per class") < page.index("Of the 50 images") < page.index("100 images decoded")
+
+
+def test_run_step_refuses_an_unknown_step_and_another_dataset_before_training(tmp_path, tiny_data):
+    from vaelab.errors import ConfigError
+
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match="has no step 'vae'; its steps: vae-2d"):
+        recipes.run_step("vae-2d-mnist", "vae", out, tiny_data)
+    fashion = dataclasses.replace(tiny_data, name="fashion-mnist")
+    with pytest.raises(ConfigError, match="trains on mnist, not on fashion-mnist"):
+        recipes.run_step("vae-2d-mnist", "vae-2d", out, fashion)
+    assert not out.exists()
+
+
 def test_recipe_overwrite_keeps_the_old_output_until_the_new_one_finishes(tmp_path, monkeypatch):
     """--overwrite builds beside the old recipe folder and swaps it in only at the end: a run
     that fails (or is interrupted) leaves the previous output exactly as it was."""

@@ -406,13 +406,15 @@ def latent_size_note(dims: Mapping[str, int]) -> str | None:
 
 def figure_caption(key: str, *, latent_dim: int, variational: bool, prior: str = "N(0, I)",
                    recon_mse: float | None = None, item: str = "image", active_units: int | None = None,
-                   input_dependent: bool | None = None, adversarial: bool = False) -> tuple[str, str] | None:
+                   input_dependent: bool | None = None, adversarial: bool = False,
+                   scatter_images: int = 5000) -> tuple[str, str] | None:
     """(what the figure shows, what to look for) for figure `key` of a model with this latent
     size; `variational`: the encoder outputs a distribution q(z|x) (a VAE), not one code (an
     autoencoder). Measured facts where known: `active_units` (latent dimensions whose mean
     varies over the test set), `input_dependent` (whether reconstructions were measured to depend
-    on their input), `adversarial` (trained against a discriminator). None where the figure does
-    not apply (the manifold of a latent that is not 2-D)."""
+    on their input), `adversarial` (trained against a discriminator), `scatter_images` (the test
+    images the latent scatter shows). None where the figure does not apply (the manifold of a
+    latent that is not 2-D)."""
     d = latent_dim
     if key == "loss_curves":
         look = ("the total loss should fall quickly and flatten; train and test close together mean "
@@ -437,7 +439,7 @@ def figure_caption(key: str, *, latent_dim: int, variational: bool, prior: str =
                     f"never learned.")
         where = (f", {d}-D, projected onto their first two principal axes" if d > 2 else
                  ", on the 1-D axis (the vertical axis is jitter)" if d == 1 else "")
-        what = f"{codes} of 5000 random test images{where}, coloured by their true class."
+        what = f"{codes} of {scatter_images} random test images{where}, coloured by their true class."
         if active_units == 0:
             return what, (f"none of the {d} latent dimensions is active (the code's mean does not vary "
                           f"over the test set): the codes carry no class information, so expect one "
@@ -755,6 +757,39 @@ def comment_on_samples(predicted: Sequence[int], confident: Sequence[int], class
                              f"confident); the cleanest: {join(top)}.")
         if worst:
             parts.append(f"Drawn poorly (fewer than half confident): {join(worst)}.")
+    return " ".join(parts)
+
+
+def comment_on_class_grid(best: Sequence[Sequence[int]], confident: Sequence[Sequence[bool]],
+                          class_names: Sequence[str], threshold: float = 0.9, item: str = "digit") -> str:
+    """Whether each row of a per-class grid shows its class, from the domain classifier's reading
+    of its images: best[c][j] is the most probable class of image j of row c (the row drawn for
+    class c), confident[c][j] whether that probability exceeds `threshold`."""
+    n = sum(len(row) for row in best)
+    if n == 0:
+        return "The grid has no images to classify."
+    own = [sum(b == c for b in row) for c, row in enumerate(best)]
+    sure = [sum(b == c and s for b, s in zip(row, conf)) for c, (row, conf) in enumerate(zip(best, confident))]
+    hits, sure_hits = sum(own), sum(sure)
+    parts = [f"Of the {n} images of the per-{item} grid, the domain classifier reads {hits} ({hits / n:.0%}) as "
+             f"their row's {item}, {sure_hits} of them with confidence > {threshold:g}."]
+    weak = []
+    for c, row in enumerate(best):
+        if own[c] * 2 < len(row):  # fewer than half: the row does not show its class
+            others = {}
+            for b in row:
+                if b != c:
+                    others[b] = others.get(b, 0) + 1
+            read = join([f"{class_names[b]} ({k})" for b, k in sorted(others.items(), key=lambda kv: (-kv[1], kv[0]))])
+            weak.append(f"{class_names[c]} ({own[c]} of {len(row)}; the others read as {read})")
+    clean = [class_names[c] for c, row in enumerate(best) if row and sure[c] == len(row)]
+    if weak:
+        parts.append(f"Rows where fewer than half the images read as their {item}: {join(weak)}; the "
+                     f"regions fitted to these classes' codes overlap other classes' (see the latent scatter).")
+    else:
+        parts.append(f"Every row shows its {item} in at least half of its images.")
+    if clean:
+        parts.append(f"Rows read as their {item} with confidence in every image: {join(clean)}.")
     return " ".join(parts)
 
 

@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -33,7 +33,7 @@ from .errors import ConfigError, VaelabError, WriteError
 from .atomic import clean_stale_siblings, exchange, temp_path
 from .evaluate import ACTIVE_UNIT_THRESHOLD, METRICS_FILE, EvalSettings, evaluate_run, generate, summary_rows
 from .explore import LatentSpace, export_page
-from .figures import write_run_figures
+from .figures import class_grid_rows, write_run_figures
 from .gallery import random_test_images
 from .history_files import read_history
 from .inference import batched
@@ -42,10 +42,11 @@ from .metrics import CONFIDENT, KID_SUBSET_SIZE, classify, load_or_train_classif
 from .models import MODELS, make_config
 from .prose import (RECON_MSE, SAMPLE_METRICS, NLLGap, active_units_sentence, answer_basic_vaegan,
                     answer_naive_vs_normalized, answer_vae_quality, answer_vaegan_variant, combined_se,
-                    comment_on_samples, comparison_details, describe_training, figure_caption, input_dependence,
+                    comment_on_class_grid, comment_on_samples, comparison_details, describe_training,
+                    figure_caption, input_dependence,
                     join, latent_size_note, leaders, nll_against_paper, nll_ordering, training_length_note,
                     verdict, verdict_sentence, with_uncertainty)
-from .report import Report
+from .report import Report, Table
 from .run_folder import check_target, is_run_folder, prepare_folder
 from .runtime import idle_cores, physical_cores
 from .train import train
@@ -86,6 +87,12 @@ class Recipe:
     full_eval: EvalSettings
     # Extra report sections written from every step's metrics (comparisons, answers).
     discussion: Callable[["RecipeResult", Report], None] | None = None
+
+    def step(self, key: str) -> Step:
+        for s in self.steps:
+            if s.key == key:
+                return s
+        raise ConfigError(f"recipe {self.name} has no step {key!r}; its steps: {', '.join(s.key for s in self.steps)}")
 
 
 @dataclass
@@ -197,10 +204,12 @@ def caption(r: StepResult, key: str, item: str) -> tuple[str, str] | None:
                           recon_mse=m.get("recon_mse"), item=item,
                           active_units=m.get("latent", {}).get("active_units"),
                           input_dependent=r.facts.get("input_dependent"),
-                          adversarial="dis_loss" in m.get("test_terms", {}))
+                          adversarial="dis_loss" in m.get("test_terms", {}),
+                          scatter_images=r.facts.get("scatter_images", SCATTER_IMAGES))
 
 
 ITEMS = {"mnist": "digit", "fashion-mnist": "garment"}
+SCATTER_IMAGES = 5000  # test images in a run's latent scatter (all of them where there are fewer)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,9 +222,67 @@ QUICK_EVAL = EvalSettings(iw_samples=100, iw_images=500, n_samples=2000)
 FULL_EVAL = EvalSettings(iw_images=2000)
 
 
-def _comparison_table(result: RecipeResult, report: Report) -> None:
+# ---------------------------------------------------------------------------------------------
+# The assignments' answers, each a function of measured steps: the report writes them, and the
+# example notebooks (examples/) print them under the question they answer.
+# ---------------------------------------------------------------------------------------------
+
+
+def training_comment(r: StepResult) -> str | None:
+    """How the loss, the reconstruction and the KL terms moved from the first epoch to the last
+    (train means, with the test loss of the last), with the reading that fits; None for a run of
+    one epoch, or a model without those terms."""
+    history = read_history(r.run_dir)
+    train_rows = [h for h in history if h["split"] == "train"]
+    test_rows = [h for h in history if h["split"] == "test"]
+    if len(train_rows) < 2 or not {"loss", "recon", "kl"} <= set(train_rows[0]):
+        return None
+    peak = max(train_rows, key=lambda h: float(h["kl"]))
+    return describe_training(train_rows[0], train_rows[-1], len(train_rows), kl_peak=(peak["epoch"], float(peak["kl"])),
+                             test_last=test_rows[-1] if test_rows else None)
+
+
+def samples_comment(r: StepResult, data: ImageData) -> str:
+    """A comment on the 100 samples of the run's samples figure from their classification by the
+    domain classifier: how many are recognisable, which classes come out more or less often than
+    chance explains, whether these 100 are typical of the metrics' larger draw."""
+    model = load_run(r.run_dir).model.eval()
+    predicted, confident = classify_figure_samples(model, data)
+    shares = (torch.bincount(data.train_y, minlength=len(data.classes)).double() / len(data.train_y)).tolist()
+    return comment_on_samples(predicted, confident, list(data.classes), shares, CONFIDENT,
+                              ITEMS.get(data.name, "image"), population=samples_quality(r.metrics))
+
+
+@torch.inference_mode()
+def classify_class_grid(model, data: ImageData, per_class: int = 5, seed: int = 0,
+                        threshold: float = CONFIDENT) -> tuple[list[list[int]], list[list[bool]]]:
+    """Classify the images of the run's per-class grid (the same seed, so the same images): per
+    row, each image's most probable class and whether its probability exceeds `threshold`."""
+    rows, _ = class_grid_rows(model, data, per_class, seed)
+    clf, _ = load_or_train_classifier(data, device=model.device)
+    _, probs = classify(clf, torch.cat(rows))
+    conf, best = probs.max(1)
+    sizes = [len(row) for row in rows]
+    return ([b.tolist() for b in best.split(sizes)], [(c > threshold).tolist() for c in conf.split(sizes)])
+
+
+def class_grid_comment(r: StepResult, data: ImageData) -> str:
+    """Whether each row of the run's per-class grid shows its class, as the domain classifier
+    reads the grid's images."""
+    best, sure = classify_class_grid(load_run(r.run_dir).model.eval(), data)
+    return comment_on_class_grid(best, sure, list(data.classes), CONFIDENT, ITEMS.get(data.name, "image"))
+
+
+def summary_table(r: StepResult) -> Table:
+    """Every metric of one step, one row per quantity (the per-model table of the report)."""
+    return Table(["metric", "value"], summary_rows(table_metrics(r.metrics, model_config(r))))
+
+
+def comparison_table(results: Sequence[StepResult]) -> Table:
+    """Every model's sample quality, reconstruction error and likelihoods, side by side, with the
+    real training images' sample quality as the floor."""
     rows = []
-    for r in result.steps:
+    for r in results:
         q = samples_quality(r.metrics)
         iw = r.metrics.get("iwae")
         rows.append([short_name(r), r.metrics["latent_dim"],
@@ -223,24 +290,143 @@ def _comparison_table(result: RecipeResult, report: Report) -> None:
                      f"{r.metrics['recon_mse']:.4f}",
                      f"{r.metrics['elbo']['neg_elbo']:.1f}" if "elbo" in r.metrics else "—",
                      f"{iw['nll']:.1f} ± {iw['se']:.1f}" if iw else "—"])
-    floor = result.steps[0].metrics.get("sample_quality", {}).get("real_train")
+    floor = results[0].metrics.get("sample_quality", {}).get("real_train") if results else None
     if floor:
         rows.append(["real training images (the floor)", "—", *(with_uncertainty(m, floor) for m in SAMPLE_METRICS),
                      "—", "—", "—"])
-    report.table(["model", "latent dim", *(f"{m.label} {m.arrow}" for m in SAMPLE_METRICS),
+    return Table(["model", "latent dim", *(f"{m.label} {m.arrow}" for m in SAMPLE_METRICS),
                   f"{RECON_MSE.label} {RECON_MSE.arrow}", "neg. ELBO (nats)", "IWAE NLL (nats)"], rows,
-                 caption="Every model measured the same way: samples from its generator scored by the "
-                         "domain classifier; reconstructions and likelihoods on the test set. "
-                         "± : the standard error for precision, recall and confident share; the "
-                         "bootstrap standard deviation for FD; the standard deviation over "
-                         f"{KID_SUBSET_SIZE}-image subsets for KID (larger than the standard error "
-                         "of their mean, so a cautious yardstick).")
-    lead = leaders(SAMPLE_METRICS, {short_name(r): samples_quality(r.metrics) for r in result.steps})
-    if lead:
-        report.paragraph(lead)
-    note = latent_size_note({short_name(r): r.metrics["latent_dim"] for r in result.steps})
-    if note:
-        report.paragraph(note, css_class="note")
+                 "Every model measured the same way: samples from its generator scored by the "
+                 "domain classifier; reconstructions and likelihoods on the test set. "
+                 "± : the standard error for precision, recall and confident share; the "
+                 "bootstrap standard deviation for FD; the standard deviation over "
+                 f"{KID_SUBSET_SIZE}-image subsets for KID (larger than the standard error "
+                 "of their mean, so a cautious yardstick).")
+
+
+def comparison_summary(results: Sequence[StepResult]) -> tuple[str | None, str | None]:
+    """(which model leads on each sample metric, a warning where the latent sizes differ); each
+    None where there is nothing to say."""
+    lead = leaders(SAMPLE_METRICS, {short_name(r): samples_quality(r.metrics) for r in results})
+    return lead, latent_size_note({short_name(r): r.metrics["latent_dim"] for r in results})
+
+
+DEPENDENCE_IMAGES = 1000  # random test images the input-dependence check reconstructs
+
+
+def input_dependence_of(r: StepResult, data: ImageData) -> tuple[bool, str]:
+    """Whether the step's reconstructions depend on their input at all, and the sentence saying
+    so: measured once on DEPENDENCE_IMAGES random test images (the same for every step) and kept
+    in `r.facts`, where the figure captions read it."""
+    if "dependence" not in r.facts:
+        probe = random_test_images(data.test_x, DEPENDENCE_IMAGES, 1, "cpu")
+        model = load_run(r.run_dir).model.eval()
+        r.facts["dependence"] = reconstruction_dependence(model, probe)
+        depends, sentence = input_dependence(short_name(r), *r.facts["dependence"])
+        r.facts["input_dependent"], r.facts["dependence_sentence"] = depends, sentence
+    return r.facts["input_dependent"], r.facts["dependence_sentence"]
+
+
+def dependence_table(results: Sequence[StepResult], data: ImageData) -> Table:
+    """Each model's reconstructions against their own images and against other test images."""
+    for r in results:
+        input_dependence_of(r, data)
+    return Table(["model", "MSE to its own image ↓", "MSE to another test image", "own ÷ other",
+                  "depends on the input"],
+                 [[short_name(r), f"{o:.4f}", f"{t:.4f}", f"{o / t:.0%}" if t > 0 else "—",
+                   "yes" if r.facts["input_dependent"] else "no"]
+                  for r in results for o, t, _ in [r.facts["dependence"]]],
+                 f"Each model's reconstructions of {min(DEPENDENCE_IMAGES, len(data.test_x))} random test images, "
+                 f"compared with their own images and with another test image. 'yes' where the first is smaller "
+                 f"by more than 2 standard errors of the paired difference.")
+
+
+def side_by_side_figures(results: Sequence[StepResult], data: ImageData, fig_dir: Path) -> list[tuple[Path, str, str]]:
+    """10 samples of every model, one row each, and the same 10 test images reconstructed by every
+    model, into `fig_dir`: [(path, what it shows, what to look for)]."""
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    models = [load_run(r.run_dir).model.eval() for r in results]
+    names = [short_name(r) for r in results]
+    rows = [generate(m, 10, seed=0) for m in models]
+    samples = plots.plot_image_rows(rows, names, fig_dir / "samples_side_by_side.png",
+                                    title="10 samples from each model's generator")
+    x = random_test_images(data.test_x, 10, 0, "cpu")
+    rows = [x] + [m.reconstruct(x.to(m.device)).cpu() for m in models]
+    recon = plots.plot_image_rows(rows, ["original", *names], fig_dir / "reconstructions_side_by_side.png",
+                                  title="The same 10 test images reconstructed by each model")
+    look = "which models keep each garment's type and silhouette and which keep its details."
+    for r in results:
+        if not input_dependence_of(r, data)[0]:
+            inactive = r.metrics.get("latent", {}).get("active_units") == 0
+            look += (f" {short_name(r)}'s reconstructions do not depend on the input (table above): "
+                     + ("no latent dimension is active, so every input gets the same code mean "
+                        "and its row repeats one image." if inactive else
+                        "its row shows images unrelated to the originals."))
+    return [(samples, "10 generated images per model, one model per row.",
+             "the naive autoencoder's samples against the normalized one's, and the VAE and "
+             "VAE-GANs against both: recognizable garments, sharpness, variety."),
+            (recon, "10 random test images (top row) and their reconstruction by each model.", look)]
+
+
+QUESTION_A_VS_B = (
+    "Are the images of A) (uniform draws over the box spanned by the plain autoencoder's training "
+    "codes) and B) (N(0, I) draws into the normalized bottleneck) different?")
+QUESTION_VAE_QUALITY = "Does the VAE produce a different quality?"
+
+
+def answer_a_vs_b(a: StepResult, b: StepResult, quick: bool) -> str:
+    """QUESTION_A_VS_B answered from A's and B's sample quality."""
+    v = verdict(SAMPLE_METRICS, short_name(a), samples_quality(a.metrics), short_name(b), samples_quality(b.metrics))
+    return f"Measured: {comparison_details(v)} {answer_naive_vs_normalized(v, quick, a.metrics['latent_dim'])}"
+
+
+def answer_vae_vs_autoencoders(vae: StepResult, a: StepResult, b: StepResult, quick: bool) -> str:
+    """QUESTION_VAE_QUALITY answered from the VAE's sample quality and reconstruction error
+    against the two autoencoders'."""
+    q = samples_quality(vae.metrics)
+    vs_a = verdict(SAMPLE_METRICS, short_name(vae), q, short_name(a), samples_quality(a.metrics))
+    vs_b = verdict(SAMPLE_METRICS, short_name(vae), q, short_name(b), samples_quality(b.metrics))
+    mses = {short_name(r): r.metrics.get("recon_mse") for r in (vae, a, b)}
+    return answer_vae_quality(vs_a, vs_b, mses, quick)
+
+
+def answer_vaegan_vs_vae(gan: StepResult, vae: StepResult, data: ImageData, quick: bool) -> str:
+    """What a VAE-GAN produces against the VAE: its samples' quality, its discriminator's
+    accuracies, and for the basic objective (no reconstruction term) whether its reconstructions
+    depend on their input at all."""
+    name = short_name(gan)
+    v = verdict(SAMPLE_METRICS, name, samples_quality(gan.metrics), short_name(vae), samples_quality(vae.metrics))
+    terms = gan.metrics.get("test_terms", {})
+    acc = (terms.get("dis_acc_real"), terms.get("dis_acc_fake"))
+    depends, sentence = input_dependence_of(gan, data)
+    if gan.step.config.get("objective") == "basic":
+        text = answer_basic_vaegan(name, depends, sentence, gan.metrics.get("elbo", {}).get("kl"), short_name(vae),
+                                   vae.metrics.get("elbo", {}).get("kl"), gan.metrics.get("recon_mse"),
+                                   vae.metrics.get("recon_mse"))
+        return text + f" Its samples against the VAE's: {answer_vaegan_variant(v, acc, quick)}"
+    text = f"{name} against the VAE: {answer_vaegan_variant(v, acc, quick)}"
+    return text if depends else f"{text} {sentence}"
+
+
+def answer_latent_sizes(a: StepResult, b: StepResult) -> str:
+    """The same model at two latent sizes: which samples measure better, and the caveat that
+    the comparison is not like-for-like."""
+    v = verdict(SAMPLE_METRICS, short_name(a), samples_quality(a.metrics), short_name(b), samples_quality(b.metrics))
+    note = latent_size_note({short_name(a): a.metrics["latent_dim"], short_name(b): b.metrics["latent_dim"]})
+    return f"{verdict_sentence(v)} {note or ''}"
+
+
+METRICS_EXPLAINED = (
+    "Fréchet distance and KID: between the classifier's features (its pooled last convolutional "
+    "stage and its hidden layer) of the model's samples and of the test images (0 = "
+    "indistinguishable feature statistics; real training images give the floor). Precision: the "
+    "share of samples that fall within the real images' feature manifold (fidelity); recall: the "
+    "share of real images within the samples' manifold (variety). A sample counts as inside when "
+    "it is near any one real image, so samples crowded onto a few real images can score a high "
+    "precision with a recall near 0: read the two together. Confident share: samples the "
+    "classifier assigns to one class with probability > 0.9. The likelihoods are on grey-level "
+    "images, so they compare the VAEs here but not with binarized-MNIST numbers elsewhere. A "
+    "difference is called clear only beyond 2 combined standard errors.")
 
 
 def _fashion_discussion(result: RecipeResult, report: Report) -> None:
@@ -248,132 +434,62 @@ def _fashion_discussion(result: RecipeResult, report: Report) -> None:
     questions, every sentence computed from the measured numbers."""
     by_key = {r.step.key: r for r in result.steps}
     report.heading("Comparison of every model")
-    _comparison_table(result, report)
-    report.paragraph("Fréchet distance and KID: between the classifier's features (its pooled last "
-                     "convolutional stage and its hidden layer) of the model's samples and of the "
-                     "test images (0 = indistinguishable feature statistics; real training images "
-                     "give the floor). Precision: the share of samples that fall within the real "
-                     "images' feature manifold (fidelity); recall: the share of real images within "
-                     "the samples' manifold (variety). A sample counts as inside when it is near any "
-                     "one real image, so samples crowded onto a few real images can score a high "
-                     "precision with a recall near 0: read the two together. Confident "
-                     "share: samples the classifier assigns to one class with probability > 0.9. "
-                     "The likelihoods are on grey-level images, so they compare the VAEs here but "
-                     "not with binarized-MNIST numbers elsewhere. A difference is called clear only "
-                     "beyond 2 combined standard errors.")
-    fig_dir = result.out / "figures"
-    fig_dir.mkdir(exist_ok=True)
-    models = {r.step.key: load_run(r.run_dir).model.eval() for r in result.steps}
-    names = {r.step.key: short_name(r) for r in result.steps}
+    report.table(*comparison_table(result.steps))
+    lead, note = comparison_summary(result.steps)
+    if lead:
+        report.paragraph(lead)
+    if note:
+        report.paragraph(note, css_class="note")
+    report.paragraph(METRICS_EXPLAINED)
     data = result.datasets[result.steps[0].step.dataset]
 
-    # Do reconstructions depend on the input at all?
-    probe = random_test_images(data.test_x, 1000, 1, "cpu")
-    dependence = {k: reconstruction_dependence(m, probe) for k, m in models.items()}
-    depends = {k: input_dependence(names[k], *dependence[k]) for k in models}
     report.heading("Do the reconstructions depend on the input?", level=3)
-    report.table(["model", "MSE to its own image ↓", "MSE to another test image", "own ÷ other",
-                  "depends on the input"],
-                 [[names[k], f"{o:.4f}", f"{t:.4f}", f"{o / t:.0%}" if t > 0 else "—",
-                   "yes" if depends[k][0] else "no"] for k, (o, t, _) in dependence.items()],
-                 caption=f"Each model's reconstructions of {len(probe)} random test images, compared "
-                         f"with their own images and with another test image. 'yes' where the first "
-                         f"is smaller by more than 2 standard errors of the paired difference.")
-    for r in result.steps:
-        r.facts["input_dependent"] = depends[r.step.key][0]
-
-    rows = [generate(m, 10, seed=0) for m in models.values()]
-    path = plots.plot_image_rows(rows, list(names.values()), fig_dir / "samples_side_by_side.png",
-                                 title="10 samples from each model's generator")
-    report.figure(path, "10 generated images per model, one model per row.",
-                  "the naive autoencoder's samples against the normalized one's, and the VAE and "
-                  "VAE-GANs against both: recognizable garments, sharpness, variety.")
-    x = random_test_images(data.test_x, 10, 0, "cpu")
-    rows = [x] + [m.reconstruct(x.to(m.device)).cpu() for m in models.values()]
-    path = plots.plot_image_rows(rows, ["original", *names.values()], fig_dir / "reconstructions_side_by_side.png",
-                                 title="The same 10 test images reconstructed by each model")
-    look = "which models keep each garment's type and silhouette and which keep its details."
-    for k in models:
-        if not depends[k][0]:
-            inactive = by_key[k].metrics.get("latent", {}).get("active_units") == 0
-            look += (f" {names[k]}'s reconstructions do not depend on the input (table above): "
-                     + ("no latent dimension is active, so every input gets the same code mean "
-                        "and its row repeats one image." if inactive else
-                        "its row shows images unrelated to the originals."))
-    report.figure(path, "10 random test images (top row) and their reconstruction by each model.", look)
+    report.table(*dependence_table(result.steps, data))
+    for path, what, look in side_by_side_figures(result.steps, data, result.out / "figures"):
+        report.figure(path, what, look)
 
     report.heading("Answers to the assignment's questions")
-    q = {k: samples_quality(r.metrics) for k, r in by_key.items()}
-    mse_of = {k: r.metrics.get("recon_mse") for k, r in by_key.items()}
     if "ae" in by_key and "ae-normalized" in by_key:
-        v = verdict(SAMPLE_METRICS, names["ae"], q["ae"], names["ae-normalized"], q["ae-normalized"])
-        report.paragraph(
-            f"Are the images of A) (uniform draws over the box spanned by the plain autoencoder's "
-            f"training codes) and B) (N(0, I) draws into the normalized bottleneck) different? "
-            f"Measured: {comparison_details(v)} "
-            f"{answer_naive_vs_normalized(v, result.quick, by_key['ae'].metrics['latent_dim'])}",
-            css_class="answer")
+        report.paragraph(f"{QUESTION_A_VS_B} "
+                         f"{answer_a_vs_b(by_key['ae'], by_key['ae-normalized'], result.quick)}",
+                         css_class="answer")
     if {"vae", "ae", "ae-normalized"} <= set(by_key):
-        vae = names["vae"]
-        vs_a = verdict(SAMPLE_METRICS, vae, q["vae"], names["ae"], q["ae"])
-        vs_b = verdict(SAMPLE_METRICS, vae, q["vae"], names["ae-normalized"], q["ae-normalized"])
-        mses = {names[k]: mse_of[k] for k in ("vae", "ae", "ae-normalized")}
-        report.paragraph(f"Does the VAE produce a different quality? "
-                         f"{answer_vae_quality(vs_a, vs_b, mses, result.quick)}", css_class="answer")
-    gans = [k for k in by_key if by_key[k].step.model == "vae-gan"]
+        answer = answer_vae_vs_autoencoders(by_key["vae"], by_key["ae"], by_key["ae-normalized"], result.quick)
+        report.paragraph(f"{QUESTION_VAE_QUALITY} {answer}", css_class="answer")
+    gans = [r for r in result.steps if r.step.model == "vae-gan"]
     if gans and "vae" in by_key:
         report.paragraph(
             "The VAE-GANs against the VAE (the same MLP architecture and 2-D latent unless the "
             "table says otherwise):", css_class="answer")
-        vae = names["vae"]
-        for k in gans:
-            r = by_key[k]
-            v = verdict(SAMPLE_METRICS, names[k], q[k], vae, q["vae"])
-            terms = r.metrics.get("test_terms", {})
-            acc = (terms.get("dis_acc_real"), terms.get("dis_acc_fake"))
-            if r.step.config.get("objective") == "basic":
-                text = answer_basic_vaegan(
-                    names[k], depends[k][0], depends[k][1], r.metrics.get("elbo", {}).get("kl"), vae,
-                    by_key["vae"].metrics.get("elbo", {}).get("kl"), mse_of[k], mse_of["vae"])
-                text += f" Its samples against the VAE's: {answer_vaegan_variant(v, acc, result.quick)}"
-            else:
-                text = f"{names[k]} against the VAE: {answer_vaegan_variant(v, acc, result.quick)}"
-                if not depends[k][0]:
-                    text += " " + depends[k][1]
-            report.paragraph(text, css_class="answer")
-        convs = [k for k in gans if by_key[k].step.config.get("arch") == "conv"]
+        for r in gans:
+            report.paragraph(answer_vaegan_vs_vae(r, by_key["vae"], data, result.quick), css_class="answer")
+        convs = [r for r in gans if r.step.config.get("arch") == "conv"]
         if len(convs) == 2:
-            a, b = convs
-            v = verdict(SAMPLE_METRICS, names[a], q[a], names[b], q[b])
-            report.paragraph(
-                f"The convolutional VAE-GAN at two latent sizes: {verdict_sentence(v)} "
-                + (latent_size_note({names[a]: by_key[a].metrics["latent_dim"],
-                                     names[b]: by_key[b].metrics["latent_dim"]}) or ""),
-                css_class="answer")
+            report.paragraph(f"The convolutional VAE-GAN at two latent sizes: {answer_latent_sizes(*convs)}",
+                             css_class="answer")
 
 
 def _lstm_discussion(result: RecipeResult, report: Report) -> None:
     r = result.steps[0]
-    history = read_history(r.run_dir)
-    train_rows = [h for h in history if h["split"] == "train"]
-    test_rows = [h for h in history if h["split"] == "test"]
-    if len(train_rows) >= 2:
-        peak = max(train_rows, key=lambda h: float(h["kl"]))
+    text = training_comment(r)
+    if text is not None:
         report.heading("How the loss and the regularization term behave")
-        report.paragraph(describe_training(train_rows[0], train_rows[-1], len(train_rows),
-                                           kl_peak=(peak["epoch"], float(peak["kl"])),
-                                           test_last=test_rows[-1] if test_rows else None),
-                         css_class="answer")
+        report.paragraph(text, css_class="answer")
     data = result.datasets.get(r.step.dataset)
     if data is not None and "samples" in r.figures:
-        model = load_run(r.run_dir).model.eval()
-        predicted, confident = classify_figure_samples(model, data)
-        shares = (torch.bincount(data.train_y, minlength=len(data.classes)).double() / len(data.train_y)).tolist()
-        r.notes.setdefault("samples", []).append(
-            "Comment on the performance: " + comment_on_samples(
-                predicted, confident, list(data.classes), shares, CONFIDENT, ITEMS.get(data.name, "image"),
-                population=samples_quality(r.metrics)))
+        r.notes.setdefault("samples", []).append("Comment on the performance: " + samples_comment(r, data))
 
+
+def _vae_2d_discussion(result: RecipeResult, report: Report) -> None:
+    """The training curves and the per-digit grid read from the numbers: how the terms moved, and
+    whether the classifier reads each row of the grid as its digit."""
+    r = result.steps[0]
+    text = training_comment(r)
+    if text is not None:
+        r.notes.setdefault("loss_curves", []).append(text)
+    data = result.datasets.get(r.step.dataset)
+    if data is not None and "class_grid" in r.figures and r.metrics.get("classifier"):
+        r.notes.setdefault("class_grid", []).append(class_grid_comment(r, data))
 
 VAE_2D = Step("vae-2d", "MLP VAE 784-512-2", "vae", "mnist", (12, 50),
               config={"hidden_dims": [512], "latent_dim": 2}, seconds_per_epoch=3.0,
@@ -512,7 +628,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
         "A VAE with a 784-512-2 MLP encoder (mu and log sigma^2 heads), a 2-512-784 decoder, BCE "
         "plus KL, trained on the 60,000 MNIST training images: training curves, a scatter of the "
         "codes of 5000 images, a 15x15 manifold over the latent plane and a per-digit grid.",
-        (VAE_2D,), QUICK_EVAL, FULL_EVAL),
+        (VAE_2D,), QUICK_EVAL, FULL_EVAL, discussion=_vae_2d_discussion),
     Recipe(
         "lstm-vae-mnist", "LSTM-encoder VAE with a transposed-convolution decoder on MNIST",
         "A VAE whose encoder is a single-layer LSTM reading the image as 28 rows of 28 pixels, "
@@ -705,21 +821,10 @@ def _run_steps(recipe: Recipe, configs, out: Path, quick: bool, progress: bool, 
         if step.dataset not in datasets:
             datasets[step.dataset] = data_override or load(step.dataset, quiet=not progress)
         data = datasets[step.dataset]
-        _log(f"[{step.key}] training {step.model} for {train_config.epochs} epoch(s) on {data.name}", progress)
-        t0 = time.perf_counter()
-        train(step.model, model_config, train_config, out / step.key, progress=progress, data=data)
-        train_s = time.perf_counter() - t0
-        run = load_run(out / step.key)
-        figures = write_run_figures(run.path, run.model, data)
-        _log(f"[{step.key}] measuring", progress)
-        per_image: dict = {}
-        metrics = evaluate_run(run, data, settings, progress=progress, per_image=per_image)
-        results.append(StepResult(step, run.path, metrics, figures, train_s, prior=run.model.prior_name))
-        if "iwae_nll" in per_image:  # for comparisons image by image (a discussion's paired errors)
-            results[-1].facts["nll_per_image"] = per_image["iwae_nll"]
+        results.append(_make_step(step, model_config, train_config, out / step.key, data, settings, progress))
         if step.explore:
             page = out / f"explore-{step.key}.html"
-            results[-1].explore_page = export_page(LatentSpace.from_run(run, data), page)
+            results[-1].explore_page = export_page(LatentSpace.from_run(load_run(out / step.key), data), page)
         if len(results) < len(configs):
             left, pace = seconds_left(recipe, quick, len(results), time.perf_counter() - start)
             _log(f"[{step.key}] done; {len(configs) - len(results)} model(s) to go, about {_duration(left)} "
@@ -727,6 +832,52 @@ def _run_steps(recipe: Recipe, configs, out: Path, quick: bool, progress: bool, 
     result = RecipeResult(recipe, out, quick, results, datasets, time.perf_counter() - start)
     write_report(result)
     return result
+
+
+def _make_step(step: Step, model_config, train_config: TrainConfig, run_dir: Path, data: ImageData,
+               settings: EvalSettings, progress: bool, overwrite: bool = False,
+               figures: Sequence[str] | None = None) -> StepResult:
+    """Train one step into `run_dir`, draw the run's `figures` (default every one), measure it."""
+    _log(f"[{step.key}] training {step.model} for {train_config.epochs} epoch(s) on {data.name}", progress)
+    t0 = time.perf_counter()
+    train(step.model, model_config, train_config, run_dir, overwrite=overwrite, progress=progress, data=data)
+    train_s = time.perf_counter() - t0
+    run = load_run(run_dir)
+    drawn = write_run_figures(run.path, run.model, data, n_scatter=SCATTER_IMAGES, keys=figures)
+    _log(f"[{step.key}] measuring", progress)
+    per_image: dict = {}
+    metrics = evaluate_run(run, data, settings, progress=progress, per_image=per_image)
+    result = StepResult(step, run.path, metrics, drawn, train_s, prior=run.model.prior_name)
+    if "iwae_nll" in per_image:  # for comparisons image by image (a discussion's paired errors)
+        result.facts["nll_per_image"] = per_image["iwae_nll"]
+    result.facts["scatter_images"] = min(SCATTER_IMAGES, len(data.test_x))  # for the scatter's caption
+    return result
+
+
+def run_step(recipe: str | Recipe, key: str, out: str | Path, data: ImageData | None = None, quick: bool = False,
+             *, epochs: int | None = None, settings: EvalSettings | None = None, device: str = "auto",
+             overwrite: bool = False, progress: bool = True) -> StepResult:
+    """One model of a recipe, made as the recipe makes it, without the report: the step `key`
+    trained on `data` (default: the step's whole dataset) into out/<key>/, the figures the
+    recipe's report shows for it drawn into its figures/, and the run measured (metrics.json). `epochs`: the step's --quick or
+    full count unless given; `settings`: the recipe's --quick or full evaluation unless given;
+    `overwrite`: replace the run a previous call left in out/<key>/. The example notebooks make
+    their models this way, then ask the answer functions above about them."""
+    recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
+    step = recipe.step(key)
+    model_config = make_config(step.model, **step.config)
+    if epochs is None:
+        epochs = step.epochs[0 if quick else 1]
+    train_config = TrainConfig(dataset=step.dataset, epochs=epochs, device=device, **step.train)
+    train_config.validate()
+    if data is None:
+        data = load(step.dataset, quiet=not progress)
+    elif data.name != step.dataset:
+        raise ConfigError(f"step {key} of recipe {recipe.name} trains on {step.dataset}, not on {data.name}")
+    if settings is None:
+        settings = recipe.quick_eval if quick else recipe.full_eval
+    return _make_step(step, model_config, train_config, Path(out) / key, data, settings, progress, overwrite,
+                      figures=step.figures)
 
 
 def write_report(result: RecipeResult) -> Path:
@@ -755,7 +906,7 @@ def write_report(result: RecipeResult) -> Path:
         recipe.discussion(result, report)
     for r in result.steps:
         report.heading(f"{r.step.title} ({r.step.model})")
-        report.table(["metric", "value"], summary_rows(table_metrics(r.metrics, model_config(r))))
+        report.table(*summary_table(r))
         if "grey-level" in r.metrics.get("likelihood_data", "") and "iwae" in r.metrics:
             report.paragraph("Likelihoods here are measured on grey-level images: " + r.metrics["likelihood_data"],
                              css_class="note")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import html
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 from .atomic import atomic_write
 from .reading import read_bytes
@@ -32,6 +32,35 @@ figcaption b { color: #222; }
 MAX_FIGURE_BYTES = 64 * 1024 * 1024  # a figure larger than this is not one vaelab drew
 
 
+class Table(NamedTuple):
+    """A table a recipe computed: column headers, rows of cells, and a caption."""
+
+    headers: Sequence[str]
+    rows: Sequence[Sequence[object]]
+    caption: str | None = None
+
+
+def table_html(table: Table) -> str:
+    """The table as one HTML <table> (cells escaped; floats right-aligned, 4 significant digits)."""
+    def cell(v: object) -> str:
+        if isinstance(v, float):
+            return f'<td class="num">{v:.4g}</td>'
+        return f"<td>{html.escape(str(v))}</td>"
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in table.headers)
+    body = "".join("<tr>" + "".join(cell(v) for v in row) + "</tr>" for row in table.rows)
+    cap = f"<caption>{html.escape(table.caption)}</caption>" if table.caption else ""
+    return f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def caption_html(what: str, look_for: str | None = None) -> str:
+    """A figure's caption: what it shows (bold), then what to look for."""
+    caption = f"<b>{html.escape(what)}</b>"
+    if look_for:
+        caption += f" What to look for: {html.escape(look_for)}"
+    return caption
+
+
 class Report:
     """Build a report block by block; `write` renders it. Text arguments are plain text (escaped)."""
 
@@ -47,24 +76,13 @@ class Report:
         self.blocks.append(f"<p{cls}>{html.escape(text)}</p>")
 
     def table(self, headers: Sequence[str], rows: Sequence[Sequence[object]], caption: str | None = None) -> None:
-        def cell(v: object) -> str:
-            if isinstance(v, float):
-                return f'<td class="num">{v:.4g}</td>'
-            return f"<td>{html.escape(str(v))}</td>"
-
-        head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-        body = "".join("<tr>" + "".join(cell(v) for v in row) + "</tr>" for row in rows)
-        cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
-        self.blocks.append(f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        self.blocks.append(table_html(Table(headers, rows, caption)))
 
     def figure(self, path: str | Path, what: str, look_for: str | None = None) -> None:
         """Embed a PNG with a caption saying what it shows and what to look for."""
         data = base64.b64encode(read_bytes(path, MAX_FIGURE_BYTES, "figure")).decode("ascii")
-        caption = f"<b>{html.escape(what)}</b>"
-        if look_for:
-            caption += f" What to look for: {html.escape(look_for)}"
         self.blocks.append(f'<figure><img alt="{html.escape(what)}" src="data:image/png;base64,{data}">'
-                           f"<figcaption>{caption}</figcaption></figure>")
+                           f"<figcaption>{caption_html(what, look_for)}</figcaption></figure>")
 
     def page(self, page_html: str, what: str, link: str | None = None, height: int = 1000) -> None:
         """Embed a whole HTML page (the explorer's export) in a frame, so that the report stays one
