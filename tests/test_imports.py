@@ -141,3 +141,19 @@ def test_the_leaf_modules_import_no_torch():
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy')))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
+
+
+def test_every_public_name_resolves_and_import_vaelab_loads_no_plotting():
+    """Every name of vaelab.__all__ is there (and in dir(vaelab)); those that draw (figures,
+    recipes, the notebook helpers) load matplotlib only when first used, so `import vaelab`, and
+    every command that draws nothing, stays as quick as it was."""
+    code = ("import sys, vaelab\n"
+            "print('matplotlib' in sys.modules)\n"
+            "print([n for n in vaelab.__all__ if getattr(vaelab, n, None) is None])\n"
+            "print('matplotlib' in sys.modules, set(vaelab.__all__) <= set(dir(vaelab)))\n"
+            "try:\n"
+            "    vaelab.no_such_name\n"
+            "except AttributeError as e:\n"
+            "    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == ["False", "[]", "True True", "module 'vaelab' has no attribute 'no_such_name'"]
