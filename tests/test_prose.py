@@ -269,6 +269,9 @@ def test_training_description_follows_the_kl_direction():
     overfit = prose.describe_training(first, {"loss": 100.0, "recon": 92.0, "kl": 8.0}, 3,
                                       test_last={"loss": 110.0})
     assert "10% above the training loss" in overfit
+    # a change too small for one decimal is written with enough digits to show it
+    tiny = prose.describe_training(first | {"kl": 0.0416}, {"loss": 100.0, "recon": 92.0, "kl": 0.0385}, 2)
+    assert "KL term fell from 0.0416 to 0.0385" in tiny
 
 
 # --- captions and tables ---------------------------------------------------------------------------

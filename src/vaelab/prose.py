@@ -801,7 +801,11 @@ def describe_training(first: Mapping[str, float], last: Mapping[str, float], epo
     def move(key: str) -> str:
         a, b = float(first[key]), float(last[key])
         verb = "rose" if b > a else "fell" if b < a else "stayed"
-        return f"{verb} from {a:.1f} to {b:.1f}" if verb != "stayed" else f"stayed at {a:.1f}"
+        if verb == "stayed":
+            return f"stayed at {a:.1f}"
+        # One decimal, unless that would show a change as two equal numbers (a KL near 0).
+        x, y = (f"{a:.1f}", f"{b:.1f}") if f"{a:.1f}" != f"{b:.1f}" else (significant(a, 3), significant(b, 3))
+        return f"{verb} from {x} to {y}"
 
     text = (f"Over {epochs} epochs the training loss {move('loss')} nats, the reconstruction term "
             f"{move('recon')} and the KL term {move('kl')}.")
