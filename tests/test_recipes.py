@@ -244,6 +244,8 @@ def test_run_step_refuses_an_unknown_step_and_another_dataset_before_training(tm
     fashion = dataclasses.replace(tiny_data, name="fashion-mnist")
     with pytest.raises(ConfigError, match="trains on mnist, not on fashion-mnist"):
         recipes.run_step("vae-2d-mnist", "vae-2d", out, fashion)
+    with pytest.raises(ConfigError, match="no figure scatter; the figures: loss_curves, latent_scatter"):
+        recipes.run_step("vae-2d-mnist", "vae-2d", out, tiny_data, figures=["samples", "scatter"])
     assert not out.exists()
 
 

@@ -33,7 +33,7 @@ from .errors import ConfigError, VaelabError, WriteError
 from .atomic import clean_stale_siblings, exchange, temp_path
 from .evaluate import ACTIVE_UNIT_THRESHOLD, METRICS_FILE, EvalSettings, evaluate_run, generate, summary_rows
 from .explore import LatentSpace, export_page
-from .figures import class_grid_rows, write_run_figures
+from .figures import FIGURE_FILES, class_grid_rows, write_run_figures
 from .gallery import random_test_images
 from .history_files import read_history
 from .inference import batched
@@ -855,14 +855,16 @@ def _make_step(step: Step, model_config, train_config: TrainConfig, run_dir: Pat
 
 
 def run_step(recipe: str | Recipe, key: str, out: str | Path, data: ImageData | None = None, quick: bool = False,
-             *, epochs: int | None = None, settings: EvalSettings | None = None, device: str = "auto",
-             overwrite: bool = False, progress: bool = True) -> StepResult:
+             *, epochs: int | None = None, settings: EvalSettings | None = None, figures: Sequence[str] | None = None,
+             device: str = "auto", overwrite: bool = False, progress: bool = True) -> StepResult:
     """One model of a recipe, made as the recipe makes it, without the report: the step `key`
-    trained on `data` (default: the step's whole dataset) into out/<key>/, the figures the
-    recipe's report shows for it drawn into its figures/, and the run measured (metrics.json). `epochs`: the step's --quick or
-    full count unless given; `settings`: the recipe's --quick or full evaluation unless given;
-    `overwrite`: replace the run a previous call left in out/<key>/. The example notebooks make
-    their models this way, then ask the answer functions above about them."""
+    trained on `data` (default: the step's whole dataset) into out/<key>/, its figures drawn into
+    the run's figures/, and the run measured (metrics.json). `epochs`: the step's --quick or full
+    count unless given; `settings`: the recipe's --quick or full evaluation unless given;
+    `figures`: which figures to draw (keys of figures.FIGURE_FILES; default those the recipe's
+    report shows for the step); `overwrite`: replace the run a previous call left in out/<key>/.
+    The example notebooks make their models this way, then ask the answer functions above about
+    them."""
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
     step = recipe.step(key)
     model_config = make_config(step.model, **step.config)
@@ -876,8 +878,11 @@ def run_step(recipe: str | Recipe, key: str, out: str | Path, data: ImageData | 
         raise ConfigError(f"step {key} of recipe {recipe.name} trains on {step.dataset}, not on {data.name}")
     if settings is None:
         settings = recipe.quick_eval if quick else recipe.full_eval
-    return _make_step(step, model_config, train_config, Path(out) / key, data, settings, progress, overwrite,
-                      figures=step.figures)
+    figures = step.figures if figures is None else tuple(figures)
+    unknown = [f for f in figures if f not in FIGURE_FILES]
+    if unknown:
+        raise ConfigError(f"no figure {', '.join(unknown)}; the figures: {', '.join(FIGURE_FILES)}")
+    return _make_step(step, model_config, train_config, Path(out) / key, data, settings, progress, overwrite, figures)
 
 
 def write_report(result: RecipeResult) -> Path:
