@@ -1,4 +1,5 @@
-"""Test-only entry point: `vaelab` on a synthetic "mnist", with optional pause points.
+"""Test-only entry point: `vaelab` on a synthetic "mnist", with optional pause points. Its
+`use_synthetic` and `use_fast_classifiers` also set up the notebook tests' kernels.
 
     python tests/_synthetic_cli.py --data DIR [--pause-at-step K] [--pause-before-replace NAME:N]
                                    [--marker FILE] [--no-figures] [--cache DIR] -- <vaelab arguments>
@@ -44,12 +45,27 @@ def pause(marker: Path) -> None:
 
 
 def use_synthetic_mnist(folder: Path, n_train: int, n_test: int) -> None:
-    if not all((folder / stem).is_file() for stem in data_mod.MNIST.stems.values()):
+    use_synthetic("mnist", folder, n_train, n_test)
+
+
+def use_synthetic(name: str, folder: Path, n_train: int, n_test: int) -> None:
+    """Make dataset `name` the synthetic images of `folder` (written there on first use) in this
+    process, and put them in the cache VAELAB_DATA names."""
+    spec = data_mod.DATASETS[name]
+    if not all((folder / stem).is_file() for stem in spec.stems.values()):
         write_dataset_files(folder, n_train=n_train, n_test=n_test)
-    sums = {role: data_mod.sha256((folder / stem).read_bytes()) for role, stem in data_mod.MNIST.stems.items()}
-    data_mod.DATASETS["mnist"] = dataclasses.replace(data_mod.MNIST, sha256=sums, mirrors=(),
-                                                     registry_source=_no_registry)
-    data_mod.fetch("mnist", from_dir=folder, quiet=True)
+    sums = {role: data_mod.sha256((folder / stem).read_bytes()) for role, stem in spec.stems.items()}
+    data_mod.DATASETS[name] = dataclasses.replace(spec, sha256=sums, mirrors=(), registry_source=_no_registry)
+    data_mod.fetch(name, from_dir=folder, quiet=True)
+
+
+def use_fast_classifiers() -> None:
+    """Domain classifiers that train on the synthetic images in about a second, for every dataset
+    (too small and brief to meet their accuracy targets: they are there to be used, not trusted)."""
+    from vaelab import metrics
+
+    for name, config in metrics.CLASSIFIER_CONFIGS.items():
+        metrics.CLASSIFIER_CONFIGS[name] = dataclasses.replace(config, widths=(4, 8), hidden=16, epochs=2)
 
 
 def _no_registry(spec, workdir):
