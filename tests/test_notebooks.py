@@ -80,6 +80,11 @@ def images(outputs: list[dict]) -> int:
     return sum(1 for o in outputs if o.output_type in ("display_data", "execute_result") and "image/png" in o.data)
 
 
+def stderr(nb) -> str:
+    return "".join(o.text for c in nb.cells if c.cell_type == "code" for o in c.outputs
+                   if o.output_type == "stream" and o.name == "stderr")
+
+
 def all_text(nb, at: int) -> str:
     return "\n".join(t for outs in outputs_after(nb, at) for t in texts(outs))
 
@@ -150,6 +155,7 @@ def test_vae_2d_notebook_runs_and_answers_from_its_own_run(tmp_path, monkeypatch
     # every figure of the assignment and the run, inline: (a) 1, (b) 1, (c) 1, (d) 1, then 3 more,
     # and the last cell's own matplotlib figure (the library left the inline backend alone)
     assert sum(images(o) for o in per_cell) == 8 and images(per_cell[-1]) == 1
+    assert "Warning" not in stderr(nb)  # nothing the library imports warns inside a kernel (tqdm.auto did)
 
 
 def test_lstm_vae_notebook_runs_and_comments_on_its_own_loss_and_samples(tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars, in a terminal and a notebook alike (see training_log.py)
 
 from .checkpoint import write_json
 from .data import Batcher, ImageData, load, to_float

@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars, in a terminal and a notebook alike (see training_log.py)
 
 from .atomic import folder_lock
 from .checkpoint import load_state_into, load_tensors, save_tensors, write_json

@@ -18,7 +18,9 @@ import sys
 import time
 
 import torch
-from tqdm.auto import tqdm
+# Plain text bars, which terminals and notebooks both show: tqdm.auto would choose the notebook
+# widget inside Jupyter, which needs ipywidgets (not a dependency) and warns on import without it.
+from tqdm import tqdm
 
 
 class TrainingLog:
