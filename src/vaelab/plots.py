@@ -68,7 +68,7 @@ def plot_image_rows(rows: Sequence[torch.Tensor], row_labels: Sequence[str], pat
     fig = Figure(figsize=(ncol * 0.9 + 0.8, height))
     # The axes take the whole figure below the title and the column labels; the picture sits at
     # its top, and the saved PNG is cropped to what is drawn.
-    above = 0.3 * (title.count("\n") + 1) + (0.25 if col_labels else 0.05)  # inches
+    above = 0.3 * (title.count("\n") + 1) + 0.15 + (0.25 if col_labels else 0)  # inches
     fig.subplots_adjust(left=0, right=1, bottom=0, top=1 - above / height)
     ax = fig.subplots()
     ax.imshow(canvas, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
