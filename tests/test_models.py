@@ -444,6 +444,23 @@ def test_vae_gan_dec_channels_widen_the_decoder_only():
         make_config("vae-gan", ["dec_channels=[8]"])
 
 
+def test_vae_gan_dis_channels_widen_the_discriminator_only():
+    base = CASES["vae-gan-conv"][1]
+    mirrored = build_model("vae-gan", base)
+    strong = build_model("vae-gan", dict(base, dis_channels=[12, 10], dis_fc_dim=20))
+    convs = lambda net: [m.out_channels for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs(mirrored.discriminator) == base["channels"] and convs(strong.discriminator) == [12, 10]
+    assert strong.discriminator.out.in_features == 20
+    assert strong.discriminator.layers[-1][0].in_features == 10 * 7 * 7
+    shapes = lambda net: [p.shape for p in net.parameters()]
+    assert shapes(strong.encoder) == shapes(mirrored.encoder) and shapes(strong.decoder) == shapes(mirrored.decoder)
+    features, logits = strong.discriminator(torch.rand(3, 1, 28, 28))
+    assert logits.shape == (3,) and features[1].shape == (3, 10, 7, 7)
+    for bad in ("dis_channels=[8, 8, 8]", "dis_channels=[0]", "dis_fc_dim=-1"):
+        with pytest.raises(ConfigError, match="dis_"):
+            make_config("vae-gan", [bad])
+
+
 def test_vae_gan_config_errors():
     with pytest.raises(ConfigError, match="arch"):
         make_config("vae-gan", ["arch='resnet'"])

@@ -109,6 +109,10 @@ class VAEGANConfig:
     # arch=conv: the decoder's map widths, first to last before the image (e.g. [128, 64], InfoGAN's
     # MNIST generator); empty: the encoder's `channels` mirrored
     dec_channels: list[int] = field(default_factory=list)
+    # arch=conv: the discriminator's convolution widths and fully connected width; empty / 0: the
+    # encoder's `channels` / `fc_dim` (a stronger critic for a larger generator, e.g. [64, 128])
+    dis_channels: list[int] = field(default_factory=list)
+    dis_fc_dim: int = 0
     # Batch norm in the conv encoder and decoder (never in the discriminator); project_norm adds
     # it after the decoder's first (linear) layer too, as DCGAN's generator has it.
     batch_norm: bool = True
@@ -137,6 +141,7 @@ class VAEGANConfig:
     # Fields added after runs were first saved, with the values that rebuild those older runs
     # (a stored config lacking them predates them).
     legacy_defaults: ClassVar[dict] = {"objective": "full", "fakes": "both", "dec_hidden": 0, "dec_channels": [],
+                                       "dis_channels": [], "dis_fc_dim": 0,
                                        "project_norm": False, "spectral_norm": False,
                                        "enc_lr_scale": 1.0, "dec_lr_scale": 1.0, "dis_lr_scale": 1.0}
 
@@ -155,7 +160,10 @@ class VAEGANConfig:
                 "channels must hold one or two positive widths (28 halves twice at most)")
         require(not self.dec_channels or (len(self.dec_channels) == len(self.channels) and min(self.dec_channels) >= 1),
                 "dec_channels must be empty (mirror channels) or hold as many positive widths as channels")
+        require(not self.dis_channels or (1 <= len(self.dis_channels) <= 2 and min(self.dis_channels) >= 1),
+                "dis_channels must be empty (the encoder's channels) or hold one or two positive widths")
         require(self.fc_dim >= 1, "fc_dim must be positive")
+        require(self.dis_fc_dim >= 0, "dis_fc_dim must be 0 (the encoder's fc_dim) or a layer width")
         require(not self.project_norm or self.batch_norm, "project_norm needs batch_norm=true")
         require(min(self.gamma, self.pixel_weight, self.beta, self.mmd_weight) >= 0,
                 "gamma, pixel_weight, beta and mmd_weight must be non-negative")
@@ -198,7 +206,8 @@ class VAEGAN(GenerativeModel):
             self.decoder = ConvDecoder(c.latent_dim, c.dec_channels or list(reversed(c.channels)), [4] * n, [2] * n,
                                        start_size=28 >> n, batch_norm=c.batch_norm, project_norm=c.project_norm,
                                        hidden=c.dec_hidden)
-            self.discriminator = Discriminator([c.fc_dim], c.channels, spectral_norm=c.spectral_norm)
+            self.discriminator = Discriminator([c.dis_fc_dim or c.fc_dim], c.dis_channels or c.channels,
+                                               spectral_norm=c.spectral_norm)
         else:
             self.encoder = GaussianEncoder(MLPEncoderTrunk(c.hidden_dims), c.latent_dim)
             self.decoder = MLPDecoder(c.latent_dim, c.hidden_dims)
