@@ -257,7 +257,7 @@ def test_recipe_overwrite_keeps_the_old_output_until_the_new_one_finishes(tmp_pa
     out = tmp_path / "out"
 
     def steps_writing(marker, fail=False):
-        def run_steps(recipe, configs, work, quick, progress, data_override):
+        def run_steps(recipe, configs, work, quick, progress, data_override, resume=False):
             write_json(work / recipes.RECIPE_FILE, {"recipe": recipe.name, "quick": quick, "steps": []})
             (work / "report.html").write_text(marker)
             if fail:
@@ -279,3 +279,102 @@ def test_recipe_overwrite_keeps_the_old_output_until_the_new_one_finishes(tmp_pa
     result = recipes.run_recipe("vae-2d-mnist", out, quick=True, overwrite=True, progress=False)
     assert (out / "report.html").read_text() == "second" and result.out == out
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+# --- resuming an interrupted recipe ---------------------------------------------------------------
+
+
+def tiny_recipe(hidden: int = 16) -> recipes.Recipe:
+    """Two small VAEs of two epochs each on `tiny_data` (4 steps an epoch), measured cheaply."""
+    train = {"batch_size": 64, "eval_batch_size": 50, "log_every": 2}
+    steps = tuple(recipes.Step(key, key, "vae", "mnist", (2, 2), config={"hidden_dims": [hidden], "latent_dim": z},
+                               train=train, figures=("loss_curves", "samples"))
+                  for key, z in (("first", 2), ("second", 3)))
+    cheap = recipes.EvalSettings(iw_samples=4, iw_images=20, n_samples=0, batch_size=50)
+    return recipes.Recipe("tiny", "Tiny", "Two small VAEs.", steps, cheap, cheap)
+
+
+def measured_numbers(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k not in ("run", "seconds")}
+
+
+def test_an_interrupted_recipe_resumes_to_the_output_of_a_straight_run(tmp_path, tiny_data, monkeypatch):
+    """Ctrl-C in the second model's second epoch, then --resume: the first model is kept as it
+    was (neither trained nor measured again), the second resumes from its checkpoint, and every
+    weight and number equals the same recipe run straight."""
+    import os
+    import signal
+
+    from vaelab.checkpoint import load_run
+    from vaelab.errors import TrainingInterrupted
+    from vaelab.models import get_model_class
+
+    monkeypatch.setitem(recipes.RECIPES, "tiny", tiny_recipe())
+    run = lambda out, **kw: recipes.run_recipe("tiny", out, quick=True, progress=False,  # noqa: E731
+                                               data_override=tiny_data, device="cpu", **kw)
+    straight = run(tmp_path / "straight")
+
+    cls = get_model_class("vae")
+    original, calls = cls.training_step, {"n": 0}
+
+    def step_then_interrupt(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 8 + 6:  # the first model's 8 steps, then batch 2 of the second's epoch 2
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(cls, "training_step", step_then_interrupt)
+    out = tmp_path / "out"
+    with pytest.raises(TrainingInterrupted):
+        run(out)
+    assert (out / "first" / recipes.METRICS_FILE).exists() and not (out / "second" / recipes.METRICS_FILE).exists()
+    first_metrics = (out / "first" / recipes.METRICS_FILE).read_bytes()
+
+    measured = []
+    evaluate = recipes.evaluate_run
+    monkeypatch.setattr(recipes, "evaluate_run", lambda run, *a, **kw: measured.append(run.path.name)
+                        or evaluate(run, *a, **kw))
+    calls["n"] = -100
+    resumed = run(out, resume=True)
+    assert measured == ["second"]
+    assert (out / "first" / recipes.METRICS_FILE).read_bytes() == first_metrics
+    assert (out / "report.html").exists() and resumed.out == out
+    for a, b in zip(resumed.steps, straight.steps, strict=True):
+        assert measured_numbers(a.metrics) == measured_numbers(b.metrics), a.step.key
+        assert torch.equal(a.facts["nll_per_image"], b.facts["nll_per_image"])
+        wa, wb = load_run(a.run_dir).model.state_dict(), load_run(b.run_dir).model.state_dict()
+        assert all(torch.equal(wa[k], wb[k]) for k in wb), a.step.key
+
+    # A finished recipe resumed again keeps everything; changed weights are measured again.
+    measured.clear()
+    run(out, resume=True)
+    assert measured == []
+    model = load_run(out / "second").model
+    with torch.no_grad():
+        next(model.parameters()).add_(0.01)
+    save_model(out / "second", model)
+    run(out, resume=True)
+    assert measured == ["second"]
+
+
+def test_resume_refuses_what_it_cannot_continue_before_touching_anything(tmp_path, tiny_data, monkeypatch):
+    from vaelab.errors import ConfigError
+
+    monkeypatch.setitem(recipes.RECIPES, "tiny", tiny_recipe())
+    run = lambda out, **kw: recipes.run_recipe("tiny", out, quick=True, progress=False,  # noqa: E731
+                                               data_override=tiny_data, device="cpu", **kw)
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'none'}: nothing to resume"):
+        run(tmp_path / "none", resume=True)
+    with pytest.raises(ConfigError, match="choose one"):
+        run(tmp_path / "none", resume=True, overwrite=True)
+    out = tmp_path / "out"
+    run(out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match="holds recipe tiny \\(--quick\\), not tiny \\(full\\)"):
+        recipes.run_recipe("tiny", out, progress=False, data_override=tiny_data, resume=True)
+    monkeypatch.setitem(recipes.RECIPES, "tiny", tiny_recipe(hidden=24))
+    with pytest.raises(ConfigError, match=f"{out / 'first'}: trained with model_config.hidden_dims=\\[16\\], "
+                                          f"but this recipe's step first has \\[24\\]"):
+        run(out, resume=True)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

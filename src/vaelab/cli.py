@@ -460,6 +460,9 @@ def _add_recipe(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder (run folders and report.html)")
     p.add_argument("--quick", action="store_true", help="minutes on 2 cores: short training, cheap metrics")
     p.add_argument("--overwrite", action="store_true", help="replace an existing recipe folder")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run of this recipe in --out: finished models are kept, an "
+                        "unfinished one resumes from its last checkpoint")
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_threads(p)
@@ -470,7 +473,7 @@ def cmd_recipe(args) -> int:
     from .recipes import run_recipe
 
     result = run_recipe(args.name, args.out, quick=args.quick, overwrite=args.overwrite,
-                        progress=not args.quiet, device=args.device)
+                        progress=not args.quiet, device=args.device, resume=args.resume)
     print(f"wrote {result.out / 'report.html'} ({result.seconds / 60:.1f} min); run folders: "
           + ", ".join(f"{r.run_dir.name}/" for r in result.steps))
     return 0

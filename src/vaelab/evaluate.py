@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm  # text bars, in a terminal and a notebook alike (see training_log.py)
 
-from .checkpoint import write_json
+from .checkpoint import MODEL_FILE, write_json
 from .data import Batcher, ImageData, load, to_float
 from .devices import autocast
 from .inference import batched
@@ -27,7 +27,7 @@ from .losses import (bce_from_logits, bce_from_logits_shared_target, iwae_bound,
 # The sample-quality names live in metrics.py; they stay importable from here.
 from .metrics import (CONFIDENT, DomainClassifier, class_share, classifier_paths, classifier_summary,  # noqa: F401
                       classify, frechet_distance, load_or_train_classifier, quality, quality_rows, sample_quality,
-                      train_classifier)
+                      sha256_hex, train_classifier)
 from .train_config import TrainConfig
 
 METRICS_FILE = "metrics.json"
@@ -215,6 +215,12 @@ def generate(model, n: int, seed: int = 0, batch: int = 1000, labels: torch.Tens
 # ---------------------------------------------------------------------------------------------
 
 
+def weights_digest(run_dir: Path) -> str:
+    """SHA-256 of RUN/model.safetensors: which weights a metrics.json measured (a recipe resumed
+    later reuses the metrics only of the weights still there)."""
+    return sha256_hex((Path(run_dir) / MODEL_FILE).read_bytes())
+
+
 def evaluate_run(run, data: ImageData, settings: EvalSettings | None = None, progress: bool = False,
                  per_image: dict | None = None) -> dict:
     """Every metric of a loaded run (see `checkpoint.load_run`) on `data`; also written to
@@ -227,7 +233,8 @@ def evaluate_run(run, data: ImageData, settings: EvalSettings | None = None, pro
     device = model.device
     seconds: dict[str, float] = {}
     metrics: dict = {"run": str(run.path), "model": model.name, "dataset": data.name,
-                     "latent_dim": model.latent_dim, "settings": asdict(settings)}
+                     "latent_dim": model.latent_dim, "settings": asdict(settings),
+                     "weights_sha256": weights_digest(run.path)}
 
     start = time.perf_counter()
     metrics["test_terms"] = evaluate_terms(model, data.test_x, cfg, device, labels=data.test_y)

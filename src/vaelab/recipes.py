@@ -27,11 +27,13 @@ from typing import Callable, Sequence
 import torch
 
 from . import plots
-from .checkpoint import load_run, read_json, read_run_config, write_json
+from .checkpoint import (CHECKPOINT_FILE, CONFIG_FILE, RunSpec, config_differences, load_checkpoint, load_run,
+                         load_tensors, parse_spec, read_json, read_run_config, save_tensors, write_json)
 from .data import ImageData, load
 from .errors import ConfigError, VaelabError, WriteError
 from .atomic import clean_stale_siblings, exchange, temp_path
-from .evaluate import ACTIVE_UNIT_THRESHOLD, METRICS_FILE, EvalSettings, evaluate_run, generate, summary_rows
+from .evaluate import (ACTIVE_UNIT_THRESHOLD, METRICS_FILE, EvalSettings, evaluate_run, generate, summary_rows,
+                       weights_digest)
 from .explore import LatentSpace, export_page
 from .figures import FIGURE_FILES, class_grid_rows, write_run_figures
 from .gallery import random_test_images
@@ -49,11 +51,15 @@ from .prose import (RECON_MSE, SAMPLE_METRICS, NLLGap, active_units_sentence, an
 from .report import Report, Table
 from .run_folder import check_target, is_run_folder, prepare_folder
 from .runtime import idle_cores, physical_cores
+from .train import resume as resume_run
 from .train import train
 from .train_config import TrainConfig
 from .version import __version__
 
 RECIPE_FILE = "recipe.json"
+# Per-image IWAE NLLs behind a step's metrics.json mean, for paired comparisons between steps
+# (kept so a resumed recipe compares as the uninterrupted one does).
+PER_IMAGE_FILE = "iwae_per_image.safetensors"
 
 
 @dataclass(frozen=True)
@@ -771,9 +777,14 @@ def _log(msg: str, progress: bool) -> None:
 
 
 def run_recipe(name: str, out: str | Path, quick: bool = False, overwrite: bool = False,
-               progress: bool = True, device: str = "auto", data_override=None) -> RecipeResult:
+               progress: bool = True, device: str = "auto", data_override=None,
+               resume: bool = False) -> RecipeResult:
     """Train, draw and measure every step of recipe `name` into `out`, then write
-    `out/report.html`. `data_override` (an ImageData) replaces every dataset: tests only."""
+    `out/report.html`. `resume`: continue an interrupted run of the same recipe in `out`, keeping
+    every step it finished (see `_make_step`). `data_override` (an ImageData) replaces every
+    dataset: tests only."""
+    if resume and overwrite:
+        raise ConfigError("--resume continues the recipe in its folder, --overwrite starts it again: choose one")
     recipe = get_recipe(name)
     missing = sorted({s.model for s in recipe.steps} - set(MODELS))
     if missing:
@@ -786,13 +797,20 @@ def run_recipe(name: str, out: str | Path, quick: bool = False, overwrite: bool 
                for s in recipe.steps]
     for _, _, tc in configs:
         tc.validate()
-    final, out = out, prepare_out(out, overwrite)
+    if resume:
+        check_resumable(recipe, quick, configs, out)
+        final = out
+    else:
+        final, out = out, prepare_out(out, overwrite)
     try:
-        result = _run_steps(recipe, configs, out, quick, progress, data_override)
+        result = _run_steps(recipe, configs, out, quick, progress, data_override, resume)
     except BaseException:
         if out != final:
             shutil.rmtree(out, ignore_errors=True)
             _log(f"{final}: left as it was (the new run did not finish)", progress)
+        elif (out / RECIPE_FILE).exists():
+            _log(f"{out}: what finished is kept; `vaelab recipe {name} --out {out}{' --quick' if quick else ''} "
+                 f"--resume` continues from there", progress)
         raise
     swap_in(out, final)
     result.out = final
@@ -806,7 +824,8 @@ def run_recipe(name: str, out: str | Path, quick: bool = False, overwrite: bool 
     return result
 
 
-def _run_steps(recipe: Recipe, configs, out: Path, quick: bool, progress: bool, data_override) -> RecipeResult:
+def _run_steps(recipe: Recipe, configs, out: Path, quick: bool, progress: bool, data_override,
+               resume: bool = False) -> RecipeResult:
     name = recipe.name
     write_json(out / RECIPE_FILE, {"recipe": name, "quick": quick,
                                    "steps": [s.key for s in recipe.steps]})
@@ -821,7 +840,8 @@ def _run_steps(recipe: Recipe, configs, out: Path, quick: bool, progress: bool, 
         if step.dataset not in datasets:
             datasets[step.dataset] = data_override or load(step.dataset, quiet=not progress)
         data = datasets[step.dataset]
-        results.append(_make_step(step, model_config, train_config, out / step.key, data, settings, progress))
+        results.append(_make_step(step, model_config, train_config, out / step.key, data, settings, progress,
+                                  resume=resume))
         if step.explore:
             page = out / f"explore-{step.key}.html"
             results[-1].explore_page = export_page(LatentSpace.from_run(load_run(out / step.key), data), page)
@@ -836,18 +856,34 @@ def _run_steps(recipe: Recipe, configs, out: Path, quick: bool, progress: bool, 
 
 def _make_step(step: Step, model_config, train_config: TrainConfig, run_dir: Path, data: ImageData,
                settings: EvalSettings, progress: bool, overwrite: bool = False,
-               figures: Sequence[str] | None = None) -> StepResult:
-    """Train one step into `run_dir`, draw the run's `figures` (default every one), measure it."""
-    _log(f"[{step.key}] training {step.model} for {train_config.epochs} epoch(s) on {data.name}", progress)
-    t0 = time.perf_counter()
-    train(step.model, model_config, train_config, run_dir, overwrite=overwrite, progress=progress, data=data)
-    train_s = time.perf_counter() - t0
+               figures: Sequence[str] | None = None, resume: bool = False) -> StepResult:
+    """Train one step into `run_dir`, draw the run's `figures` (default every one), measure it.
+    With `resume`, what a previous run of the recipe left in `run_dir` is continued or kept: its
+    training resumes from its last checkpoint, and its measurements are kept where they were made
+    with these settings on the weights still there."""
+    state = training_state(run_dir, train_config.epochs) if resume else "new"
+    if state == "new":
+        _log(f"[{step.key}] training {step.model} for {train_config.epochs} epoch(s) on {data.name}", progress)
+        train(step.model, model_config, train_config, run_dir, overwrite=overwrite, progress=progress, data=data)
+    elif state == "partial":
+        _log(f"[{step.key}] resuming {step.model} from {run_dir}'s last checkpoint", progress)
+        resume_run(run_dir, device=train_config.device, progress=progress, data=data)
+    else:
+        _log(f"[{step.key}] already trained for its {train_config.epochs} epoch(s): kept", progress)
     run = load_run(run_dir)
     drawn = write_run_figures(run.path, run.model, data, n_scatter=SCATTER_IMAGES, keys=figures)
-    _log(f"[{step.key}] measuring", progress)
-    per_image: dict = {}
-    metrics = evaluate_run(run, data, settings, progress=progress, per_image=per_image)
-    result = StepResult(step, run.path, metrics, drawn, train_s, prior=run.model.prior_name)
+    kept = kept_measurements(run_dir, settings) if resume else None
+    if kept is not None:
+        _log(f"[{step.key}] measured before with these settings and weights: kept", progress)
+        metrics, per_image = kept
+    else:
+        _log(f"[{step.key}] measuring", progress)
+        per_image = {}
+        metrics = evaluate_run(run, data, settings, progress=progress, per_image=per_image)
+        if "iwae_nll" in per_image:
+            save_tensors(run_dir / PER_IMAGE_FILE, {"iwae_nll": per_image["iwae_nll"]},
+                         {"weights_sha256": metrics["weights_sha256"], "settings": metrics["settings"]})
+    result = StepResult(step, run.path, metrics, drawn, trained_seconds(run_dir), prior=run.model.prior_name)
     if "iwae_nll" in per_image:  # for comparisons image by image (a discussion's paired errors)
         result.facts["nll_per_image"] = per_image["iwae_nll"]
     result.facts["scatter_images"] = min(SCATTER_IMAGES, len(data.test_x))  # for the scatter's caption
@@ -883,6 +919,71 @@ def run_step(recipe: str | Recipe, key: str, out: str | Path, data: ImageData | 
     if unknown:
         raise ConfigError(f"no figure {', '.join(unknown)}; the figures: {', '.join(FIGURE_FILES)}")
     return _make_step(step, model_config, train_config, Path(out) / key, data, settings, progress, overwrite, figures)
+
+
+def training_state(run_dir: Path, epochs: int) -> str:
+    """"new" (nothing there), "partial" (a run that has not finished its `epochs`, or has no
+    checkpoint yet) or "trained"."""
+    if not run_dir.exists():
+        return "new"
+    if not (run_dir / CHECKPOINT_FILE).exists():
+        return "partial"
+    state = load_checkpoint(run_dir)
+    return "trained" if state["epoch"] >= epochs and not state.get("partial") else "partial"
+
+
+def trained_seconds(run_dir: Path) -> float:
+    """The seconds the run's epochs took (training and test passes), from its history.csv: the
+    same figure whether the run trained in one go or was resumed."""
+    return sum(float(row.get("seconds") or 0) for row in read_history(run_dir))
+
+
+def kept_measurements(run_dir: Path, settings: EvalSettings) -> tuple[dict, dict] | None:
+    """RUN/metrics.json (and the per-image NLLs beside it) when they were measured with
+    `settings` on the weights in RUN now; None when anything is missing, stale or unreadable
+    (they are then measured again: they are derived from the weights)."""
+    wanted = json.loads(json.dumps(dataclasses.asdict(settings)))
+    try:
+        metrics = read_json(run_dir / METRICS_FILE)
+        if not (isinstance(metrics, dict) and metrics.get("settings") == wanted
+                and metrics.get("weights_sha256") == weights_digest(run_dir)):
+            return None
+        per_image = {}
+        if "iwae" in metrics:
+            tensors, meta = load_tensors(run_dir / PER_IMAGE_FILE)
+            if meta.get("weights_sha256") != metrics["weights_sha256"] or meta.get("settings") != wanted:
+                return None
+            per_image["iwae_nll"] = tensors["iwae_nll"]
+    except (VaelabError, OSError, KeyError):
+        return None
+    return metrics, per_image
+
+
+def check_resumable(recipe: Recipe, quick: bool, configs, out: Path) -> None:
+    """--resume: `out` holds this recipe's output in the same mode, and every step folder in it
+    was trained with the settings this recipe gives the step. Checked before anything runs."""
+    mode = lambda q: "--quick" if q else "full"
+    if not out.is_dir():
+        raise ConfigError(f"{out}: nothing to resume (no such folder); run the recipe without --resume")
+    try:
+        info = read_json(out / RECIPE_FILE)
+    except VaelabError:
+        raise ConfigError(f"{out}: not a recipe's folder (no readable {RECIPE_FILE}): nothing to resume") from None
+    if not isinstance(info, dict) or info.get("recipe") != recipe.name or info.get("quick") is not quick:
+        found = f"{info.get('recipe')} ({mode(info.get('quick'))})" if isinstance(info, dict) else "something else"
+        raise ConfigError(f"{out}: holds recipe {found}, not {recipe.name} ({mode(quick)}): nothing to resume")
+    for step, model_config, train_config in configs:
+        run_dir = out / step.key
+        if not run_dir.exists():
+            continue
+        stored = parse_spec(read_run_config(run_dir), run_dir / CONFIG_FILE)
+        diffs = config_differences(RunSpec(step.model, model_config, train_config, 0), stored)
+        if stored.train.epochs != train_config.epochs:
+            diffs.append(("train.epochs", train_config.epochs, stored.train.epochs))
+        if diffs:
+            field_name, wanted, found = diffs[0]
+            raise ConfigError(f"{run_dir}: trained with {field_name}={found!r}, but this recipe's step {step.key} has "
+                              f"{wanted!r} (a different vaelab?); --overwrite starts the recipe again")
 
 
 def write_report(result: RecipeResult) -> Path:
