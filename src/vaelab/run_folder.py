@@ -47,7 +47,7 @@ def check_target(folder: Path, overwrite: bool, is_ours: Callable[[Path], bool],
             raise RunInUseError(ckpt.in_use_message(inner, holder))
     if not overwrite:
         raise RunExistsError(f"{folder} already exists and is not empty (use --overwrite to replace it"
-                             f"{', or --resume to continue it' if what == 'run' else ''})")
+                             f"{', or --resume to continue it' if what in ('run', 'recipe') else ''})")
     if not is_ours(folder):
         raise RunExistsError(f"{folder} is not a vaelab {what} folder; refusing to overwrite it")
     return True
