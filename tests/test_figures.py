@@ -128,13 +128,18 @@ def test_recipe_re_estimates_what_is_left_from_the_pace_so_far():
 
     recipe = RECIPES["fashion-generative"]
     steps = [replace(s, seconds_per_epoch=1.0, measure_seconds=10.0, epochs=(2, 5)) for s in recipe.steps[:3]]
-    recipe = replace(recipe, steps=steps)
-    assert [step_seconds(s, quick=False) for s in steps] == [15.0, 15.0, 15.0]
+    full, quick = [step_seconds(s, quick=False) for s in steps], [step_seconds(s, quick=True) for s in steps]
+    assert full == [15.0, 15.0, 15.0]
     # the first step took 45 s against 15 planned: 3x, so the two left take 3 x 30 s
-    assert seconds_left(recipe, quick=False, done=1, elapsed=45.0) == (90.0, 3.0)
+    assert seconds_left(full, done=1, elapsed=45.0) == (90.0, 3.0)
     # quick: 2 epochs + 20 s of metrics = 22 s a step; running at half the planned time
-    assert seconds_left(recipe, quick=True, done=2, elapsed=22.0) == (11.0, 0.5)
-    assert seconds_left(recipe, quick=True, done=3, elapsed=70.0)[0] == 0.0
+    assert seconds_left(quick, done=2, elapsed=22.0) == (11.0, 0.5)
+    assert seconds_left(quick, done=3, elapsed=70.0)[0] == 0.0
+    # resumed: a step with 3 of its 5 epochs done plans 2 more and its metrics; one already
+    # measured plans what it has left to train, no metrics
+    assert step_seconds(steps[0], quick=False, epochs_done=3) == 12.0
+    assert step_seconds(steps[0], quick=False, epochs_done=5, measured=True) == 0.0
+    assert seconds_left([0.0, 12.0, 15.0], done=2, elapsed=24.0) == (30.0, 2.0)
 
 
 def test_drawing_figures_leaves_the_matplotlib_backend_alone(tmp_path):

@@ -715,9 +715,11 @@ def get_recipe(name: str) -> Recipe:
         raise ConfigError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}") from None
 
 
-def step_seconds(step: Step, quick: bool) -> float:
-    """One step's time on 2 idle CPU cores: its measured seconds per epoch, plus its metrics."""
-    return step.epochs[0 if quick else 1] * step.seconds_per_epoch + (20 if quick else step.measure_seconds)
+def step_seconds(step: Step, quick: bool, epochs_done: int = 0, measured: bool = False) -> float:
+    """One step's time on 2 idle CPU cores: its measured seconds per epoch, plus its metrics;
+    for a resumed step, only the epochs and measurements it has left."""
+    epochs = max(step.epochs[0 if quick else 1] - epochs_done, 0)
+    return epochs * step.seconds_per_epoch + (0 if measured else 20 if quick else step.measure_seconds)
 
 
 def estimate_seconds(recipe: Recipe, quick: bool) -> float:
@@ -725,13 +727,25 @@ def estimate_seconds(recipe: Recipe, quick: bool) -> float:
     return sum(step_seconds(s, quick) for s in recipe.steps)
 
 
-def seconds_left(recipe: Recipe, quick: bool, done: int, elapsed: float) -> tuple[float, float]:
+def seconds_left(plan: Sequence[float], done: int, elapsed: float) -> tuple[float, float]:
     """(seconds the remaining steps should take, how many times the idle-machine estimate the
-    first `done` steps took): the table's figures for what is left, scaled by how this machine,
-    at its load, has actually run so far."""
-    planned = sum(step_seconds(s, quick) for s in recipe.steps[:done])
+    first `done` steps took): the steps' planned seconds (`plan`, from `step_seconds`) for what
+    is left, scaled by how this machine, at its load, has actually run so far."""
+    planned = sum(plan[:done])
     pace = elapsed / planned if planned > 0 else 1.0
-    return pace * sum(step_seconds(s, quick) for s in recipe.steps[done:]), pace
+    return pace * sum(plan[done:]), pace
+
+
+def resumed_plan(configs, out: Path, quick: bool, settings: EvalSettings) -> list[float]:
+    """Each step's planned seconds when the recipe resumes in `out`: what it has left to do."""
+    plan = []
+    for step, _, train_config in configs:
+        run_dir = out / step.key
+        state = training_state(run_dir, train_config.epochs)
+        done = 0 if state == "new" or not (run_dir / CHECKPOINT_FILE).exists() else load_checkpoint(run_dir)["epoch"]
+        measured = state == "trained" and kept_measurements(run_dir, settings) is not None
+        plan.append(step_seconds(step, quick, done, measured))
+    return plan
 
 
 def is_recipe_folder(folder: Path) -> bool:
@@ -830,9 +844,10 @@ def _run_steps(recipe: Recipe, configs, out: Path, quick: bool, progress: bool, 
     write_json(out / RECIPE_FILE, {"recipe": name, "quick": quick,
                                    "steps": [s.key for s in recipe.steps]})
     mode = "quick" if quick else "full"
-    _log(f"recipe {name} ({mode}): {len(recipe.steps)} model(s); {describe_time(estimate_seconds(recipe, quick))}",
-         progress)
     settings = recipe.quick_eval if quick else recipe.full_eval
+    plan = resumed_plan(configs, out, quick, settings) if resume else [step_seconds(s, quick) for s in recipe.steps]
+    what = "; resumed, what is left takes" if resume else ";"
+    _log(f"recipe {name} ({mode}): {len(recipe.steps)} model(s){what} {describe_time(sum(plan))}", progress)
     start = time.perf_counter()
     datasets: dict = {}
     results = []
@@ -846,7 +861,7 @@ def _run_steps(recipe: Recipe, configs, out: Path, quick: bool, progress: bool, 
             page = out / f"explore-{step.key}.html"
             results[-1].explore_page = export_page(LatentSpace.from_run(load_run(out / step.key), data), page)
         if len(results) < len(configs):
-            left, pace = seconds_left(recipe, quick, len(results), time.perf_counter() - start)
+            left, pace = seconds_left(plan, len(results), time.perf_counter() - start)
             _log(f"[{step.key}] done; {len(configs) - len(results)} model(s) to go, about {_duration(left)} "
                  f"at this pace ({pace:.1f}x the idle-machine figures)", progress)
     result = RecipeResult(recipe, out, quick, results, datasets, time.perf_counter() - start)
