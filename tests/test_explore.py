@@ -386,6 +386,14 @@ def test_a_conditional_page_says_so_and_lists_the_classes(trained_cvae, data):
     assert plain["conditional"] is False and plain["class_note"] == ""
 
 
+def test_the_drawing_pad_asks_for_what_the_dataset_holds(data):
+    import dataclasses
+
+    assert make_space("vae", data, n_points=50).page_data()["pad_title"] == "Draw a digit"
+    fashion = dataclasses.replace(data, name="fashion-mnist")
+    assert make_space("vae", fashion, n_points=50).page_data()["pad_title"] == "Draw a garment, shoe or bag"
+
+
 def test_a_conditional_model_for_other_classes_than_the_data_s_is_refused(data):
     model = build_model("cvae", make_config("cvae", hidden_dims=[16], n_classes=12))
     with pytest.raises(ConfigError, match="cvae takes 12 classes, but mnist has 10"):
@@ -739,6 +747,7 @@ def test_browser_drawing_pad_encodes_what_was_drawn(browser, page):
     from selenium.webdriver.common.by import By
 
     open_page(browser, page.url)
+    assert browser.find_element(By.ID, "pad-title").text == page.space.page_data()["pad_title"]
     pad = browser.find_element(By.ID, "pad")
     browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", pad)
     ActionChains(browser).move_to_element_with_offset(pad, -30, -80).click_and_hold() \

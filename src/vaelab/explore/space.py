@@ -28,6 +28,8 @@ from ..errors import ConfigError
 from ..figures import encode_means, principal_axes
 from ..inference import batched
 
+# The drawing pad's heading: what the dataset's images are.
+PAD_TITLES = {"mnist": "Draw a digit", "fashion-mnist": "Draw a garment, shoe or bag"}
 MAX_SLIDERS = 10  # beyond this many a page of sliders is no longer something to play with
 SLIDER_STDS = 3.0  # a slider spans +-3 standard deviations of the codes along its axis
 EXPORT_GRID = 64  # decodes per side of the exported page's grid: 4096 images, about 1.5 MB of PNG
@@ -239,6 +241,7 @@ class LatentSpace:
             "model": self.model.name, "kind": kind, "has_std": self.has_std, "latent_dim": d,
             "dataset": self.dataset, "classes": self.classes, "run": self.run_name,
             "conditional": self.conditional,
+            "pad_title": PAD_TITLES.get(self.dataset, "Draw an image"),
             "class_note": ("Every image on this page is decoded as the selected class (the drawing is "
                            "encoded given it too): the same z keeps its style while the class changes."
                            if self.conditional else ""),

@@ -371,6 +371,7 @@
                 (COND ? " for each class" : "") : "");
     document.title = "vaelab explore: " + DATA.title;
     $("plane-note").textContent = P.note;
+    $("pad-title").textContent = DATA.pad_title;
     $("xlabel").textContent = `${P.labels[0]} → [${X0.toFixed(2)}, ${X1.toFixed(2)}]`;
     $("ylabel").textContent = `${P.labels[1]} ↑ [${Y0.toFixed(2)}, ${Y1.toFixed(2)}]`;
     DATA.classes.forEach((name, i) => {
