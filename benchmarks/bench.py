@@ -308,18 +308,11 @@ def run_baseline(epochs: int, n_train: int | None, n_test: int | None, seed: int
 # ---------------------------------------------------------------------------------------------
 
 
-def subset(data, n_train: int | None, n_test: int | None):
-    import dataclasses
-
-    return dataclasses.replace(data, train_x=data.train_x[:n_train], train_y=data.train_y[:n_train],
-                               test_x=data.test_x[:n_test], test_y=data.test_y[:n_test])
-
-
 def run_vaelab(model: str, overrides: dict, epochs: int, n_train: int | None, n_test: int | None,
                precision: str = "fp32", compile: bool = False, seed: int = 1, sample_n: int = 0) -> dict:
     """Train through `vaelab.train.train` (what `vaelab train` runs) into a temporary folder."""
     from vaelab import runtime
-    from vaelab.data import load
+    from vaelab.data import load, subset
     from vaelab.models import make_config
     from vaelab.train import TrainConfig, train
 
@@ -364,7 +357,7 @@ def run_plain(model: str, overrides: dict, epochs: int, n_train: int | None, n_t
     from torch.utils.flop_counter import FlopCounterMode
 
     from vaelab.batch import Batch, StepState
-    from vaelab.data import load, to_float
+    from vaelab.data import load, subset, to_float
     from vaelab.models import build_model, make_config
 
     torch.manual_seed(seed)
