@@ -24,7 +24,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -77,7 +77,9 @@ class Trainer:
         self.nothing_saved = "no epoch had completed, so nothing was saved"  # for messages
         # Told of the run's progress: on_steps(trainer, rows, first_step) after each host sync
         # (the rows checked finite), on_epoch(trainer) once an epoch is evaluated, before it is
-        # saved, on_checkpoint(trainer) before each checkpoint, on_end(trainer) when fit ends.
+        # saved, on_checkpoint(trainer) before each checkpoint, on_saved(trainer) once an epoch is
+        # saved (an observer that raises there stops the run at a complete, resumable epoch: a
+        # sweep's pruner), on_end(trainer) when fit ends. An observer implements the calls it needs.
         self.observers = [TensorBoardLog(config.tensorboard)] if config.tensorboard is not None else []
 
     # The log's record, under the names the trainer has always had.
@@ -118,7 +120,9 @@ class Trainer:
 
     def tell(self, event: str, *args) -> None:
         for observer in self.observers:
-            getattr(observer, event)(self, *args)
+            call = getattr(observer, event, None)
+            if call is not None:
+                call(self, *args)
 
     def save(self) -> None:
         self.tell("on_checkpoint")
@@ -216,6 +220,7 @@ class Trainer:
             self.after_save(self)
         if self.progress:
             print(self.log.summary(self.config.epochs), file=sys.stderr, flush=True)
+        self.tell("on_saved")
 
     def _check_finite(self, recent: torch.Tensor, epoch: int, first_step: int) -> None:
         bad = ~torch.isfinite(recent)
@@ -258,8 +263,10 @@ def check_model_fits(model, config: TrainConfig, device: torch.device) -> None:
 
 
 def train(model_name: str, model_config, config: TrainConfig, run_dir: str | Path,
-          overwrite: bool = False, progress: bool = True, data: ImageData | None = None):
-    """Train a new model into `run_dir`; returns the Trainer (its model and history)."""
+          overwrite: bool = False, progress: bool = True, data: ImageData | None = None,
+          observers: Sequence[object] = ()):
+    """Train a new model into `run_dir`; returns the Trainer (its model and history). `observers`
+    join the trainer's (see `Trainer.observers`): a sweep's pruner watches the epochs so."""
     run_dir = Path(run_dir)
     config.validate()
     check_available(config, run_dir)
@@ -279,6 +286,7 @@ def train(model_name: str, model_config, config: TrainConfig, run_dir: str | Pat
     workdir = target.open(model, config)
     try:
         trainer = Trainer(workdir, model, data, config, progress=progress)
+        trainer.observers += list(observers)
         if target.replacing:
             trainer.after_save = target.swap_in
             trainer.nothing_saved = f"no epoch had completed, so {run_dir} still holds the previous run"
