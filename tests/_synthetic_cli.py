@@ -15,6 +15,8 @@ during the wait, and SIGKILL ends the process there.
   --pause-at-step K            after the K-th optimizer step of this process
   --pause-before-replace N:I   just before the I-th rename of a temp file onto a file named N
                                (the temp file is complete, the rename has not happened)
+Worker processes that `vaelab sweep --workers K` spawns import this script again (as
+__mp_main__) and take the same synthetic "mnist" from the VAELAB_TEST_SYNTHETIC variable it sets.
 --cache DIR makes DIR the cache vaelab sees (VAELAB_DATA holds the synthetic files already), so
 that `data fetch` has something to do.
 """
@@ -35,6 +37,10 @@ from conftest import write_dataset_files  # noqa: E402  (tests/ is sys.path[0] w
 
 from vaelab import data as data_mod  # noqa: E402
 from vaelab.cli import main  # noqa: E402
+
+
+SYNTHETIC_ENV = "VAELAB_TEST_SYNTHETIC"  # DIR:N_TRAIN:N_TEST, read by spawned worker processes
+NO_FIGURES_ENV = "VAELAB_TEST_NO_FIGURES"
 
 
 def pause(marker: Path) -> None:
@@ -124,6 +130,7 @@ def run(argv: list[str]) -> int:
     p.add_argument("--cache", type=Path)
     opts = p.parse_args(argv[:split])
     use_synthetic_mnist(opts.data, opts.n_train, opts.n_test)
+    os.environ[SYNTHETIC_ENV] = f"{opts.data.resolve()}:{opts.n_train}:{opts.n_test}"  # for spawned workers
     if opts.cache:
         os.environ["VAELAB_DATA"] = str(opts.cache)
     if opts.pause_at_step:
@@ -132,8 +139,16 @@ def run(argv: list[str]) -> int:
         pause_before_replace(opts.pause_before_replace, opts.marker)
     if opts.no_figures:
         no_figures()
+        os.environ[NO_FIGURES_ENV] = "1"
     return main(argv[split + 1:])
 
 
 if __name__ == "__main__":
     sys.exit(run(sys.argv[1:]))
+elif __name__ == "__mp_main__" and os.environ.get(SYNTHETIC_ENV):
+    # A worker process multiprocessing spawned for this script (`vaelab sweep --workers K`)
+    # imports it under this name: it sees the same synthetic "mnist" as its parent.
+    folder, n_train, n_test = os.environ[SYNTHETIC_ENV].rsplit(":", 2)
+    use_synthetic_mnist(Path(folder), int(n_train), int(n_test))
+    if os.environ.get(NO_FIGURES_ENV):
+        no_figures()

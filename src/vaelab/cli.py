@@ -479,6 +479,76 @@ def cmd_recipe(args) -> int:
     return 0
 
 
+def _add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="several runs side by side: one table, the test loss curves overlaid",
+                       description="A table of the runs (model, the settings that differ, the last epoch's train "
+                                   "and test loss terms, the best epoch, NLL and sample metrics where metrics.json "
+                                   "has them, seconds), printed and written with the test loss per epoch of every "
+                                   "run to DIR/compare.html (self-contained) and DIR/curves.png. A study folder "
+                                   "(vaelab sweep) stands for its trials.")
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run folders or study folders")
+    p.add_argument("--out", type=Path, default=None, metavar="DIR",
+                   help="where compare.html and curves.png go (default: compare/ in the runs' nearest common "
+                        "folder, e.g. STUDY/compare/ or runs/compare/)")
+    p.set_defaults(func=cmd_compare)
+
+
+def cmd_compare(args) -> int:
+    from .compare import CURVES, PAGE, write_comparison
+
+    out, text = write_comparison(args.runs, args.out)
+    print(text)
+    print(f"wrote {out / PAGE} and {out / CURVES}")
+    return 0
+
+
+def _add_sweep(sub) -> None:
+    p = sub.add_parser("sweep", help="a hyperparameter search on Optuna, each trial a run folder",
+                       description="Run the trials of SPEC.yaml (model, fixed settings, search space, sampler, "
+                                   "metric: see the README's Scaling out) into STUDY/trial-NNNN/ run folders. The "
+                                   "study lives in Optuna storage, so re-running the command continues it and "
+                                   "workers on several machines can share a database.")
+    p.add_argument("spec", type=Path, metavar="SPEC.yaml")
+    p.add_argument("--study", default=None, metavar="NAME", help="the study's name (default: the spec's file name)")
+    p.add_argument("--out", type=Path, default=None, metavar="DIR",
+                   help="the study folder: trial run folders, trials.csv, the default storage (default runs/NAME)")
+    p.add_argument("--storage", default=None, metavar="URL",
+                   help="Optuna storage: a database URL (sqlite:///sweep.db, postgresql://user@host/db) or a "
+                        "journal file (default DIR/study.journal)")
+    p.add_argument("--trials", type=_positive_int, default=None, metavar="N",
+                   help="trials in the study (default: the spec's trials; a grid: all its points)")
+    p.add_argument("--workers", type=_positive_int, default=1, metavar="K",
+                   help="worker processes on this machine, sharing the storage (default 1)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_threads(p)
+    p.set_defaults(func=cmd_sweep)
+
+
+def cmd_sweep(args) -> int:
+    from tqdm import tqdm
+
+    from .sweep import TRIALS_FILE, counted, finished_count, prepare, run_workers, summary, work
+
+    study = prepare(args.spec, args.study, args.out, args.storage, args.trials)
+    if args.workers == 1:
+        optuna_study = study.load()
+        bar = tqdm(total=len(counted(optuna_study.get_trials(deepcopy=False))), initial=finished_count(optuna_study),
+                   desc=f"sweep {study.name}", unit="trial", disable=args.quiet, file=sys.stderr)
+        try:
+            work(study, say=lambda text: bar.write(text, file=sys.stderr),
+                 on_trial=lambda: bar.update(finished_count(optuna_study) - bar.n))
+        finally:
+            bar.close()
+        codes = [0]
+    else:
+        codes = run_workers(study, args.workers, args.threads, progress=not args.quiet)
+    print(summary(study, study.load()))
+    print(f"wrote {study.folder}/: trial-NNNN/ run folders, {TRIALS_FILE}; compare them with "
+          f"`vaelab compare {study.folder}`")
+    bad = [c for c in codes if c != 0]
+    return 0 if not bad else (EXIT_INTERRUPTED if EXIT_INTERRUPTED in bad else EXIT_ERROR)
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -620,7 +690,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vaelab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     for add in (_add_train, _add_generate, _add_reconstruct, _add_plot, _add_evaluate, _add_score, _add_recipe,
-                _add_explore, _add_models, _add_config, _add_data):
+                _add_compare, _add_sweep, _add_explore, _add_models, _add_config, _add_data):
         add(sub)
     return parser
 

@@ -53,6 +53,25 @@ def table_html(table: Table) -> str:
     return f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def table_text(table: Table) -> str:
+    """The table as plain text for a terminal: columns padded, floats with 4 significant digits
+    (as `table_html` shows them), numbers right-aligned."""
+    def cell(v: object) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    cells = [[cell(v) for v in row] for row in table.rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(table.headers)]
+    numeric = [all(isinstance(row[i], (int, float)) and not isinstance(row[i], bool) or row[i] == "—"
+                   for row in table.rows) for i in range(len(table.headers))]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
+
+    lines = [table.caption] if table.caption else []
+    lines += [line(table.headers), line(["-" * w for w in widths]), *(line(r) for r in cells)]
+    return "\n".join(lines)
+
+
 def caption_html(what: str, look_for: str | None = None) -> str:
     """A figure's caption: what it shows (bold), then what to look for."""
     caption = f"<b>{html.escape(what)}</b>"
