@@ -12,7 +12,7 @@ install: $(STAMP)
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -c requirements.lock torch==2.13.0
-	$(BIN)/pip install --quiet -c requirements.lock -e ".[test,tensorboard]"
+	$(BIN)/pip install --quiet -c requirements.lock -e ".[test,tensorboard,sweep]"
 	touch $(STAMP)
 
 # The vae-2d-mnist recipe in --quick mode: trains the 2-D MLP VAE, draws and measures it, writes

@@ -527,7 +527,8 @@ def _add_sweep(sub) -> None:
 def cmd_sweep(args) -> int:
     from tqdm import tqdm
 
-    from .sweep import TRIALS_FILE, counted, finished_count, prepare, run_workers, summary, work
+    from .sweep import (TRIALS_FILE, counted, finished_count, prepare, run_workers, summary, work,
+                        write_trials_csv)
 
     study = prepare(args.spec, args.study, args.out, args.storage, args.trials)
     if args.workers == 1:
@@ -542,7 +543,9 @@ def cmd_sweep(args) -> int:
         codes = [0]
     else:
         codes = run_workers(study, args.workers, args.threads, progress=not args.quiet)
-    print(summary(study, study.load()))
+    optuna_study = study.load()
+    write_trials_csv(study, optuna_study)  # the whole study as it stands now, other workers' trials too
+    print(summary(study, optuna_study))
     print(f"wrote {study.folder}/: trial-NNNN/ run folders, {TRIALS_FILE}; compare them with "
           f"`vaelab compare {study.folder}`")
     bad = [c for c in codes if c != 0]

@@ -83,7 +83,17 @@ def open_storage(url: str):
     optuna = require_optuna()
     try:
         if "://" in url:
-            return optuna.storages.RDBStorage(url)
+            for attempt in range(3):
+                try:
+                    return optuna.storages.RDBStorage(url)
+                except ImportError:
+                    raise
+                except Exception:
+                    # Workers started together on a new database race to create its tables: the
+                    # loser's insert fails, and the tables are there when it looks again.
+                    if attempt == 2:
+                        raise
+                    time.sleep(1.0)
         Path(url).parent.mkdir(parents=True, exist_ok=True)
         from optuna.storages.journal import JournalFileBackend
 
@@ -178,18 +188,35 @@ def prepare(spec_path: Path, name: str | None, folder: Path | None, storage: str
                               f"was created with; restore it, or start another --study")
     if created:
         study.set_user_attr("spec", _comparable(spec.raw))
+        study.set_user_attr("trials", 0)
     if not study_file.exists():
         atomic_write(folder / SPEC_COPY, Path(spec_path).read_bytes())
         write_json(study_file, {"study": name, "storage": hide_password(url), "model": spec.model,
                                 "metric": spec.metric, "direction": spec.direction,
                                 "spec": _comparable(spec.raw)})
-    queue_trials(study, spec, wanted)
+    target = _target(study, created, url)
+    if wanted > target:
+        # The target first, then the queue: a worker that loads the study meanwhile queues nothing.
+        study.set_user_attr("trials", wanted)
+        queue_trials(study, spec, wanted - target)
     return Study(spec, name, folder, url)
 
 
 def _comparable(raw: dict) -> dict:
     """The spec's keys that define the study (`trials` may grow between runs)."""
     return json.loads(json.dumps({k: v for k, v in raw.items() if k != "trials"}, default=str))
+
+
+def _target(study, created: bool, url: str) -> int:
+    """How many trials the study was asked for so far; a study another process has just created
+    gets a moment to say so (it sets the target right after creating the study)."""
+    deadline = time.monotonic() + 30
+    while "trials" not in study.user_attrs:
+        if time.monotonic() > deadline:
+            raise ConfigError(f"--storage {hide_password(url)}: the study {study.study_name} has no trial target "
+                              f"(not made by vaelab sweep?)")
+        time.sleep(0.2)
+    return int(study.user_attrs["trials"])
 
 
 def counted(trials) -> list:
@@ -199,22 +226,18 @@ def counted(trials) -> list:
     return [t for t in trials if t.number not in retried]
 
 
-def queue_trials(study, spec: SweepSpec, wanted: int) -> int:
-    """Queue trials until the study holds `wanted`; returns how many were queued. A grid queues
-    its points not yet in the study, in order."""
-    have = counted(study.get_trials(deepcopy=False))
-    missing = wanted - len(have)
-    if missing <= 0:
-        return 0
+def queue_trials(study, spec: SweepSpec, count: int) -> int:
+    """Queue `count` more trials; returns how many were queued. A grid queues its points not yet
+    in the study, in order."""
     if spec.sampler == "grid":
-        taken = [json.dumps(_fixed(t), sort_keys=True) for t in have]
-        points = [p for p in spec.grid if json.dumps(p, sort_keys=True) not in taken][:missing]
+        taken = {json.dumps(_fixed(t), sort_keys=True) for t in study.get_trials(deepcopy=False)}
+        points = [p for p in spec.grid if json.dumps(p, sort_keys=True) not in taken][:count]
         for point in points:
             study.enqueue_trial(point, skip_if_exists=False)
         return len(points)
-    for _ in range(missing):
+    for _ in range(count):
         study.enqueue_trial({}, skip_if_exists=False)
-    return missing
+    return count
 
 
 def _fixed(trial) -> dict:

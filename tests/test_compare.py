@@ -1,0 +1,125 @@
+"""`vaelab compare`: on hand-made run folders whose numbers make a wrong answer visible: the
+settings columns are exactly those that differ, the best epoch is the test loss's (not the
+train loss's, nor the last epoch), metrics.json values appear where measured; the page and the
+figure are written together; a study folder stands for its trained trials; mistakes are one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vaelab.checkpoint import write_config_dict, write_json
+from vaelab.cli import main
+from vaelab.compare import comparison_table, default_out, load_runs
+from vaelab.config import config_to_dict
+from vaelab.history_files import write_history
+from vaelab.models import make_config
+from vaelab.train_config import TrainConfig
+
+
+def make_run(folder: Path, test_losses: list[float], train_losses: list[float] | None = None,
+             overrides: list[str] = (), model: str = "vae", metrics: dict | None = None, **train) -> Path:
+    """A run folder with config.json and history.csv (loss = recon + kl) and nothing else."""
+    train_losses = train_losses or [t + 5 for t in test_losses]
+    config = TrainConfig(**{"epochs": len(test_losses), "device": "cpu", **train})
+    write_config_dict(folder, {"model": model, "model_config": config_to_dict(make_config(model, list(overrides))),
+                               "train": config_to_dict(config)})
+    rows = []
+    for epoch, (tr, te) in enumerate(zip(train_losses, test_losses), start=1):
+        rows.append({"epoch": epoch, "split": "train", "loss": tr, "recon": tr - 1, "kl": 1.0, "seconds": 2.0})
+        rows.append({"epoch": epoch, "split": "test", "loss": te, "recon": te - 2, "kl": 2.0, "seconds": 0.5})
+    write_history(folder, rows, ("loss", "recon", "kl"))
+    if metrics is not None:
+        write_json(folder / "metrics.json", metrics)
+    return folder
+
+
+@pytest.fixture
+def three_runs(tmp_path) -> list[Path]:
+    root = tmp_path / "runs"
+    return [
+        # Test loss lowest at epoch 2 of 4; train loss lowest at the last epoch.
+        make_run(root / "a", [110.0, 100.0, 104.0, 107.0], [120.0, 115.0, 112.0, 109.0], lr=1e-3,
+                 metrics={"iwae": {"nll": 98.5}}),
+        make_run(root / "b", [130.0, 125.0, 121.0, 120.0], lr=1e-2),
+        make_run(root / "c", [115.0, 113.0, 112.5, 112.0], lr=1e-3, seed=7),
+    ]
+
+
+def test_the_table_shows_exactly_the_settings_that_differ_and_the_best_test_epoch(three_runs):
+    table = comparison_table(load_runs(three_runs))
+    headers = list(table.headers)
+    # lr and seed differ; hidden_dims, latent_dim, batch_size, epochs... are the same in all three.
+    assert headers[:4] == ["run", "model", "lr", "seed"]
+    assert "hidden_dims" not in headers and "batch_size" not in headers
+    rows = {row[0]: dict(zip(headers, row)) for row in table.rows}
+    assert [rows[r]["best epoch (test loss)"] for r in "abc"] == [2, 4, 4]
+    assert rows["a"]["test loss"] == 107.0 and rows["a"]["train loss"] == 109.0  # the last epoch's
+    assert rows["a"]["test kl"] == 2.0 and rows["b"]["train recon"] == 124.0
+    assert (rows["a"]["lr"], rows["b"]["lr"], rows["c"]["seed"]) == (1e-3, 1e-2, 7)
+    assert rows["a"]["IWAE NLL"] == 98.5 and rows["b"]["IWAE NLL"] == "—"
+    assert "FD" not in headers  # measured in no run
+    assert rows["a"]["seconds"] == pytest.approx(4 * 2.5)
+
+
+def test_different_models_show_the_fields_only_one_has(tmp_path):
+    runs = [make_run(tmp_path / "vae", [100.0, 90.0]),
+            make_run(tmp_path / "lstm", [95.0, 97.0], model="lstm-vae", overrides=["batch_norm=true"])]
+    table = comparison_table(load_runs(runs))
+    assert "batch_norm" in table.headers and "hidden_dims" in table.headers
+    rows = {row[0]: dict(zip(table.headers, row)) for row in table.rows}
+    assert rows["vae"]["batch_norm"] == "—" and rows["lstm"]["batch_norm"] is True
+    assert rows["vae"]["hidden_dims"] == "[512]" and rows["lstm"]["best epoch (test loss)"] == 1
+
+
+def test_compare_writes_the_page_and_the_curves_and_prints_the_table(three_runs, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", *map(str, three_runs), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "best epoch (test loss)" in printed and f"wrote {out / 'compare.html'}" in printed
+    page = (out / "compare.html").read_text()
+    assert page.count("<tr>") == 4 and "data:image/png;base64," in page  # header + 3 runs, the figure inside
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The default: compare/ beside the runs.
+    assert default_out(load_runs(three_runs)).resolve() == (three_runs[0].parent / "compare").resolve()
+
+
+def test_a_study_folder_stands_for_its_trained_trials(tmp_path, capsys):
+    study = tmp_path / "study"
+    (study).mkdir()
+    (study / "study.json").write_text(json.dumps({"study": "s"}))
+    make_run(study / "trial-0000", [100.0, 90.0], lr=1e-3)
+    make_run(study / "trial-0001", [100.0, 95.0], lr=2e-3)
+    # A trial killed before its first epoch: config.json, no history. Left out, not an error.
+    write_config_dict(study / "trial-0002", {"model": "vae", "model_config": config_to_dict(make_config("vae")),
+                                             "train": config_to_dict(TrainConfig())})
+    assert main(["compare", str(study)]) == 0
+    assert [r.label for r in load_runs([study])] == ["trial-0000", "trial-0001"]
+    assert (study / "compare" / "compare.html").exists()  # the default folder: inside the study
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("not a run", "not a run folder (no config.json) nor a study folder"),
+    ("missing", "no such run folder"),
+    ("no history", "no history"),
+])
+def test_mistakes_are_one_line_naming_the_path_and_nothing_is_written(tmp_path, capsys, case, expected):
+    good = make_run(tmp_path / "good", [100.0])
+    bad = tmp_path / "bad"
+    if case == "not a run":
+        bad.mkdir()
+    elif case == "no history":
+        write_config_dict(bad, {"model": "vae", "model_config": config_to_dict(make_config("vae")),
+                                "train": config_to_dict(TrainConfig())})
+    assert main(["compare", str(good), str(bad), "--out", str(tmp_path / "cmp")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{bad}" in err and expected in err, err
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_compare_needs_a_run(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["compare"])
+    assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
