@@ -230,6 +230,33 @@ def test_lstm_vae_reads_rows_and_rejects_bad_decoders():
         make_config("lstm-vae", ["kernels=[4]"])
 
 
+def test_lstm_vae_decoder_activation_and_heads_as_a_report_varied_them():
+    """The options behind a student's decoder variants: LeakyReLU with its slope in every hidden
+    layer of the decoder, and mu / log sigma^2 as the halves of the LSTM's state (no heads)."""
+    torch.manual_seed(0)
+    relu = build_model("lstm-vae", {"lstm_hidden": 8, "latent_dim": 4})
+    torch.manual_seed(0)
+    leaky = build_model("lstm-vae", {"lstm_hidden": 8, "latent_dim": 4, "activation": "leaky_relu",
+                                     "negative_slope": 0.2})
+    slopes = [m.negative_slope for m in leaky.decoder.modules() if isinstance(m, torch.nn.LeakyReLU)]
+    assert slopes == [0.2] * 2 and not any(isinstance(m, torch.nn.ReLU) for m in leaky.decoder.modules())
+    assert sum(isinstance(m, torch.nn.ReLU) for m in relu.decoder.modules()) == 2
+    leaky.load_state_dict(relu.state_dict())  # the same weights: only the nonlinearity differs
+    z = torch.randn(5, 4)
+    assert not torch.allclose(leaky.decode_logits(z), relu.decode_logits(z))
+
+    split = build_model("lstm-vae", {"lstm_hidden": 8, "latent_dim": 4, "fc_heads": False})
+    assert not list(split.heads.parameters())
+    x = torch.rand(3, 1, 28, 28)
+    h = split.trunk(x)
+    posterior = split.encode(x)
+    assert torch.equal(posterior.mu, h[:, :4]) and torch.equal(posterior.logvar, h[:, 4:])
+    with pytest.raises(ConfigError, match="lstm_hidden must be 2 \\* latent_dim = 8"):
+        make_config("lstm-vae", ["fc_heads=false", "latent_dim=4", "lstm_hidden=10"])
+    with pytest.raises(ConfigError, match="activation must be one of relu, leaky_relu"):
+        make_config("lstm-vae", ["activation=elu"])
+
+
 # --- the VAE-GAN: gradient routing --------------------------------------------------------------
 
 

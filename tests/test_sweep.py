@@ -107,17 +107,17 @@ def test_a_search_without_a_trial_count_and_a_missing_spec_are_one_line(tmp_path
 
 
 def test_the_lstm_decoder_example_validates_and_its_first_trial_runs(synthetic_mnist, tmp_path, capsys):
-    """The example's eight-variant grid as written (10 epochs) is checked whole; its first trial
-    runs with 1 epoch."""
+    """The example's grid of the report's ten decoder variants as written (10 epochs) is checked
+    whole; its first trial runs with 1 epoch."""
     from vaelab.sweep_spec import load_spec
 
     spec = load_spec(EXAMPLE)
     assert spec.model == "lstm-vae" and spec.sampler == "grid" and spec.fixed["epochs"] == 10
-    assert len(spec.grid) == len(spec.variants) == 5
+    assert len(spec.grid) == len(spec.variants) == 10
     short = write_spec(tmp_path, EXAMPLE.read_text().replace("epochs: 10", "epochs: 1"), "lstm-decoders.yaml")
     assert main(["sweep", str(short), "--out", str(tmp_path / "study"), "--trials", "1", "--quiet"]) == 0
     rows = read_trials(tmp_path / "study")
-    assert [r["state"] for r in rows] == ["COMPLETE"] and rows[0]["variant"] == "4 layers"
+    assert [r["state"] for r in rows] == ["COMPLETE"] and rows[0]["variant"] == "4 layers, leaky 0.01, no bn, heads"
     assert len(read_history(tmp_path / "study" / "trial-0000")) == 2  # one epoch: train and test rows
 
 

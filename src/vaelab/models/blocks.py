@@ -3,6 +3,8 @@ heads, MLP and transposed-convolution decoders, and the discriminator."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -32,6 +34,15 @@ class GaussianHeads(nn.Module):
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.mu(h), self.logvar(h)
+
+
+class SplitHeads(nn.Module):
+    """mu and log sigma^2 as the two halves of the feature vector itself, no layer between: the
+    "sampling straight from the LSTM's output" of a student's LSTM-VAE report."""
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, logvar = h.chunk(2, dim=1)
+        return mu, logvar
 
 
 class MLPEncoderTrunk(nn.Module):
@@ -96,7 +107,7 @@ class ConvDecoder(nn.Module):
 
     def __init__(self, latent_dim: int, channels: list[int], kernels: list[int], strides: list[int],
                  start_size: int = 7, batch_norm: bool = False, dropout: float = 0.0,
-                 project_norm: bool = False, hidden: int = 0):
+                 project_norm: bool = False, hidden: int = 0, activation: Callable[[], nn.Module] = nn.ReLU):
         super().__init__()
         problem = check_transposed_layers(channels, kernels, strides, start_size)
         if problem:
@@ -108,8 +119,8 @@ class ConvDecoder(nn.Module):
         # connected layer of that width before the projection, as InfoGAN's MNIST generator has
         # (Chen et al. 2016: 1024 units), for a fraction of the transposed convolutions' cost.
         norm = (lambda n: [nn.BatchNorm1d(n)]) if project_norm else (lambda n: [])
-        first = [nn.Linear(latent_dim, hidden), *norm(hidden), nn.ReLU()] if hidden else []
-        self.project = nn.Sequential(*first, nn.Linear(hidden or latent_dim, width), *norm(width), nn.ReLU())
+        first = [nn.Linear(latent_dim, hidden), *norm(hidden), activation()] if hidden else []
+        self.project = nn.Sequential(*first, nn.Linear(hidden or latent_dim, width), *norm(width), activation())
         layers: list[nn.Module] = []
         outs = [*channels[1:], 1]
         for i, (c_in, c_out, k, s) in enumerate(zip(channels, outs, kernels, strides)):
@@ -118,7 +129,7 @@ class ConvDecoder(nn.Module):
             if i < len(channels) - 1:
                 if batch_norm:
                     layers.append(nn.BatchNorm2d(c_out))
-                layers.append(nn.ReLU())
+                layers.append(activation())
                 if dropout > 0:
                     layers.append(nn.Dropout(dropout))
         self.net = nn.Sequential(*layers)
