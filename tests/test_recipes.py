@@ -326,7 +326,8 @@ def test_an_interrupted_recipe_resumes_to_the_output_of_a_straight_run(tmp_path,
 
     monkeypatch.setattr(cls, "training_step", step_then_interrupt)
     out = tmp_path / "out"
-    with pytest.raises(TrainingInterrupted):
+    with pytest.raises(TrainingInterrupted, match=f"SIGINT: the recipe stopped; {out}: what finished is kept; "
+                                                  f"`vaelab recipe tiny --out {out} --quick --resume`"):
         run(out)
     assert (out / "first" / recipes.METRICS_FILE).exists() and not (out / "second" / recipes.METRICS_FILE).exists()
     first_metrics = (out / "first" / recipes.METRICS_FILE).read_bytes()

@@ -30,7 +30,7 @@ from . import plots
 from .checkpoint import (CHECKPOINT_FILE, CONFIG_FILE, RunSpec, config_differences, load_checkpoint, load_run,
                          load_tensors, parse_spec, read_json, read_run_config, save_tensors, write_json)
 from .data import ImageData, load
-from .errors import ConfigError, VaelabError, WriteError
+from .errors import ConfigError, TrainingInterrupted, VaelabError, WriteError
 from .atomic import clean_stale_siblings, exchange, temp_path
 from .evaluate import (ACTIVE_UNIT_THRESHOLD, METRICS_FILE, EvalSettings, evaluate_run, generate, summary_rows,
                        weights_digest)
@@ -821,13 +821,19 @@ def run_recipe(name: str, out: str | Path, quick: bool = False, overwrite: bool 
         final, out = out, prepare_out(out, overwrite)
     try:
         result = _run_steps(recipe, configs, out, quick, progress, data_override, resume)
-    except BaseException:
+    except BaseException as e:
         if out != final:
             shutil.rmtree(out, ignore_errors=True)
-            _log(f"{final}: left as it was (the new run did not finish)", progress)
+            kept = f"{final}: left as it was (the new run did not finish)"
         elif (out / RECIPE_FILE).exists():
-            _log(f"{out}: what finished is kept; `vaelab recipe {name} --out {out}{' --quick' if quick else ''} "
-                 f"--resume` continues from there", progress)
+            kept = (f"{out}: what finished is kept; `vaelab recipe {name} --out {out}{' --quick' if quick else ''} "
+                    f"--resume` continues from there")
+        else:
+            raise
+        if isinstance(e, TrainingInterrupted):
+            # The step's own advice (`vaelab train --resume` of one run) is not the recipe's.
+            raise TrainingInterrupted(f"{e.signal_name}: the recipe stopped; {kept}", e.signal_name) from None
+        _log(kept, progress)
         raise
     swap_in(out, final)
     result.out = final
