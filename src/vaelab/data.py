@@ -25,6 +25,7 @@ import torch
 
 from .atomic import atomic_write, clean_stale_temps
 from .batch import Batch
+from .distributed import shard
 from .errors import DataError, WriteError
 from .reading import read_bytes
 from .train_config import BINARIZE_CHOICES
@@ -477,11 +478,17 @@ class Batcher:
     `resume`, from its order and the generator as they stood, without making the batches before
     the position again. The labels take no randomness: with or without them, the images come in
     the same order.
+
+    `part=(rank, world)`: data-parallel training (distributed.py). Every process iterates the
+    same order with the same generator and yields its contiguous share of each global batch of
+    `batch_size`; the binarization noise is drawn for the whole global batch and sliced, so the
+    processes' shares together are exactly a single process's batch. A share can be empty (the
+    last batch of an evaluation split): it is skipped.
     """
 
     def __init__(self, images: torch.Tensor, batch_size: int, device: torch.device | str = "cpu",
                  shuffle: bool = True, binarize: str = "none", seed: int = 0,
-                 labels: torch.Tensor | None = None):
+                 labels: torch.Tensor | None = None, part: tuple[int, int] = (0, 1)):
         self.device = torch.device(device)
         self.images = images.to(self.device)
         if labels is not None and len(labels) != len(images):
@@ -491,6 +498,7 @@ class Batcher:
         self.shuffle = shuffle
         self.binarize = binarize
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.part = part
 
     def __len__(self) -> int:
         return (len(self.images) + self.batch_size - 1) // self.batch_size
@@ -513,7 +521,14 @@ class Batcher:
             return torch.randperm(n, generator=generator, device=self.device)
         return torch.arange(n, device=self.device)
 
+    def global_size(self, i: int) -> int:
+        """Images in global batch i (from 0), all processes' shares together."""
+        return min(self.batch_size, len(self.images) - i * self.batch_size)
+
     def _batches(self, order: torch.Tensor, position: int):
+        if self.part[1] > 1:
+            yield from self._shares(order, position)
+            return
         for start in range(position * self.batch_size, len(order), self.batch_size):
             index = order[start : start + self.batch_size]
             # index_select copies whole rows: ~10x faster than advanced indexing on CPU.
@@ -521,6 +536,19 @@ class Batcher:
             if self.binarize == "dynamic":
                 x = (torch.rand(x.shape, generator=self.generator, device=self.device) < x).float()
             yield Batch(x, None if self.labels is None else torch.index_select(self.labels, 0, index))
+
+    def _shares(self, order: torch.Tensor, position: int):
+        """This process's share of each global batch (see the class docstring)."""
+        for start in range(position * self.batch_size, len(order), self.batch_size):
+            global_index = order[start : start + self.batch_size]
+            index = global_index[shard(len(global_index), *self.part)]
+            x = to_float(torch.index_select(self.images, 0, index))
+            if self.binarize == "dynamic":
+                # (B_global, 1, 28, 28), drawn whole so the generator advances as in one process
+                noise = torch.rand((len(global_index), *x.shape[1:]), generator=self.generator, device=self.device)
+                x = (noise[shard(len(global_index), *self.part)] < x).float()
+            if len(index):
+                yield Batch(x, None if self.labels is None else torch.index_select(self.labels, 0, index))
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
