@@ -20,6 +20,7 @@ from tqdm import tqdm  # text bars, in a terminal and a notebook alike (see trai
 
 from .checkpoint import MODEL_FILE, write_json
 from .data import Batcher, ImageData, load, to_float
+from . import distributed as dist
 from .devices import autocast
 from .inference import batched
 from .losses import (bce_from_logits, bce_from_logits_shared_target, iwae_bound, kl_normal_per_dim,
@@ -55,26 +56,34 @@ class EvalSettings:
 
 @torch.inference_mode()
 def evaluate_terms(model, images: torch.Tensor, config: TrainConfig, device: torch.device,
-                   seed: int = 1234, labels: torch.Tensor | None = None) -> dict[str, float]:
+                   seed: int = 1234, labels: torch.Tensor | None = None,
+                   distributed: bool = False) -> dict[str, float]:
     """Mean loss and terms over a whole split (its `labels` go into the batches where given). Own
     RNG stream, so evaluating neither depends on nor disturbs the training randomness, and every
-    epoch is scored on the same noise."""
+    epoch is scored on the same noise.
+
+    `distributed`: called by every process of a data-parallel run, each evaluates its share of
+    every batch (as in training, distributed.py) and the sums are added up across processes, so
+    all return the means over the whole split."""
     was_training = model.training
     model.eval()
+    part = (dist.rank(), dist.world_size()) if distributed else (0, 1)
     batches = Batcher(images, config.eval_batch_size, device, shuffle=False,
                       binarize="dynamic" if config.binarize == "dynamic" else "none", seed=seed,
-                      labels=labels)
+                      labels=labels, part=part)
     names = ("loss", *model.term_names)
     totals = torch.zeros(len(names), dtype=torch.float64, device=device)
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+        torch.manual_seed(seed + part[0])  # each process's own noise; the binarization is shared
         for batch in batches:
             with autocast(device, config.precision):
                 out = model(batch)
             row = torch.stack([out.loss.detach(), *(out.terms[n] for n in model.term_names)])
             totals += row.double() * len(batch)
     model.train(was_training)
+    if distributed:
+        dist.all_sum(totals)
     return dict(zip(names, (totals / len(images)).tolist()))
 
 

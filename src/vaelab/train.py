@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 import torch
 
 from . import checkpoint as ckpt
+from . import distributed as dist
 from .batch import StepState
 from .config import config_from_dict, config_to_dict
 from .data import Batcher, ImageData, load_training_data
@@ -53,9 +54,13 @@ class Trainer:
     def __init__(self, run_dir: Path, model, data: ImageData, config: TrainConfig, progress: bool = True):
         self.run_dir = Path(run_dir)
         self.config = config
-        self.progress = progress
+        # Data-parallel (distributed.py): every process trains its share of each batch; the main
+        # one alone prints, tells the observers and writes the run folder.
+        self.distributed = dist.active()
+        self.progress = progress and dist.is_main()
         self.device = resolve_device(config.device)
         self.model = model.to(self.device)
+        dist.broadcast_module(self.model)  # every process starts from the main one's weights
         if config.compile:
             self.model.compile()  # in place: state_dict keys and checkpoints are unchanged
         self.data = data
@@ -64,13 +69,15 @@ class Trainer:
         self.base_lrs = {name: [g["lr"] for g in opt.param_groups] for name, opt in self.optimizers.items()}
         self.batches = Batcher(data.train_x, config.batch_size, self.device, shuffle=True,
                                binarize="dynamic" if config.binarize == "dynamic" else "none",
-                               seed=config.seed, labels=data.train_y)
+                               seed=config.seed, labels=data.train_y, part=(dist.rank(), dist.world_size()))
+        # Averages the gradients across processes before each optimizer step (and clips them there).
+        self.grad_sync = dist.GradientSync(self.optimizers, config.clip_grad) if self.distributed else None
         self.eval_splits = {"test": (data.test_x, data.test_y)}  # split -> (images, labels)
         if data.val_x is not None:
             self.eval_splits["val"] = (data.val_x, data.val_y)
         self.term_names = ("loss", *model.term_names)
         self.epoch = 0  # completed epochs
-        self.log = TrainingLog(self.term_names, progress=progress)
+        self.log = TrainingLog(self.term_names, progress=self.progress, distributed=self.distributed)
         self.stored_config = ckpt.run_config(model, config)  # carried by every checkpoint and weights file
         # Called after each end-of-epoch save (`train --overwrite` swaps the new run in there).
         self.after_save: Callable[["Trainer"], None] | None = None
@@ -80,7 +87,9 @@ class Trainer:
         # saved, on_checkpoint(trainer) before each checkpoint, on_saved(trainer) once an epoch is
         # saved (an observer that raises there stops the run at a complete, resumable epoch: a
         # sweep's pruner), on_end(trainer) when fit ends. An observer implements the calls it needs.
-        self.observers = [TensorBoardLog(config.tensorboard)] if config.tensorboard is not None else []
+        # With several processes, the main one alone has observers.
+        self.observers = ([TensorBoardLog(config.tensorboard)] if config.tensorboard is not None and dist.is_main()
+                          else [])
 
     # The log's record, under the names the trainer has always had.
     step = property(lambda self: self.log.step, doc="completed optimizer steps")
@@ -91,32 +100,40 @@ class Trainer:
     # --- state --------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
+        """The training state; with several processes, a collective (every process's RNG states
+        are gathered), called by all of them at the same point."""
         log = self.log.state_dict()
-        return {
+        rngs = dist.all_gather(rng_state())
+        state = {
             "epoch": self.epoch,
             "step": log["step"],
             "model": dict(self.model.state_dict()),
             "optimizers": {k: opt.state_dict() for k, opt in self.optimizers.items()},
             "batches": self.batches.state_dict(),
-            "rng": rng_state(),
+            "rng": rngs[0],
             "history": log["history"],
             "steps": log["steps"],
             "partial": log["partial"],
         }
+        if self.distributed:  # the other processes' RNG states, and how many there were
+            state.update(world_size=len(rngs), rank_rng=rngs[1:])
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         ckpt.load_state_into(self.model, state["model"], self.run_dir / ckpt.CHECKPOINT_FILE)
         for name, opt in self.optimizers.items():
             opt.load_state_dict(state["optimizers"][name])
         self.batches.load_state_dict(state["batches"])
-        set_rng_state(state["rng"])
+        rank = dist.rank()
+        set_rng_state(state["rng"] if rank == 0 else state["rank_rng"][rank - 1])
         self.epoch = state["epoch"]
         self.log.load_state_dict(state)
 
     def step_state(self, step: int, epoch: int) -> StepState:
         """The state of the step taken after `step` completed steps, in epoch `epoch`."""
+        # Data-parallel: the gradients are clipped after their averaging, by `grad_sync`.
         return StepState(step=step, epoch=epoch, epochs=self.config.epochs, steps_per_epoch=len(self.batches),
-                         clip_grad=self.config.clip_grad)
+                         clip_grad=None if self.distributed else self.config.clip_grad)
 
     def tell(self, event: str, *args) -> None:
         for observer in self.observers:
@@ -125,10 +142,13 @@ class Trainer:
                 call(self, *args)
 
     def save(self) -> None:
+        """The checkpoint, weights and history files (called by every process; the main one writes)."""
         self.tell("on_checkpoint")
-        ckpt.save_checkpoint(self.run_dir, self.state_dict(), self.stored_config)
-        ckpt.save_model(self.run_dir, self.model, self.stored_config)
-        self.write_history_files()
+        state = self.state_dict()
+        if dist.is_main():
+            ckpt.save_checkpoint(self.run_dir, state, self.stored_config)
+            ckpt.save_model(self.run_dir, self.model, self.stored_config)
+            self.write_history_files()
 
     def write_history_files(self) -> None:
         """history.csv and steps.csv, rewritten from the checkpointed state: they only ever hold
@@ -168,31 +188,44 @@ class Trainer:
 
         for i, batch in enumerate(batches, start=done):
             state = self.step_state(log.next_step, epoch)
+            if self.distributed:
+                images = self.batches.global_size(i)
+                self.grad_sync.share = len(batch) / images
             with autocast(self.device, cfg.precision):
                 out = model.training_step(batch, self.optimizers, state)
-            log.record(out, len(batch))
+            if self.distributed:
+                log.record(out, images, self.grad_sync.share)
+            else:
+                log.record(out, len(batch))
             last = i + 1 == len(self.batches)
-            if log.unsynced() >= cfg.log_every or last or signals["stop"]:
+            # With several processes a signal is acted on at the syncs only, where they agree on
+            # it, so that all stop after the same step.
+            stop = None if self.distributed else signals["stop"]
+            if log.unsynced() >= cfg.log_every or last or stop:
                 recent, first_step = log.sync()
+                stop = dist.agree_stop(signals["stop"])
                 self._check_finite(recent, epoch, first_step)
                 self._check_weights(epoch, log.next_step)
                 self.tell("on_steps", recent, first_step)
-            if signals["stop"] and not last:
+            if stop and not last:
                 log.interrupt(i + 1, batches_at_start)
                 # Steps of the unfinished epoch live only in the checkpoint until the epoch completes.
                 self.tell("on_checkpoint")
-                ckpt.save_checkpoint(self.run_dir, self.state_dict(), self.stored_config)
+                state = self.state_dict()
+                if dist.is_main():
+                    ckpt.save_checkpoint(self.run_dir, state, self.stored_config)
                 raise TrainingInterrupted(
-                    f"{signals['stop']}: saved {self.run_dir} in epoch {epoch} after "
+                    f"{stop}: saved {self.run_dir} in epoch {epoch} after "
                     f"{i + 1}/{len(self.batches)} batches; continue with "
-                    f"`vaelab train --resume {self.run_dir}`", signals["stop"]
+                    f"`vaelab train --resume {self.run_dir}`", stop
                 )
         log.end_epoch()
         self._finish_epoch(epoch)
-        if signals["stop"] and epoch < self.config.epochs:  # after the last epoch there is nothing to resume
+        stop = dist.agree_stop(signals["stop"])
+        if stop and epoch < self.config.epochs:  # after the last epoch there is nothing to resume
             raise TrainingInterrupted(
-                f"{signals['stop']}: saved {self.run_dir} after epoch {epoch}; continue with "
-                f"`vaelab train --resume {self.run_dir}`", signals["stop"]
+                f"{stop}: saved {self.run_dir} after epoch {epoch}; continue with "
+                f"`vaelab train --resume {self.run_dir}`", stop
             )
 
     def _set_lr(self, epoch: int) -> None:
@@ -209,8 +242,10 @@ class Trainer:
     def _finish_epoch(self, epoch: int) -> None:
         """Evaluate, then save: the epoch's checkpoint, weights and history files."""
         eval_start = time.perf_counter()
+        dist.broadcast_buffers(self.model)  # all processes evaluate and save the main one's model
         for split, (images, labels) in self.eval_splits.items():
-            terms = evaluate_terms(self.model, images, self.config, self.device, labels=labels)
+            terms = evaluate_terms(self.model, images, self.config, self.device, labels=labels,
+                                   distributed=self.distributed)
             self.log.add_evaluation(split, terms, time.perf_counter() - eval_start)
         self.epoch = epoch
         self.model.end_of_epoch(self.batches.images)
@@ -273,27 +308,34 @@ def train(model_name: str, model_config, config: TrainConfig, run_dir: str | Pat
     device = resolve_device(config.device)
     check_model_fits(meta_model(model_name, model_config), config, device)
     # Everything that can fail on a bad option happens before a folder is touched, so a mistake
-    # never leaves a half-made folder, nor deletes the run --overwrite would replace.
-    target = NewRun(run_dir, overwrite)
+    # never leaves a half-made folder, nor deletes the run --overwrite would replace. With several
+    # processes the main one alone makes the folder (`target` is None on the others); a refusal
+    # there is raised by every process.
+    target = dist.on_main(lambda: NewRun(run_dir, overwrite))
     if data is None:
         data = load_training_data(config, quiet=not progress)
+    dist.check_batches(len(data.train_x), config.batch_size)
     seed_everything(config.seed)
     model = build_model(model_name, model_config)
+    seed_process(config.seed)
     classes = getattr(model.config, "n_classes", None)
     if model.conditional and classes is not None and classes != len(data.classes):
         raise ConfigError(f"{model_name}: n_classes={classes}, but {data.name} has {len(data.classes)} "
                           f"classes; set n_classes={len(data.classes)} or leave it out")
-    workdir = target.open(model, config)
+    workdir = dist.on_main(lambda: target.open(model, config))
     try:
         trainer = Trainer(workdir, model, data, config, progress=progress)
-        trainer.observers += list(observers)
-        if target.replacing:
+        if dist.is_main():
+            trainer.observers += list(observers)
+        if target is not None and target.replacing:
             trainer.after_save = target.swap_in
             trainer.nothing_saved = f"no epoch had completed, so {run_dir} still holds the previous run"
-        elif target.created:
+        elif target is not None and target.created:
             trainer.nothing_saved = f"no epoch had completed, so nothing was saved ({run_dir} was removed)"
         trainer.fit()
     except TrainingInterrupted as e:
+        if target is None:
+            raise
         if target.replacing:
             target.close(failed=True)
             raise TrainingInterrupted(f"{e.signal_name}: stopped before the new run's first epoch was saved; "
@@ -301,10 +343,28 @@ def train(model_name: str, model_config, config: TrainConfig, run_dir: str | Pat
         target.close(failed=False)  # the interrupted run was saved: resumable
         raise
     except BaseException:
-        target.close(failed=True)
+        if target is not None:
+            target.close(failed=True)
         raise
-    target.close(failed=False)
+    if target is not None:
+        target.close(failed=False)
     return trainer
+
+
+def seed_process(seed: int) -> None:
+    """After the model is built (alike in every process, from `seed`): each process but the main
+    one draws its own noise from then on (distributed.rank_seed); a single process is untouched."""
+    if dist.rank():
+        seed_everything(dist.rank_seed(seed))
+
+
+def world_size_message(run_dir: Path, trained_on: int) -> str:
+    """Why a run cannot continue with another number of processes, and how it can."""
+    if trained_on == 1:
+        return (f"{run_dir} was trained in one process; resume it without --nproc (or torchrun), as "
+                f"`vaelab train --resume {run_dir}`")
+    return (f"{run_dir} was trained on {trained_on} processes; resume it with --nproc {trained_on} "
+            f"(or torchrun --nproc-per-node {trained_on})")
 
 
 def resume(run_dir: str | Path, epochs: int | None = None, device: str | None = None,
@@ -314,9 +374,15 @@ def resume(run_dir: str | Path, epochs: int | None = None, device: str | None = 
     its config.json, exactly as it would have trained."""
     run_dir = Path(run_dir)
     ckpt.read_run_config(run_dir)  # a folder that is not a run gets no lock file
-    with ckpt.RunLock(run_dir):
-        ckpt.clean_run_folder(run_dir)
+    # With several processes the main one holds the lock and writes; all read the run folder.
+    lock = dist.on_main(lambda: ckpt.RunLock(run_dir).acquire())
+    try:
+        if lock is not None:
+            ckpt.clean_run_folder(run_dir)
         return _resume_locked(run_dir, epochs, device, progress, data)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _resume_locked(run_dir: Path, epochs: int | None, device: str | None, progress: bool,
@@ -328,6 +394,9 @@ def _resume_locked(run_dir: Path, epochs: int | None, device: str | None, progre
     if not fresh:
         state, meta = ckpt.load_checkpoint(run_dir, with_meta=True)
         ckpt.check_unchanged(spec, meta, config_path, run_dir / ckpt.CHECKPOINT_FILE)
+        trained_on = state.get("world_size", 1)
+        if trained_on != dist.world_size():  # its batches' shares and RNG streams are per process
+            raise ConfigError(world_size_message(run_dir, trained_on))
     done = state["epoch"] if state else 0
     changes = {}
     if epochs is not None:
@@ -344,9 +413,12 @@ def _resume_locked(run_dir: Path, epochs: int | None, device: str | None, progre
     torch_device = resolve_device(config.device)
     if data is None:
         data = load_training_data(config, quiet=not progress)
+    dist.check_batches(len(data.train_x), config.batch_size)
     if fresh:
         seed_everything(config.seed)  # as `train` does right before building the model
     model = ckpt.build_spec(spec, config_path, training=True, device=torch_device)
+    if fresh:
+        seed_process(config.seed)
     trainer = Trainer(run_dir, model, data, config, progress=progress)
     if state is not None:
         try:
@@ -354,9 +426,9 @@ def _resume_locked(run_dir: Path, epochs: int | None, device: str | None, progre
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{run_dir / ckpt.CHECKPOINT_FILE}: inconsistent training state ({e})") from None
     # Started: only now is anything written.
-    if changes:
+    if changes and dist.is_main():
         ckpt.write_run_config(run_dir, model, config)
-    if state is not None and not trainer.partial:
+    if state is not None and not trainer.partial and dist.is_main():
         # A kill between the checkpoint's rename and theirs leaves these an epoch behind it;
         # otherwise this rewrites the same bytes.
         ckpt.save_model(run_dir, trainer.model, meta.get("config"))

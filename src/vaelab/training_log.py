@@ -22,11 +22,20 @@ import torch
 # widget inside Jupyter, which needs ipywidgets (not a dependency) and warns on import without it.
 from tqdm import tqdm
 
+from . import distributed as dist
+
 
 class TrainingLog:
-    def __init__(self, term_names: tuple[str, ...], progress: bool = True):
+    """`distributed`: one of the processes of a data-parallel run, each recording its share of
+    every global batch. Each row is then weighted by the share's fraction of the global batch
+    and the rows are summed across processes at each sync, so every process holds the global
+    batch means (the divergence check decides alike everywhere) and the epoch's sums are taken
+    from them; `sync` is then a collective, called at the same steps by every process."""
+
+    def __init__(self, term_names: tuple[str, ...], progress: bool = True, distributed: bool = False):
         self.term_names = term_names  # ("loss", *the model's term names): the columns
         self.progress = progress
+        self.distributed = distributed
         self.step = 0  # completed optimizer steps, those of an interrupted epoch included
         self.history: list[dict] = []  # rows of complete epochs: epoch, split, terms..., seconds
         self.steps = torch.zeros(0, len(term_names) + 2)  # rows of complete epochs: step, epoch, terms...
@@ -57,6 +66,7 @@ class TrainingLog:
         self._seconds = partial.get("seconds", 0.0)
         self._earlier = partial.get("steps", torch.zeros(0, self.steps.shape[1]))  # before the interruption
         self._rows: list[torch.Tensor] = []  # this process's steps of the epoch, on the device
+        self._images: list[int] = []  # distributed: the global batch size of each row
         self._synced = 0  # how many of `_rows` the host has seen
         self._start = time.perf_counter()
         self._bar = tqdm(total=batches, initial=self.batches_done, desc=f"epoch {epoch}/{epochs}",
@@ -67,9 +77,14 @@ class TrainingLog:
         """The steps completed before the next one (the `step` of its `StepState`)."""
         return self.step + len(self._rows)
 
-    def record(self, out, n: int) -> None:
-        """One step's output (a `ModelOutput`) on a batch of `n` images; nothing leaves the device."""
+    def record(self, out, n: int, share: float = 1.0) -> None:
+        """One step's output (a `ModelOutput`) on a batch of `n` images; nothing leaves the device.
+        Distributed: `n` is the global batch's size, and this process's `share` of it was trained."""
         row = torch.stack([out.loss.detach(), *(out.terms[name] for name in self.term_names[1:])]).float()
+        if self.distributed:
+            self._rows.append(row * share)  # summed over the processes at the next sync
+            self._images.append(n)
+            return
         self._rows.append(row)
         self._sums += row.double() * n
         self._seen += n
@@ -80,7 +95,14 @@ class TrainingLog:
     def sync(self) -> tuple[torch.Tensor, int]:
         """The rows recorded since the last sync, copied to the host, and the run's step number
         (from 1) of the first of them; the progress bar moves on and shows the latest loss."""
-        recent = torch.stack(self._rows[self._synced:]).cpu()  # the only host sync in the loop
+        recent = torch.stack(self._rows[self._synced:])
+        if self.distributed:
+            dist.all_sum(recent)  # (steps, terms): the global batches' means
+            self._rows[self._synced:] = list(recent)
+            images = torch.tensor(self._images[self._synced:], dtype=torch.float64, device=recent.device)
+            self._sums += (recent.double() * images[:, None]).sum(0)
+            self._seen += int(images.sum())
+        recent = recent.cpu()  # the only host sync in the loop
         first = self.step + self._synced + 1
         self._synced = len(self._rows)
         self._bar.set_postfix(loss=f"{recent[-1, 0]:.2f}")

@@ -68,6 +68,7 @@ from torch import nn
 
 from ..batch import Batch, StepState
 from ..config import require
+from ..distributed import global_mean
 from ..errors import ConfigError
 from ..losses import bce_from_logits, discriminator_loss, generator_loss, kl_normal, mmd_imq, reparameterize
 from .registry import register
@@ -308,7 +309,10 @@ class VAEGAN(GenerativeModel):
     def training_step(self, batch: Batch, optimizers: dict[str, torch.optim.Optimizer],
                       state: StepState) -> ModelOutput:
         t = self.losses(batch, state)
-        train_dec, train_dis = self.equilibrium(t["dis_real_ce"].item(), t["dis_fake_ce"].item())
+        # In data-parallel training every process decides from the cross-entropies averaged over
+        # the processes, so all step the same optimizers (whose steps wait for each other).
+        real_ce, fake_ce = global_mean(torch.stack([t["dis_real_ce"], t["dis_fake_ce"]]).detach()).tolist()
+        train_dec, train_dis = self.equilibrium(real_ce, fake_ce)
         todo = [("encoder", t["enc_loss"])]
         if train_dec:
             todo.append(("decoder", t["dec_loss"]))

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as torch_module
+from torch.optim import optimizer as torch_optimizer
 
 from ..fastpath import forward_replaced, onednn_available, onednn_mm
 from ..optim import PackedAdam
@@ -106,13 +107,23 @@ def _has_hooks(derivation: Derivation, model) -> bool:
             or any(p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None) for p in derivation.params))
 
 
+def _has_step_hooks(optimizer) -> bool:
+    """Whether `optimizer.step()` would run a hook (the optimizer's own, or a global one)."""
+    return bool(getattr(optimizer, "_optimizer_step_pre_hooks", None)
+                or getattr(optimizer, "_optimizer_step_post_hooks", None)
+                or getattr(torch_optimizer, "_global_optimizer_pre_hooks", None)
+                or getattr(torch_optimizer, "_global_optimizer_post_hooks", None))
+
+
 def applies(model, x: torch.Tensor, optimizer, derivation: Derivation | None) -> bool:
     """Whether `training_step` computes what the autograd step would here: `derivation` (from
     `derived_for`, once) still holds, the objective is the one derived (BCE + weight * KL: no free
     bits, no importance samples; read each step, as the config is a plain dataclass), the model
     runs in fp32 on the CPU with oneDNN, no autocast and no hooks, and a `PackedAdam` that can take
-    the gradients updates it."""
+    the gradients updates it, with no step hook (`PackedAdam.update` is not `step()`, so it would
+    skip one: data-parallel training averages the gradients in such a hook, distributed.py)."""
     return (derivation is not None and derivation.holds(model) and not _has_hooks(derivation, model)
+            and not _has_step_hooks(optimizer)
             and model.config.free_bits == 0 and model.config.iwae_k == 1
             and x.device.type == "cpu" and x.dtype == torch.float32 and onednn_available()
             and not torch.is_autocast_enabled("cpu") and torch.is_grad_enabled()
