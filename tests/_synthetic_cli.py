@@ -15,8 +15,11 @@ during the wait, and SIGKILL ends the process there.
   --pause-at-step K            after the K-th optimizer step of this process
   --pause-before-replace N:I   just before the I-th rename of a temp file onto a file named N
                                (the temp file is complete, the rename has not happened)
+  --pause-rank R               under torchrun: only the process of rank R pauses
 Worker processes that `vaelab sweep --workers K` spawns import this script again (as
 __mp_main__) and take the same synthetic "mnist" from the VAELAB_TEST_SYNTHETIC variable it sets.
+`vaelab train --nproc N` started from here has torchrun start this script again, with the same
+options before `--`.
 --cache DIR makes DIR the cache vaelab sees (VAELAB_DATA holds the synthetic files already), so
 that `data fetch` has something to do.
 """
@@ -36,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from conftest import write_dataset_files  # noqa: E402  (tests/ is sys.path[0] when run as a script)
 
 from vaelab import data as data_mod  # noqa: E402
+from vaelab import cli  # noqa: E402
 from vaelab.cli import main  # noqa: E402
 
 
@@ -43,7 +47,9 @@ SYNTHETIC_ENV = "VAELAB_TEST_SYNTHETIC"  # DIR:N_TRAIN:N_TEST, read by spawned w
 NO_FIGURES_ENV = "VAELAB_TEST_NO_FIGURES"
 
 
-def pause(marker: Path) -> None:
+def pause(marker: Path, rank: int | None = None) -> None:
+    if rank is not None and int(os.environ.get("RANK", "0")) != rank:
+        return
     marker.write_text(str(os.getpid()))
     deadline = time.monotonic() + 60
     while marker.exists() and time.monotonic() < deadline:
@@ -78,7 +84,7 @@ def _no_registry(spec, workdir):
     raise data_mod.DataError("registry disabled in tests")
 
 
-def pause_at_step(step: int, marker: Path) -> None:
+def pause_at_step(step: int, marker: Path, rank: int | None = None) -> None:
     from vaelab.models import MODELS
 
     count = {"n": 0}
@@ -90,7 +96,7 @@ def pause_at_step(step: int, marker: Path) -> None:
             out = _original(self, *args, **kwargs)
             count["n"] += 1
             if count["n"] == step:
-                pause(marker)
+                pause(marker, rank)
             return out
 
         cls.training_step = training_step
@@ -125,6 +131,7 @@ def run(argv: list[str]) -> int:
     p.add_argument("--n-test", type=int, default=32)
     p.add_argument("--pause-at-step", type=int)
     p.add_argument("--pause-before-replace")
+    p.add_argument("--pause-rank", type=int)
     p.add_argument("--marker", type=Path)
     p.add_argument("--no-figures", action="store_true")
     p.add_argument("--cache", type=Path)
@@ -134,12 +141,13 @@ def run(argv: list[str]) -> int:
     if opts.cache:
         os.environ["VAELAB_DATA"] = str(opts.cache)
     if opts.pause_at_step:
-        pause_at_step(opts.pause_at_step, opts.marker)
+        pause_at_step(opts.pause_at_step, opts.marker, opts.pause_rank)
     if opts.pause_before_replace:
         pause_before_replace(opts.pause_before_replace, opts.marker)
     if opts.no_figures:
         no_figures()
         os.environ[NO_FIGURES_ENV] = "1"
+    cli.LAUNCH_ENTRY = [str(Path(__file__).resolve()), *argv[:split], "--"]
     return main(argv[split + 1:])
 
 

@@ -174,12 +174,69 @@ def _add_train(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("--resume", type=Path, metavar="RUN", help="continue RUN from its last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--nproc", type=_positive_int, default=None, metavar="N",
+                   help="train data-parallel in N processes on this machine (through torchrun; on GPUs one "
+                        "per GPU): each takes its share of every batch of --batch-size")
     _add_threads(p)
     p.set_defaults(func=cmd_train)
 
 
+# What `train --nproc N` has torchrun start N times, followed by the command's own arguments
+# (tests/_synthetic_cli.py points it at itself).
+LAUNCH_ENTRY = ["-m", "vaelab"]
+
+
 def cmd_train(args) -> int:
+    from . import distributed
+    from .errors import ConfigError
+
+    if distributed.launched():
+        world = int(os.environ["WORLD_SIZE"])
+        if args.nproc is not None and args.nproc != world:
+            raise ConfigError(f"--nproc {args.nproc}, but torchrun started {world} processes; under torchrun "
+                              "leave --nproc out")
+    elif args.nproc is not None and args.nproc > 1:
+        return _launch(args.nproc, args.argv)
+    try:
+        distributed.init(_training_device(args))
+        return _train(args)
+    finally:
+        distributed.shutdown()
+
+
+def _training_device(args):
+    """The device the run will train on (as asked, or as stored by the run resumed), resolved."""
+    from .checkpoint import read_run_config
+    from .devices import resolve_device
+
+    name = args.device
+    if name is None and args.resume is not None:
+        stored = read_run_config(args.resume)["train"].get("device", "auto")
+        name = stored if isinstance(stored, str) else "auto"
+    return resolve_device(name or "auto")
+
+
+def _launch(nproc: int, argv: list[str]) -> int:
+    """`vaelab train --nproc N ...`: torchrun on this machine starts N processes of the same
+    command (each checks --nproc against the number started); returns the job's exit status.
+    The processes print their own errors; torchrun's report of a failed process is left out."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)
+    try:
+        run(get_args_parser().parse_args(["--standalone", "--nproc-per-node", str(nproc), *LAUNCH_ENTRY, *argv]))
+    except ChildFailedError as e:
+        _, failure = e.get_first_failure()
+        return failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode  # -9: killed by SIGKILL
+    return 0
+
+
+def _train(args) -> int:
     from .atomic import together
+    from . import distributed
     from .checkpoint import load_run
     from .config import config_from_dict
     from .errors import ConfigError
@@ -187,7 +244,7 @@ def cmd_train(args) -> int:
     from .models import make_config
     from .train import resume, train
 
-    progress = not args.quiet
+    progress = not args.quiet and distributed.is_main()
     flags = _train_flags()
     if args.resume is not None:
         # Only --epochs, --device, --threads and --quiet go with --resume: anything else would
@@ -213,6 +270,8 @@ def cmd_train(args) -> int:
         model_config = make_config(args.model, args.overrides, latent_dim=args.latent_dim)
         run_dir = args.out or Path("runs") / f"{args.model}-{config.dataset}"
         trainer = train(args.model, model_config, config, run_dir, overwrite=args.overwrite, progress=progress)
+    if not distributed.is_main():
+        return 0  # the main process draws the figures and prints what was written
     run = load_run(run_dir, device=trainer.device)
     with together():  # every figure or none
         written = write_training_figures(run_dir, run.model, trainer.data.test_x, seed=trainer.config.seed,
@@ -704,19 +763,26 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for `train --nproc`, which runs it again
     # Every command tunes the process alike (threads, denormals, allocator): evaluate, generate and
     # plot then compute as the evaluation inside `vaelab train` did, and as fast.
     runtime.configure(threads=getattr(args, "threads", None))
+    # In a data-parallel job the processes meet the same errors (distributed.py raises a refusal
+    # of the main process in all of them): process 0 says it, once. A lost peer each says.
+    rank = int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
     try:
         return args.func(args)
     except TrainingInterrupted as e:
-        print(f"vaelab: {e}", file=sys.stderr)
+        if rank == 0:
+            print(f"vaelab: {e}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except VaelabError as e:
-        print(f"vaelab: error: {e}", file=sys.stderr)
+        if rank == 0 or type(e).__name__ == "PeerLost":
+            print(f"vaelab: error: {e}" if rank == 0 else f"vaelab: error (process {rank}): {e}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
-        print("vaelab: interrupted", file=sys.stderr)
+        if rank == 0:
+            print("vaelab: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except OSError as e:  # an output path that cannot be written: a read-only or missing place
         print(f"vaelab: error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
