@@ -163,3 +163,15 @@ def test_a_run_interrupted_mid_epoch_resumes_to_the_weights_of_a_straight_run(tm
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert strip(read_history(run)) == strip(read_history(tmp_path / "straight"))
     assert (run / "steps.csv").read_text() == (tmp_path / "straight" / "steps.csv").read_text()
+
+
+def test_a_resumed_convolutional_run_ends_with_the_weights_of_a_straight_run(tmp_path, tiny_data):
+    # Convolution weights train channels-last; Adam's moments come back from a checkpoint
+    # contiguous, and fused Adam pairs parameters and moments as flat memory: their layouts must
+    # be matched again on resume (train.match_state_layout), or each weight gets another's moments.
+    cfg = make_config("vae-gan", arch="conv", channels=[4, 4], fc_dim=16, dec_hidden=0, latent_dim=2)
+    straight = train("vae-gan", cfg, quick_config(epochs=2), tmp_path / "straight", progress=False, data=tiny_data)
+    train("vae-gan", cfg, quick_config(epochs=1), tmp_path / "split", progress=False, data=tiny_data)
+    resumed = resume(tmp_path / "split", epochs=2, progress=False, data=tiny_data)
+    for k, v in straight.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k

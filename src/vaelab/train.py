@@ -166,6 +166,7 @@ class Trainer:
         try:
             with (stop_on_signals() as signals, onednn_linear(self.model, enabled=fast),
                   channels_last(self.model, enabled=wants_channels_last(self.model))):
+                match_state_layout(self.optimizers)
                 while self.epoch < self.config.epochs:
                     self._run_epoch(self.epoch + 1, signals)
         finally:
@@ -283,6 +284,19 @@ class Trainer:
                 else self.nothing_saved)
         raise DivergenceError(f"training diverged at epoch {epoch}, step {step}: {what}; {kept}. "
                               f"Try a lower --lr or --clip-grad")
+
+
+def match_state_layout(optimizers: dict[str, torch.optim.Optimizer]) -> None:
+    """Give every optimizer state tensor shaped like its parameter the parameter's memory layout.
+    A resumed run loads its Adam moments contiguous, then `channels_last` turns the convolution
+    weights channels-last; fused Adam walks the parameter, gradient and moments as flat memory,
+    so mismatched layouts would pair each weight with another weight's moments (a straight run's
+    moments are created in the weights' layout)."""
+    for opt in optimizers.values():
+        for p, state in opt.state.items():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.shape == p.shape and value.stride() != p.stride():
+                    state[key] = torch.empty_like(p).copy_(value)
 
 
 # ---------------------------------------------------------------------------------------------
