@@ -222,12 +222,18 @@ def _launch(nproc: int, argv: list[str]) -> int:
     The processes print their own errors; torchrun's report of a failed process is left out."""
     import logging
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)
+    # torchrun's agent logs each event (at warning level, per module); the processes say what matters.
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         run(get_args_parser().parse_args(["--standalone", "--nproc-per-node", str(nproc), *LAUNCH_ENTRY, *argv]))
+    except SignalException:  # Ctrl-C or SIGTERM: the agent passed it on and the processes have stopped
+        return EXIT_INTERRUPTED
     except ChildFailedError as e:
         _, failure = e.get_first_failure()
         return failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode  # -9: killed by SIGKILL

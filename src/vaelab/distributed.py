@@ -208,9 +208,9 @@ def check_batches(n_images: int, batch_size: int) -> None:
         return
     last = n_images % batch_size or batch_size
     if min(batch_size, n_images, last) < w:
-        raise ConfigError(f"--batch-size {batch_size} over {n_images} images leaves a batch of {min(batch_size, last)} "
-                          f"image(s) to split across {w} processes; every process needs at least one: choose a "
-                          f"batch size whose last batch holds at least {w}")
+        raise ConfigError(f"--batch-size {batch_size} over {n_images} images makes a batch of {min(batch_size, last)}, "
+                          f"too few to split across {w} processes (each needs an image); choose a batch size "
+                          f"whose last batch holds at least {w}")
 
 
 class GradientSync:

@@ -135,6 +135,11 @@ class Trainer:
         return StepState(step=step, epoch=epoch, epochs=self.config.epochs, steps_per_epoch=len(self.batches),
                          clip_grad=None if self.distributed else self.config.clip_grad)
 
+    def resume_command(self) -> str:
+        """How to continue this run: with as many processes as it trains on."""
+        nproc = f" --nproc {dist.world_size()}" if self.distributed else ""
+        return f"vaelab train --resume {self.run_dir}{nproc}"
+
     def tell(self, event: str, *args) -> None:
         for observer in self.observers:
             call = getattr(observer, event, None)
@@ -218,7 +223,7 @@ class Trainer:
                 raise TrainingInterrupted(
                     f"{stop}: saved {self.run_dir} in epoch {epoch} after "
                     f"{i + 1}/{len(self.batches)} batches; continue with "
-                    f"`vaelab train --resume {self.run_dir}`", stop
+                    f"`{self.resume_command()}`", stop
                 )
         log.end_epoch()
         self._finish_epoch(epoch)
@@ -226,7 +231,7 @@ class Trainer:
         if stop and epoch < self.config.epochs:  # after the last epoch there is nothing to resume
             raise TrainingInterrupted(
                 f"{stop}: saved {self.run_dir} after epoch {epoch}; continue with "
-                f"`vaelab train --resume {self.run_dir}`", stop
+                f"`{self.resume_command()}`", stop
             )
 
     def _set_lr(self, epoch: int) -> None:
