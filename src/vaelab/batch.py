@@ -35,7 +35,9 @@ class StepState:
     resumed run continues the count); `epoch` is the epoch being trained, from 1, as in
     history.csv. The totals are the run's as configured now (`--epochs` may extend a run on
     resume). `clip_grad` is the trainer's gradient-norm limit (None: no clipping), here because
-    the model takes the step: the VAE-GAN clips each network's gradients on its own.
+    the model takes the step: the VAE-GAN clips each network's gradients on its own. In
+    data-parallel training it is None: the gradients are clipped once averaged across the
+    processes, by the hook that averages them (distributed.GradientSync).
     """
 
     step: int = 0

@@ -10,6 +10,12 @@ their resumable order (data.Batcher), the run folder (run_folder.py, checkpoint.
 history_files.py), devices (devices.py), random states (rng.py) and signals (signals.py). The
 optional TensorBoard log (tensorboard_log.py) is an observer the loop tells of its progress.
 
+Data-parallel training (`vaelab train --nproc N`, torchrun) runs this same loop in every process
+once the CLI has joined torchrun's group (distributed.py): each trains its share of every batch,
+the gradients are averaged before each optimizer step, the logged rows and the evaluation are
+summed across processes, a stop request is agreed on at the syncs, and the main process alone
+makes and writes the run folder. Without a group none of this happens.
+
 Speed notes (see benchmarks/): batches are indexed out of a uint8 tensor on the device, the
 per-step loss terms stay on the device and are copied to the host once every `log_every` steps,
 and evaluation runs in large batches under inference mode. Fused Adam (models/base.py), fp32
