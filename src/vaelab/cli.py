@@ -198,7 +198,8 @@ def cmd_train(args) -> int:
     elif args.nproc is not None and args.nproc > 1:
         return _launch(args.nproc, args.argv)
     try:
-        distributed.init(_training_device(args))
+        if distributed.launched():  # one of torchrun's processes: join the others first
+            distributed.init(_training_device(args))
         return _train(args)
     finally:
         distributed.shutdown()
