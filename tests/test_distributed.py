@@ -138,29 +138,68 @@ def test_resuming_with_another_number_of_processes_is_one_line(runs, workspace):
     assert files() == before  # nothing written (the lock file, as always, takes the PID of its holder)
 
 
-def test_a_process_killed_mid_epoch_resumes_to_the_weights_of_a_straight_run(runs, workspace):
-    """SIGKILL of process 1 in epoch 2 (torchrun then ends process 0), then `--resume --nproc 2`
-    from the epoch-1 checkpoint: bit-identical weights, optimizer states, RNG states and steps."""
-    root, _ = workspace
-    straight, run = runs["vae-gan", 2], root / "killed"
-    marker = root / "killed.marker"
-    proc = cli(workspace, *train_args("vae-gan", run, 2),
-               pause=["--pause-at-step", str(STEPS_PER_EPOCH + 4), "--pause-rank", "1", "--marker", str(marker)])
+def wait_for(proc: subprocess.Popen, marker: Path) -> int:
+    """The PID the paused process wrote into `marker`, once it is there."""
     deadline = time.monotonic() + 120
     while not marker.exists():
         assert proc.poll() is None, proc.communicate()[1][-2000:]
-        assert time.monotonic() < deadline, "process 1 never reached its pause point"
+        assert time.monotonic() < deadline, "no process reached its pause point"
         time.sleep(0.02)
-    os.kill(int(marker.read_text()), 9)
-    code, _, err = finish(proc)
-    assert code != 0, err[-2000:]  # torchrun ended the job
-    assert ckpt.load_checkpoint(run)["epoch"] == 1
-    code, _, err = finish(cli(workspace, "train", "--resume", str(run), "--nproc", "2", "--quiet"))
-    assert code == 0, err[-3000:]
+    return int(marker.read_text())
+
+
+@pytest.fixture(scope="module")
+def interrupted(runs, workspace):
+    """Two 2-process VAE-GAN runs stopped in epoch 2, side by side: "killed", process 1 SIGKILLed
+    after step 4 of the epoch (torchrun then ends process 0); "terminated", process 0 alone sent
+    SIGTERM after step 3. Returns {name: (exit status, stderr, run folder)} and each run's
+    checkpoint epoch, then resumes both with `--resume --nproc 2`."""
+    root, _ = workspace
+    plans = {"killed": (STEPS_PER_EPOCH + 4, 1, 9), "terminated": (STEPS_PER_EPOCH + 3, 0, 15)}
+    procs = {}
+    for name, (step, rank, _) in plans.items():
+        marker = root / f"{name}.marker"
+        procs[name] = (cli(workspace, *train_args("vae-gan", root / name, 2),
+                           pause=["--pause-at-step", str(step), "--pause-rank", str(rank), "--marker", str(marker)]),
+                       marker)
+    for name, (proc, marker) in procs.items():
+        os.kill(wait_for(proc, marker), plans[name][2])
+        time.sleep(0.1)  # a SIGTERM's handler runs in the paused process's wait loop
+        marker.unlink(missing_ok=True)
+    stopped = {name: (*finish(proc)[::2], ckpt.load_checkpoint(root / name)) for name, (proc, _) in procs.items()}
+    resumed = {name: cli(workspace, "train", "--resume", str(root / name), "--nproc", "2", "--quiet") for name in plans}
+    for name, proc in resumed.items():
+        code, _, err = finish(proc)
+        assert code == 0, f"{name}: {err[-3000:]}"
+    return {name: (code, err, state, root / name) for name, (code, err, state) in stopped.items()}
+
+
+def same_as_straight(runs, run: Path) -> None:
+    straight = runs["vae-gan", 2]
     a, b = ckpt.load_tensors(straight / ckpt.CHECKPOINT_FILE)[0], ckpt.load_tensors(run / ckpt.CHECKPOINT_FILE)[0]
     assert sorted(a) == sorted(b)
-    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []  # weights, optimizers, every RNG state
     assert (run / "steps.csv").read_text() == (straight / "steps.csv").read_text()
+
+
+def test_a_process_killed_mid_epoch_resumes_to_the_weights_of_a_straight_run(interrupted, runs):
+    """SIGKILL of process 1 in epoch 2, then `--resume --nproc 2` from the epoch-1 checkpoint:
+    bit-identical weights, optimizer states, RNG states and steps."""
+    code, err, state, run = interrupted["killed"]
+    assert code != 0, err[-2000:]  # torchrun ended the job
+    assert state["epoch"] == 1 and state["partial"] is None
+    same_as_straight(runs, run)
+
+
+def test_a_signal_to_one_process_stops_both_after_the_same_step_and_resumes_exactly(interrupted, runs):
+    """SIGTERM to process 0 alone in epoch 2: both stop at the next sync (--log-every 2: after
+    step 4 of the epoch) with one checkpoint, one line, exit 130; the resumed run ends
+    bit-identical to the straight one."""
+    code, err, state, run = interrupted["terminated"]
+    assert (code, err) == (130, f"vaelab: SIGTERM: saved {run} in epoch 2 after 4/{STEPS_PER_EPOCH} batches; "
+                                f"continue with `vaelab train --resume {run} --nproc 2`\n")
+    assert state["partial"]["batches_done"] == 4
+    same_as_straight(runs, run)
 
 
 # --- in this process: no group, so everything is the identity ----------------------------------

@@ -766,7 +766,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from . import runtime
-    from .errors import TrainingInterrupted, VaelabError
+    from .errors import PeerLost, TrainingInterrupted, VaelabError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -784,7 +784,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"vaelab: {e}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except VaelabError as e:
-        if rank == 0 or type(e).__name__ == "PeerLost":
+        if rank == 0 or isinstance(e, PeerLost):
             print(f"vaelab: error: {e}" if rank == 0 else f"vaelab: error (process {rank}): {e}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

@@ -27,13 +27,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .errors import ConfigError, VaelabError
+from .errors import ConfigError, PeerLost, VaelabError
 
 T = TypeVar("T")
-
-
-class PeerLost(VaelabError):
-    """Another process of the job stopped while this one waited for it."""
 
 
 def launched() -> bool:

@@ -43,6 +43,10 @@ class RunInUseError(RunExistsError):
     """A run folder another process is training in (it holds the folder's lock)."""
 
 
+class PeerLost(VaelabError):
+    """Data-parallel training: another process of the job stopped while this one waited for it."""
+
+
 class TrainingInterrupted(VaelabError):
     """Ctrl-C or SIGTERM: the state was saved; the message says how to resume."""
 
