@@ -744,8 +744,7 @@ def resumed_plan(configs, out: Path, quick: bool, settings: EvalSettings) -> lis
     plan = []
     for step, _, train_config in configs:
         run_dir = out / step.key
-        state = training_state(run_dir, train_config.epochs)
-        done = 0 if state == "new" or not (run_dir / CHECKPOINT_FILE).exists() else load_checkpoint(run_dir)["epoch"]
+        state, done = training_state(run_dir, train_config.epochs)
         measured = state == "trained" and kept_measurements(run_dir, settings) is not None
         plan.append(step_seconds(step, quick, done, measured))
     return plan
@@ -885,7 +884,7 @@ def _make_step(step: Step, model_config, train_config: TrainConfig, run_dir: Pat
     With `resume`, what a previous run of the recipe left in `run_dir` is continued or kept: its
     training resumes from its last checkpoint, and its measurements are kept where they were made
     with these settings on the weights still there."""
-    state = training_state(run_dir, train_config.epochs) if resume else "new"
+    state = training_state(run_dir, train_config.epochs)[0] if resume else "new"
     if state == "new":
         _log(f"[{step.key}] training {step.model} for {train_config.epochs} epoch(s) on {data.name}", progress)
         train(step.model, model_config, train_config, run_dir, overwrite=overwrite, progress=progress, data=data)
@@ -945,15 +944,15 @@ def run_step(recipe: str | Recipe, key: str, out: str | Path, data: ImageData | 
     return _make_step(step, model_config, train_config, Path(out) / key, data, settings, progress, overwrite, figures)
 
 
-def training_state(run_dir: Path, epochs: int) -> str:
-    """"new" (nothing there), "partial" (a run that has not finished its `epochs`, or has no
-    checkpoint yet) or "trained"."""
+def training_state(run_dir: Path, epochs: int) -> tuple[str, int]:
+    """("new", 0) when nothing is there; else ("partial" or "trained", the epochs its checkpoint
+    completed): partial is a run that has not finished its `epochs`, or has no checkpoint yet."""
     if not run_dir.exists():
-        return "new"
+        return "new", 0
     if not (run_dir / CHECKPOINT_FILE).exists():
-        return "partial"
+        return "partial", 0
     state = load_checkpoint(run_dir)
-    return "trained" if state["epoch"] >= epochs and not state.get("partial") else "partial"
+    return ("trained" if state["epoch"] >= epochs and not state.get("partial") else "partial"), state["epoch"]
 
 
 def trained_seconds(run_dir: Path) -> float:
