@@ -215,6 +215,14 @@ def test_vaegan_variant_reads_the_discriminator_accuracies():
     assert "VAE measured better than GAN" in easy and "wins easily" in easy and "did not improve" in easy
     good = prose.answer_vaegan_variant(verdict(SAMPLE_METRICS, "GAN", GOOD, "VAE", BAD), (0.55, 0.5), quick=False)
     assert "GAN measured better than VAE" in good and "expected gain" in good and "close to chance" in good
+    # Another latent size or architecture: the gain is not put down to the adversarial term.
+    unlike = prose.answer_vaegan_variant(verdict(SAMPLE_METRICS, "GAN", GOOD, "VAE", BAD), (0.55, 0.5), quick=False,
+                                         differences=["a 16-D latent against 2", "convolutional networks"])
+    assert "GAN measured better than VAE" in unlike and "expected gain" not in unlike
+    assert "(a 16-D latent against 2 and convolutional networks), so the difference cannot be put down" in unlike
+    worse = prose.answer_vaegan_variant(verdict(SAMPLE_METRICS, "GAN", BAD, "VAE", GOOD), (0.55, 0.5), quick=False,
+                                        differences=["a 16-D latent against 2"])
+    assert "did not improve" not in worse and "cannot be put down" in worse
 
 
 # --- the 100 samples -------------------------------------------------------------------------------

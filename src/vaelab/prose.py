@@ -640,9 +640,12 @@ def answer_basic_vaegan(name: str, depends: bool, dependence_sentence: str, kl: 
     return " ".join(parts)
 
 
-def answer_vaegan_variant(v: Verdict, accuracies: tuple[float | None, float | None], quick: bool) -> str:
+def answer_vaegan_variant(v: Verdict, accuracies: tuple[float | None, float | None], quick: bool,
+                          differences: Sequence[str] = ()) -> str:
     """One VAE-GAN variant (v.a) against the VAE (v.b), with its discriminator's test accuracies
-    on real and on fake images."""
+    on real and on fake images. `differences`: what else sets the variant apart from the VAE
+    (e.g. "a 16-D latent against 2"); where there is any, the outcome is not put down to the
+    adversarial term."""
     text = verdict_sentence(v)
     real, fake = accuracies
     acc = ""
@@ -656,7 +659,10 @@ def answer_vaegan_variant(v: Verdict, accuracies: tuple[float | None, float | No
         else:
             acc += "."
     outcome = v.outcome
-    if outcome == "a":
+    if differences and outcome != "disagree":
+        why = (f" It differs from the VAE in more than the adversarial term ({join(list(differences), word='and')}), "
+               f"so the difference cannot be put down to that term alone.")
+    elif outcome == "a":
         why = (" The discriminator's judgement rewards images that look real over pixel-wise "
                "averages, which is the expected gain.")
     elif outcome == "b":

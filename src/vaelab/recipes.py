@@ -410,7 +410,12 @@ def answer_vaegan_vs_vae(gan: StepResult, vae: StepResult, data: ImageData, quic
                                    vae.metrics.get("elbo", {}).get("kl"), gan.metrics.get("recon_mse"),
                                    vae.metrics.get("recon_mse"))
         return text + f" Its samples against the VAE's: {answer_vaegan_variant(v, acc, quick)}"
-    text = f"{name} against the VAE: {answer_vaegan_variant(v, acc, quick)}"
+    differences = []
+    if gan.metrics.get("latent_dim") != vae.metrics.get("latent_dim"):
+        differences.append(f"a {gan.metrics.get('latent_dim')}-D latent against {vae.metrics.get('latent_dim')}")
+    if gan.step.config.get("arch", "conv") != "mlp":
+        differences.append("convolutional networks against the VAE's MLP")
+    text = f"{name} against the VAE: {answer_vaegan_variant(v, acc, quick, differences)}"
     return text if depends else f"{text} {sentence}"
 
 
