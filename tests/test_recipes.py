@@ -298,7 +298,7 @@ def measured_numbers(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if k not in ("run", "seconds")}
 
 
-def test_an_interrupted_recipe_resumes_to_the_output_of_a_straight_run(tmp_path, tiny_data, monkeypatch):
+def test_an_interrupted_recipe_resumes_to_the_output_of_a_straight_run(tmp_path, tiny_data, monkeypatch, capsys):
     """Ctrl-C in the second model's second epoch, then --resume: the first model is kept as it
     was (neither trained nor measured again), the second resumes from its checkpoint, and every
     weight and number equals the same recipe run straight."""
@@ -349,8 +349,11 @@ def test_an_interrupted_recipe_resumes_to_the_output_of_a_straight_run(tmp_path,
 
     # A finished recipe resumed again keeps everything; changed weights are measured again.
     measured.clear()
+    capsys.readouterr()
     run(out, resume=True)
     assert measured == []
+    # progress=False (`--quiet`) still prints the plan: here, nothing left to do
+    assert "recipe tiny (quick): 2 model(s); resumed, what is left takes about 0 min" in capsys.readouterr().err
     model = load_run(out / "second").model
     with torch.no_grad():
         next(model.parameters()).add_(0.01)

@@ -860,7 +860,8 @@ def _run_steps(recipe: Recipe, configs, out: Path, quick: bool, progress: bool, 
     settings = recipe.quick_eval if quick else recipe.full_eval
     plan = resumed_plan(configs, out, quick, settings) if resume else [step_seconds(s, quick) for s in recipe.steps]
     what = "; resumed, what is left takes" if resume else ";"
-    _log(f"recipe {name} ({mode}): {len(recipe.steps)} model(s){what} {describe_time(sum(plan))}", progress)
+    # The plan is printed even without progress output (`--quiet`): what runs and for how long.
+    _log(f"recipe {name} ({mode}): {len(recipe.steps)} model(s){what} {describe_time(sum(plan))}", True)
     start = time.perf_counter()
     datasets: dict = {}
     results = []
