@@ -341,6 +341,8 @@ def test_an_interrupted_recipe_resumes_to_the_output_of_a_straight_run(tmp_path,
     assert measured == ["second"]
     assert (out / "first" / recipes.METRICS_FILE).read_bytes() == first_metrics
     assert (out / "report.html").exists() and resumed.out == out
+    assert "Resumed (--resume): this last invocation took" in (out / "report.html").read_text()
+    assert "Total wall time" in (tmp_path / "straight" / "report.html").read_text()
     for a, b in zip(resumed.steps, straight.steps, strict=True):
         assert measured_numbers(a.metrics) == measured_numbers(b.metrics), a.step.key
         assert torch.equal(a.facts["nll_per_image"], b.facts["nll_per_image"])

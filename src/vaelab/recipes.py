@@ -124,6 +124,7 @@ class RecipeResult:
     steps: list[StepResult]
     datasets: dict[str, ImageData] = field(default_factory=dict)  # dataset name -> data used
     seconds: float = 0.0
+    resumed: bool = False  # made by `--resume`: `seconds` is that last invocation's alone
 
 
 # ---------------------------------------------------------------------------------------------
@@ -878,7 +879,7 @@ def _run_steps(recipe: Recipe, configs, out: Path, quick: bool, progress: bool, 
             left, pace = seconds_left(plan, len(results), time.perf_counter() - start)
             _log(f"[{step.key}] done; {len(configs) - len(results)} model(s) to go, about {_duration(left)} "
                  f"at this pace ({pace:.1f}x the idle-machine figures)", progress)
-    result = RecipeResult(recipe, out, quick, results, datasets, time.perf_counter() - start)
+    result = RecipeResult(recipe, out, quick, results, datasets, time.perf_counter() - start, resumed=resume)
     write_report(result)
     return result
 
@@ -1036,7 +1037,9 @@ def write_report(result: RecipeResult) -> Path:
     report.table(["model", "folder", "epochs", "training time", "model config"],
                  [[r.step.title, f"{r.run_dir.name}/", r.step.epochs[0 if result.quick else 1],
                    f"{r.train_seconds:.0f} s", json.dumps(r.step.config)] for r in result.steps],
-                 caption=f"Total wall time {result.seconds / 60:.1f} min.")
+                 caption=(f"Resumed (--resume): this last invocation took {result.seconds / 60:.1f} min; the "
+                          f"training times are each model's own, from its history." if result.resumed
+                          else f"Total wall time {result.seconds / 60:.1f} min."))
     if recipe.discussion is not None:
         recipe.discussion(result, report)
     for r in result.steps:
