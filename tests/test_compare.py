@@ -62,6 +62,7 @@ def test_the_table_shows_exactly_the_settings_that_differ_and_the_best_test_epoc
     assert rows["a"]["IWAE NLL"] == 98.5 and rows["b"]["IWAE NLL"] == "—"
     assert "FD" not in headers  # measured in no run
     assert rows["a"]["seconds"] == pytest.approx(4 * 2.5)
+    assert "models" not in table.caption  # one model: its losses are one quantity
 
 
 def test_different_models_show_the_fields_only_one_has(tmp_path):
@@ -72,6 +73,7 @@ def test_different_models_show_the_fields_only_one_has(tmp_path):
     rows = {row[0]: dict(zip(table.headers, row)) for row in table.rows}
     assert rows["vae"]["batch_norm"] == "—" and rows["lstm"]["batch_norm"] is True
     assert rows["vae"]["hidden_dims"] == "[512]" and rows["lstm"]["best epoch (test loss)"] == 1
+    assert "The runs are of 2 models (vae, lstm-vae): each loss is its model's own objective" in table.caption
 
 
 def test_compare_writes_the_page_and_the_curves_and_prints_the_table(three_runs, tmp_path, capsys):

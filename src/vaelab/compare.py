@@ -157,7 +157,17 @@ def comparison_table(runs: list[RunSummary]) -> Table:
     same = "" if len(runs) == 1 else (" Columns between model and epochs: the settings that differ between the "
                                       "runs" + ("" if settings else " (none)") + ".")
     return Table(headers, rows, f"{len(runs)} run{'s' if len(runs) > 1 else ''}: losses of the last epoch, "
-                                f"seconds of training and evaluation.{same}")
+                                f"seconds of training and evaluation.{same}{models_note(runs)}")
+
+
+def models_note(runs: list[RunSummary]) -> str:
+    """A warning where the runs are of different models, whose losses need not be one quantity."""
+    models = list(dict.fromkeys(r.model for r in runs))
+    if len(models) < 2:
+        return ""
+    return (f" The runs are of {len(models)} models ({', '.join(models)}): each loss is its model's own objective "
+            f"(the README's Models section), so losses and their curves compare across models only where the "
+            f"objectives are the same quantity; the IWAE NLL and the sample metrics are measured alike for all.")
 
 
 def default_out(runs: list[RunSummary]) -> Path:
@@ -189,7 +199,7 @@ def write_comparison(paths: list[Path], out: Path | None = None) -> tuple[Path, 
         page = Report(f"Comparison of {len(runs)} runs")
         page.paragraph("Runs: " + "; ".join(f"{r.label} ({r.path})" for r in runs) + ".")
         page.table(table.headers, table.rows, table.caption)
-        page.figure(drawn, "Test loss per epoch, one line per run.",
+        page.figure(drawn, "Test loss per epoch, one line per run." + models_note(runs),
                     "which run ends lowest, and whether a run was still falling when it stopped.")
         png = read_bytes(drawn, 64 * 1024 * 1024, "figure")
         with together():  # both files or neither
