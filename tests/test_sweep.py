@@ -269,3 +269,26 @@ def test_a_sweep_killed_mid_trial_finishes_when_run_again(workspace):
     assert len(again) == 1 and again[0]["attempt"] == "2" and (again[0]["lr"], again[0]["latent_dim"]) == (
         lost[0]["lr"], lost[0]["latent_dim"])
     assert "trial 0: its worker died; marked FAIL and queued again" in err
+
+
+def test_the_progress_bar_says_which_epoch_each_running_trial_is_in(tmp_path):
+    """A trial trains for minutes: the bar's note reads each running trial's epoch from its run
+    folder (0 before its first epoch) and leaves out finished trials."""
+    import types
+
+    from vaelab.history_files import write_history
+    from vaelab.sweep import running_epochs
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study()
+    running, fresh, done = study.ask(), study.ask(), study.ask()
+    for trial, name in ((running, "trial-0000"), (fresh, "trial-0001"), (done, "trial-0002")):
+        trial.set_user_attr("run", name)
+        trial.set_user_attr("settings", {"epochs": 10})
+    rows = [{"epoch": e, "split": split, "loss": 1.0, "seconds": 1.0} for e in (1, 2, 3) for split in ("train", "test")]
+    (tmp_path / "trial-0000").mkdir()
+    write_history(tmp_path / "trial-0000", rows, ("loss",))
+    (tmp_path / "trial-0002").mkdir()
+    write_history(tmp_path / "trial-0002", rows, ("loss",))
+    study.tell(done, 1.0)
+    assert running_epochs(types.SimpleNamespace(folder=tmp_path), study) == "trial 0: epoch 3/10, trial 1: epoch 0/10"

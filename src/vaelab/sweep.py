@@ -424,6 +424,7 @@ def run_workers(study: Study, workers: int, threads: int, progress: bool = True)
         while any(p.is_alive() for p in procs):
             time.sleep(1.0)
             bar.n = finished_count(optuna_study)
+            bar.set_postfix_str(running_epochs(study, optuna_study), refresh=False)
             bar.refresh()
     finally:
         for p in procs:
@@ -431,6 +432,23 @@ def run_workers(study: Study, workers: int, threads: int, progress: bool = True)
         bar.n = finished_count(optuna_study)
         bar.close()
     return [p.exitcode for p in procs]
+
+
+def running_epochs(study: Study, optuna_study) -> str:
+    """Where each running trial stands, from its run folder: "trial 3: epoch 4/10, ..." (a trial
+    of a long training moves the trial count rarely)."""
+    optuna = require_optuna()
+    parts = []
+    for t in optuna_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        run, epochs = t.user_attrs.get("run"), t.user_attrs.get("settings", {}).get("epochs")
+        if run is None or epochs is None:
+            continue
+        try:
+            done = sum(row["split"] == "train" for row in read_history(study.folder / run))
+        except (VaelabError, OSError):
+            continue
+        parts.append(f"trial {t.number}: epoch {done}/{epochs}")
+    return ", ".join(parts)
 
 
 def finished_count(optuna_study) -> int:
