@@ -171,6 +171,35 @@ def test_a_failing_trial_is_recorded_with_its_error_and_the_others_run(synthetic
     assert len(read_trials(study)) == 4
 
 
+def test_ctrl_c_in_a_trial_queues_it_again_and_says_how_to_continue_the_study(synthetic_mnist, tmp_path,
+                                                                               monkeypatch, capsys):
+    """The trainer's own advice (`vaelab train --resume` of one run folder) would finish that
+    folder outside the study: the sweep's last line says the same command continues it."""
+    import vaelab.sweep
+    from vaelab.errors import TrainingInterrupted
+
+    calls = {"n": 0}
+
+    def interrupted_train(model, model_config, config, run_dir, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise TrainingInterrupted(f"SIGINT: saved {run_dir} in epoch 1 after 1/3 batches; continue with "
+                                      f"`vaelab train --resume {run_dir}`", "SIGINT")
+        return train(model, model_config, config, run_dir, **kwargs)
+
+    monkeypatch.setattr(vaelab.sweep, "train", interrupted_train)
+    spec = write_spec(tmp_path, GRID.format(metric="test.loss", direction="minimize"))
+    study = tmp_path / "study"
+    assert main(["sweep", str(spec), "--out", str(study), "--quiet"]) == 130
+    err = capsys.readouterr().err
+    assert (f"SIGINT: the sweep stopped in trial 1, which is queued again; the same `vaelab sweep` command "
+            f"continues the study ({study})") in err and "vaelab train --resume" not in err
+    rows = read_trials(study)
+    assert rows[1]["state"] == "FAIL" and rows[1]["error"] == "interrupted (SIGINT); queued again"
+    assert main(["sweep", str(spec), "--out", str(study), "--quiet"]) == 0
+    assert sorted(r["state"] for r in read_trials(study)) == ["COMPLETE"] * 4 + ["FAIL"]
+
+
 def test_an_observer_raising_after_a_save_stops_the_run_at_a_complete_epoch(tiny_data, tmp_path):
     """The hook a sweep's pruner uses: the run folder keeps every epoch up to the stop."""
 

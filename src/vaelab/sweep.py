@@ -358,7 +358,10 @@ def run_trial(study: Study, optuna_study, trial, say) -> str:
         trial.set_user_attr("error", f"interrupted ({e.signal_name or 'signal'}); queued again")
         optuna_study.tell(trial, state=optuna.trial.TrialState.FAIL)
         requeue(optuna_study, optuna_study.trials[trial.number])
-        raise
+        # The trainer's advice (`vaelab train --resume` of the run folder) is not the study's.
+        raise TrainingInterrupted(f"{e.signal_name or 'signal'}: the sweep stopped in trial {trial.number}, which is "
+                                  f"queued again; the same `vaelab sweep` command continues the study "
+                                  f"({study.folder})", e.signal_name) from None
     except Exception as e:  # recorded, not retried: the next trial goes on
         message = str(e) if isinstance(e, VaelabError) else f"{type(e).__name__}: {e}"
         trial.set_user_attr("error", " ".join(message.split())[:ERROR_CHARS])
