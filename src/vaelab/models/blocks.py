@@ -117,7 +117,8 @@ class ConvDecoder(nn.Module):
         # project_norm: batch norm on the projected map too, as in DCGAN's generator (Radford et
         # al. 2016), so every layer of the decoder sees normalised inputs. hidden > 0: a fully
         # connected layer of that width before the projection, as InfoGAN's MNIST generator has
-        # (Chen et al. 2016: 1024 units), for a fraction of the transposed convolutions' cost.
+        # (Chen et al. 2016: 1024 units); for a 16-D code it nearly triples the decoder's
+        # multiply-adds (1.8 to 4.9 million per image).
         norm = (lambda n: [nn.BatchNorm1d(n)]) if project_norm else (lambda n: [])
         first = [nn.Linear(latent_dim, hidden), *norm(hidden), activation()] if hidden else []
         self.project = nn.Sequential(*first, nn.Linear(hidden or latent_dim, width), *norm(width), activation())
