@@ -75,7 +75,12 @@ def write_dataset_files(folder, n_train=512, n_test=128, gz=False) -> dict[str, 
 def synthetic_mnist(tmp_path, monkeypatch):
     """Make 'mnist' a small synthetic dataset: its checksums are those of synthetic files, the
     cache is a temp folder holding them, and the network sources are disabled."""
-    source = tmp_path / "source"
+    return use_synthetic_mnist(tmp_path, monkeypatch)
+
+
+def use_synthetic_mnist(folder, monkeypatch: pytest.MonkeyPatch):
+    """`synthetic_mnist` in `folder` through any MonkeyPatch (a module-scoped fixture's own)."""
+    source = folder / "source"
     contents = write_dataset_files(source)
     spec = dataclasses.replace(
         data_mod.MNIST,
@@ -84,7 +89,7 @@ def synthetic_mnist(tmp_path, monkeypatch):
         registry_source=_no_registry,
     )
     monkeypatch.setitem(data_mod.DATASETS, "mnist", spec)
-    monkeypatch.setenv("VAELAB_DATA", str(tmp_path / "cache"))
+    monkeypatch.setenv("VAELAB_DATA", str(folder / "cache"))
     data_mod.fetch("mnist", from_dir=source, quiet=True)
     return spec
 

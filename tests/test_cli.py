@@ -1,9 +1,16 @@
 """The CLI through main([...]) into temp folders, error paths included."""
 
+import contextlib
+import io
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from vaelab.cli import main
+
+from conftest import use_synthetic_mnist
 
 
 def run_cli(capsys, *argv):
@@ -21,13 +28,24 @@ def one_line_error(capsys, *argv, code=2):
     return err
 
 
-@pytest.fixture
-def trained_run(tmp_path, synthetic_mnist, capsys):
-    run = tmp_path / "run"
-    code, out, _ = run_cli(capsys, "train", "vae", "--epochs", "1", "--batch-size", "64", "--out", str(run),
-                           "--device", "cpu", "--set", "hidden_dims=[32]", "--latent-dim", "2", "--quiet")
+@pytest.fixture(scope="module")
+def trained_by_cli(tmp_path_factory):
+    """One run trained by `vaelab train` for the module, and what the command printed."""
+    root = tmp_path_factory.mktemp("cli_run")
+    run = root / "run"
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(io.StringIO()) as out:
+        use_synthetic_mnist(root, patch)
+        code = main(["train", "vae", "--epochs", "1", "--batch-size", "64", "--out", str(run), "--device", "cpu",
+                     "--set", "hidden_dims=[32]", "--latent-dim", "2", "--quiet"])
     assert code == 0
-    return run, out
+    return run, out.getvalue()
+
+
+@pytest.fixture
+def trained_run(trained_by_cli, tmp_path, synthetic_mnist):
+    """A copy of that run in this test's folder (the same synthetic data installed), to change at will."""
+    run, out = trained_by_cli
+    return Path(shutil.copytree(run, tmp_path / "run")), out
 
 
 def test_train_writes_run_and_summary(trained_run):
