@@ -4,7 +4,11 @@ draws the asked class and refuses, in one line, a class that does not exist or a
 cannot take one; `evaluate` reports the share of samples the classifier assigns to their class;
 `explore --export` writes an atlas per class."""
 
+import contextlib
+import io
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +22,7 @@ from vaelab.errors import ConfigError
 from vaelab.metrics import class_share
 from vaelab.models import build_model, make_config
 
+from conftest import use_synthetic_mnist
 from test_cli import one_line_error, run_cli
 
 CONFIGS = {"mlp": {"hidden_dims": [32], "latent_dim": 3},
@@ -87,13 +92,23 @@ def test_class_share_counts_each_asked_class():
     assert share["mean"] == pytest.approx((0.5 + 2 / 3 + 1) / 3)
 
 
-@pytest.fixture
-def cvae_run(tmp_path, synthetic_mnist, capsys):
-    run = tmp_path / "cvae"
-    code, out, _ = run_cli(capsys, "train", "cvae", "--epochs", "1", "--batch-size", "64", "--out", str(run),
-                           "--device", "cpu", "--set", "hidden_dims=[32]", "--latent-dim", "3", "--quiet")
-    assert code == 0 and "figures/samples.png" in out
+@pytest.fixture(scope="module")
+def cvae_trained(tmp_path_factory):
+    """One cvae run trained by `vaelab train` for the module."""
+    root = tmp_path_factory.mktemp("cvae_run")
+    run = root / "cvae"
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(io.StringIO()) as out:
+        use_synthetic_mnist(root, patch)
+        code = main(["train", "cvae", "--epochs", "1", "--batch-size", "64", "--out", str(run), "--device", "cpu",
+                     "--set", "hidden_dims=[32]", "--latent-dim", "3", "--quiet"])
+    assert code == 0 and "figures/samples.png" in out.getvalue()
     return run
+
+
+@pytest.fixture
+def cvae_run(cvae_trained, tmp_path, synthetic_mnist):
+    """A copy of that run in this test's folder (the same synthetic data installed)."""
+    return Path(shutil.copytree(cvae_trained, tmp_path / "cvae"))
 
 
 def test_generate_draws_the_asked_class(cvae_run, tmp_path, capsys):
