@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
+import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -92,6 +95,21 @@ def use_synthetic_mnist(folder, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("VAELAB_DATA", str(folder / "cache"))
     data_mod.fetch("mnist", from_dir=source, quiet=True)
     return spec
+
+
+def train_by_cli(root: Path, model: str, name: str, *options: str) -> tuple[Path, str]:
+    """`vaelab train MODEL` for one epoch on the synthetic "mnist" installed in `root` (for a
+    module-scoped fixture: one run shared by a module's tests, each copying it), in this process;
+    the run folder and what the command printed."""
+    from vaelab.cli import main
+
+    run = root / name
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(io.StringIO()) as out:
+        use_synthetic_mnist(root, patch)
+        code = main(["train", model, "--epochs", "1", "--batch-size", "64", "--out", str(run), "--device", "cpu",
+                     "--quiet", *options])
+    assert code == 0
+    return run, out.getvalue()
 
 
 def _no_registry(spec, workdir):

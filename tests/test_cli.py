@@ -1,7 +1,5 @@
 """The CLI through main([...]) into temp folders, error paths included."""
 
-import contextlib
-import io
 import shutil
 from pathlib import Path
 
@@ -10,7 +8,7 @@ import pytest
 
 from vaelab.cli import main
 
-from conftest import use_synthetic_mnist
+from conftest import train_by_cli
 
 
 def run_cli(capsys, *argv):
@@ -31,14 +29,8 @@ def one_line_error(capsys, *argv, code=2):
 @pytest.fixture(scope="module")
 def trained_by_cli(tmp_path_factory):
     """One run trained by `vaelab train` for the module, and what the command printed."""
-    root = tmp_path_factory.mktemp("cli_run")
-    run = root / "run"
-    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(io.StringIO()) as out:
-        use_synthetic_mnist(root, patch)
-        code = main(["train", "vae", "--epochs", "1", "--batch-size", "64", "--out", str(run), "--device", "cpu",
-                     "--set", "hidden_dims=[32]", "--latent-dim", "2", "--quiet"])
-    assert code == 0
-    return run, out.getvalue()
+    return train_by_cli(tmp_path_factory.mktemp("cli_run"), "vae", "run", "--set", "hidden_dims=[32]",
+                        "--latent-dim", "2")
 
 
 @pytest.fixture

@@ -4,8 +4,6 @@ draws the asked class and refuses, in one line, a class that does not exist or a
 cannot take one; `evaluate` reports the share of samples the classifier assigns to their class;
 `explore --export` writes an atlas per class."""
 
-import contextlib
-import io
 import json
 import shutil
 from pathlib import Path
@@ -22,7 +20,7 @@ from vaelab.errors import ConfigError
 from vaelab.metrics import class_share
 from vaelab.models import build_model, make_config
 
-from conftest import use_synthetic_mnist
+from conftest import train_by_cli
 from test_cli import one_line_error, run_cli
 
 CONFIGS = {"mlp": {"hidden_dims": [32], "latent_dim": 3},
@@ -95,13 +93,9 @@ def test_class_share_counts_each_asked_class():
 @pytest.fixture(scope="module")
 def cvae_trained(tmp_path_factory):
     """One cvae run trained by `vaelab train` for the module."""
-    root = tmp_path_factory.mktemp("cvae_run")
-    run = root / "cvae"
-    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(io.StringIO()) as out:
-        use_synthetic_mnist(root, patch)
-        code = main(["train", "cvae", "--epochs", "1", "--batch-size", "64", "--out", str(run), "--device", "cpu",
-                     "--set", "hidden_dims=[32]", "--latent-dim", "3", "--quiet"])
-    assert code == 0 and "figures/samples.png" in out.getvalue()
+    run, out = train_by_cli(tmp_path_factory.mktemp("cvae_run"), "cvae", "cvae", "--set", "hidden_dims=[32]",
+                            "--latent-dim", "3")
+    assert "figures/samples.png" in out
     return run
 
 
