@@ -300,6 +300,27 @@ def test_a_sweep_killed_mid_trial_finishes_when_run_again(workspace):
     assert "trial 0: its worker died; marked FAIL and queued again" in err
 
 
+def test_a_resumed_sweep_s_bar_starts_at_its_finished_trials_and_times_only_the_rest():
+    """Two of four trials finished before: the bar starts at 2 of 4, and one trial finished a
+    second later makes a rate of one trial in that second, not three."""
+    import io
+
+    from vaelab.sweep import trials_bar
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study()
+    trials = [study.ask() for _ in range(4)]
+    for t in trials[:2]:
+        study.tell(t, 1.0)
+    bar = trials_bar("s", study)
+    bar.fp = io.StringIO()
+    assert (bar.n, bar.total) == (2, 4)
+    bar.n = 3
+    meter = bar.format_meter(**{**bar.format_dict, "elapsed": 1.0})
+    assert "3/4" in meter and "1.00trial/s" in meter and "00:01<00:01" in meter, meter  # not 3 trials/s
+    bar.close()
+
+
 def test_the_progress_bar_says_which_epoch_each_running_trial_is_in(tmp_path):
     """A trial trains for minutes: the bar's note reads each running trial's epoch from its run
     folder (0 before its first epoch) and leaves out finished trials."""

@@ -412,8 +412,6 @@ def _worker_main(spec_path: str, name: str, folder: str, storage: str, index: in
 def run_workers(study: Study, workers: int, threads: int, progress: bool = True) -> list[int]:
     """K worker processes sharing the study's storage; a progress bar over its trials meanwhile.
     Returns their exit codes."""
-    from tqdm import tqdm
-
     context = multiprocessing.get_context("spawn")  # fork after torch's OpenMP threads can hang
     procs = [context.Process(target=_worker_main, args=(str(study.spec.path), study.name, str(study.folder),
                                                         study.storage, i + 1, threads))
@@ -421,8 +419,7 @@ def run_workers(study: Study, workers: int, threads: int, progress: bool = True)
     for p in procs:
         p.start()
     optuna_study = study.load()
-    bar = tqdm(total=len(counted(optuna_study.get_trials(deepcopy=False))), desc=f"sweep {study.name}",
-               unit="trial", disable=not progress, file=sys.stderr)
+    bar = trials_bar(study.name, optuna_study, progress)
     try:
         while any(p.is_alive() for p in procs):
             time.sleep(1.0)
@@ -435,6 +432,16 @@ def run_workers(study: Study, workers: int, threads: int, progress: bool = True)
         bar.n = finished_count(optuna_study)
         bar.close()
     return [p.exitcode for p in procs]
+
+
+def trials_bar(name: str, optuna_study, progress: bool = True):
+    """The bar over the study's trials. Trials a resumed sweep finished before start it off
+    (tqdm's `initial`) rather than being counted as done in its first second, which would make
+    its rate and time left wrong by hours."""
+    from tqdm import tqdm
+
+    return tqdm(total=len(counted(optuna_study.get_trials(deepcopy=False))), desc=f"sweep {name}", unit="trial",
+                disable=not progress, file=sys.stderr, initial=finished_count(optuna_study))
 
 
 def running_epochs(study: Study, optuna_study) -> str:
