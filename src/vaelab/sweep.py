@@ -440,8 +440,9 @@ def trials_bar(name: str, optuna_study, progress: bool = True):
     its rate and time left wrong by hours."""
     from tqdm import tqdm
 
-    return tqdm(total=len(counted(optuna_study.get_trials(deepcopy=False))), desc=f"sweep {name}", unit="trial",
-                disable=not progress, file=sys.stderr, initial=finished_count(optuna_study))
+    trials = counted(optuna_study.get_trials(deepcopy=False))
+    return tqdm(total=len(trials), desc=f"sweep {name}", unit="trial", disable=not progress, file=sys.stderr,
+                initial=sum(t.state.is_finished() for t in trials))
 
 
 def running_epochs(study: Study, optuna_study) -> str:
