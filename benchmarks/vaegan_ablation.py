@@ -25,7 +25,7 @@ from pathlib import Path
 # name -> (changes against its base, base). "old" is the previous default.
 OLD = {"channels": [16, 32], "fc_dim": 128, "batch_norm": False, "project_norm": False,
        "spectral_norm": False, "margin": 0.35, "gamma": 0.1, "feature_loss": False,
-       "fakes": "both", "dec_hidden": 0}
+       "fakes": "both", "dec_hidden": 0, "gen_prior": "normal"}
 VARIANTS: dict[str, tuple[dict, str | None]] = {
     "old": (OLD, None),
     "wide": ({"channels": [64, 128], "fc_dim": 512}, "old"),
@@ -62,6 +62,9 @@ VARIANTS: dict[str, tuple[dict, str | None]] = {
     # round 4: the adversarial game on prior samples only (docs/vae-gan.md, "Further attempts")
     "mid-z16-bn-g03-prior": ({"fakes": "prior"}, "mid-z16-bn-g03"),
     "mid-z16-bn-g03-prior-dh1024": ({"dec_hidden": 1024}, "mid-z16-bn-g03-prior"),
+    # round 5: codes drawn from a Gaussian mixture fitted to the training codes, for generation and
+    # the GAN's fakes (`score --gen-prior mixture` on the run above: the same weights, sampled so)
+    "mid-z16-bn-g03-prior-dh1024-mix": ({"gen_prior": "mixture"}, "mid-z16-bn-g03-prior-dh1024"),
 }
 
 # The variant the model's defaults are (tests/test_models.py checks they stay the same).
@@ -112,9 +115,13 @@ def train_one(args) -> int:
     return 0
 
 
-def load_generator(run_dir: Path, device: str):
+def load_generator(run_dir: Path, device: str, gen_prior: str | None = None, data=None):
     """The run's model, or, from a folder holding only `decoder.safetensors` (what comes back from
-    a remote machine), a model whose decoder has the trained weights: enough to sample."""
+    a remote machine), a model whose decoder has the trained weights: enough to sample.
+    `gen_prior="mixture"` on a run trained with `gen_prior=normal`: the same weights, sampling from
+    a mixture fitted to `data`'s training codes as the model's own end-of-epoch step fits it."""
+    import dataclasses
+
     import torch
     from safetensors.torch import load_file
 
@@ -122,7 +129,14 @@ def load_generator(run_dir: Path, device: str):
     from vaelab.models import build_model
 
     if (run_dir / "model.safetensors").exists():
-        return load_run(run_dir, device=device).model.eval()
+        model = load_run(run_dir, device=device).model.eval()
+        if gen_prior and model.config.gen_prior != gen_prior:
+            refit = build_model("vae-gan", {**dataclasses.asdict(model.config), "gen_prior": gen_prior})
+            missing, unexpected = refit.load_state_dict(model.state_dict(), strict=False)
+            assert not unexpected and all(k.startswith("code_prior.") for k in missing), (missing, unexpected)
+            model = refit.to(torch.device(device)).eval()
+            model.end_of_epoch(data.train_x.to(model.device))
+        return model
     cfg = read_run_config(run_dir)
     model = build_model(cfg["model"], cfg["model_config"], stored=True)
     weights = load_file(run_dir / "decoder.safetensors")
@@ -146,10 +160,11 @@ def cmd_score(args) -> int:
             clf, info = load_or_train_classifier(data, device=args.device, progress=True)
             datasets[dataset] = (data, clf, info)
         data, clf, info = datasets[dataset]
-        samples = generate(load_generator(run_dir, args.device), args.n, seed=0)
+        samples = generate(load_generator(run_dir, args.device, args.gen_prior, data), args.n, seed=0)
         quality = sample_quality(samples, data, clf, seed=0)
         test = [h for h in read_history(run_dir) if h["split"] == "test"]
-        for variant, q in ((run_dir.name, quality["samples"]), (FLOOR, quality["real_train"])):
+        name = run_dir.name + ("-mix" if args.gen_prior == "mixture" and not run_dir.name.endswith("-mix") else "")
+        for variant, q in ((name, quality["samples"]), (FLOOR, quality["real_train"])):
             if variant == FLOOR and any(r["dataset"] == dataset and r["variant"] == FLOOR for r in rows):
                 continue
             row = {"dataset": dataset, "variant": variant, "classifier_accuracy": info["test_accuracy"],
@@ -207,6 +222,8 @@ def main() -> int:
     s.add_argument("--n", type=int, default=10000)
     s.add_argument("--device", default="cpu")
     s.add_argument("--json", default=None)
+    s.add_argument("--gen-prior", choices=("normal", "mixture"), default=None,
+                   help="sample from this prior whatever the run was trained with (mixture: fitted to its training codes)")
     tb = sub.add_parser("table", help="print the tables of one or more score JSON files")
     tb.add_argument("json", nargs="+")
     args = p.parse_args()

@@ -55,6 +55,7 @@ def main() -> None:
     p.add_argument("--real-label", type=float, default=1.0,
                    help="the discriminator's target for real images (0.9: one-sided label smoothing, "
                         "Salimans et al. 2016); an experiment, not a model option")
+    p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="runs/probe")
     p.add_argument("--limit", type=int, default=None, help="train on the first N images only (a smoke test)")
     a = p.parse_args()
@@ -69,13 +70,13 @@ def main() -> None:
         vae_gan_module.discriminator_loss = smoothed
     torch.manual_seed(a.seed)
     data = load(a.dataset, quiet=True)
-    clf, _ = load_or_train_classifier(data)
-    model = build_model("vae-gan", make_config("vae-gan", **json.loads(a.cfg)))
+    clf, _ = load_or_train_classifier(data, device=a.device)
+    model = build_model("vae-gan", make_config("vae-gan", **json.loads(a.cfg))).to(a.device)
     optimizers = model.configure_optimizers(a.lr)
     start_lrs = {name: [g["lr"] for g in o.param_groups] for name, o in optimizers.items()}
     ema = copy.deepcopy(model.decoder).requires_grad_(False) if a.ema else None
-    x_train, x_test = to_float(data.train_x[: a.limit]), to_float(data.test_x[:5000])
-    z = torch.randn(5000, model.config.latent_dim, generator=torch.Generator().manual_seed(1))
+    x_train, x_test = to_float(data.train_x[: a.limit]).to(a.device), to_float(data.test_x[:5000]).to(a.device)
+    z = torch.randn(5000, model.config.latent_dim, generator=torch.Generator().manual_seed(1)).to(a.device)
     order = torch.Generator().manual_seed(a.seed)
     Path(a.out).mkdir(parents=True, exist_ok=True)
     log = open(Path(a.out) / f"{a.name}.log", "w")
@@ -90,7 +91,7 @@ def main() -> None:
                 for name, o in optimizers.items():
                     for g, lr0 in zip(o.param_groups, start_lrs[name]):
                         g["lr"] = lr0 * factor
-            out = model.training_step(Batch(x_train[perm[i : i + a.batch]]), optimizers, state)
+            out = model.training_step(Batch(x_train[perm[i : i + a.batch].to(a.device)]), optimizers, state)
             step += 1
             if ema is not None:
                 with torch.no_grad():

@@ -488,6 +488,27 @@ def test_vae_gan_dis_channels_widen_the_discriminator_only():
             make_config("vae-gan", [bad])
 
 
+@pytest.mark.parametrize("arch", ["conv", "mlp"])
+def test_vae_gan_dis_batch_norm_normalises_every_discriminator_layer_but_the_first(arch):
+    base = dict(CASES["vae-gan-conv"][1], arch=arch)
+    plain, normed = build_model("vae-gan", base), build_model("vae-gan", dict(base, dis_batch_norm=True))
+    norms = lambda net: [any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in layer.modules())
+                         for layer in net.discriminator.layers]
+    assert not any(norms(plain))
+    assert norms(normed) == [False] + [True] * (len(normed.discriminator.layers) - 1)
+    # the encoder and decoder are untouched; a run stored before the option rebuilds without it
+    shapes = lambda net: [p.shape for p in net.parameters()]
+    assert shapes(normed.encoder) == shapes(plain.encoder) and shapes(normed.decoder) == shapes(plain.decoder)
+    stored = {k: v for k, v in dataclasses.asdict(plain.config).items() if k != "dis_batch_norm"}
+    assert build_model("vae-gan", stored, stored=True).config.dis_batch_norm is False
+    # in training the batch's statistics are used, so a real image's score depends on its batch
+    x = torch.rand(6, 1, 28, 28)
+    normed.train()
+    alone, batched = normed.discriminator(x[:3])[1], normed.discriminator(x)[1][:3]
+    assert not torch.allclose(alone, batched)
+    plain.train()
+    torch.testing.assert_close(plain.discriminator(x[:3])[1], plain.discriminator(x)[1][:3])
+
 def test_vae_gan_config_errors():
     with pytest.raises(ConfigError, match="arch"):
         make_config("vae-gan", ["arch='resnet'"])

@@ -183,26 +183,34 @@ class ConvEncoderTrunk(nn.Module):
 class Discriminator(nn.Module):
     """Image -> (hidden activations, real/fake logit). `conv` selects 4x4 stride-2 convolutions
     (the widths in `conv_channels`) before the fully connected layers `fc_dims`; without them it
-    is an MLP on the 784 pixels. LeakyReLU throughout and no batch norm, so a real image's score
-    does not depend on the fakes it is batched with.
+    is an MLP on the 784 pixels. LeakyReLU throughout; no batch norm by default, so a real image's
+    score does not depend on the fakes it is batched with. `batch_norm` adds it after every layer
+    but the first, as InfoGAN's MNIST discriminator has it (Chen et al. 2016): then the real and
+    fake images of a step are normalised together, as one batch.
 
     The hidden activations are what the feature-wise reconstruction loss compares (Larsen et al.
     2016, Dis_l): one entry per hidden layer, convolutions first."""
 
-    def __init__(self, fc_dims: list[int], conv_channels: list[int] | None = None, spectral_norm: bool = False):
+    def __init__(self, fc_dims: list[int], conv_channels: list[int] | None = None, spectral_norm: bool = False,
+                 batch_norm: bool = False):
         super().__init__()
         # Spectral normalisation (Miyato et al. 2018) bounds each layer's Lipschitz constant, so the
         # discriminator's gradients stay informative instead of saturating as it wins.
         sn = nn.utils.parametrizations.spectral_norm if spectral_norm else (lambda m: m)
         self.layers = nn.ModuleList()
         size, c_prev = 28, 1
+
+        def norm(kind: type[nn.Module], width: int) -> list[nn.Module]:
+            return [kind(width)] if batch_norm and self.layers else []
+
         for c in conv_channels or []:
-            self.layers.append(nn.Sequential(sn(nn.Conv2d(c_prev, c, 4, 2, 1)), nn.LeakyReLU(0.2)))
+            self.layers.append(nn.Sequential(sn(nn.Conv2d(c_prev, c, 4, 2, 1)), *norm(nn.BatchNorm2d, c),
+                                             nn.LeakyReLU(0.2)))
             size, c_prev = size // 2, c
         self.n_conv = len(conv_channels or [])
         d_prev = c_prev * size * size
         for d in fc_dims:
-            self.layers.append(nn.Sequential(sn(nn.Linear(d_prev, d)), nn.LeakyReLU(0.2)))
+            self.layers.append(nn.Sequential(sn(nn.Linear(d_prev, d)), *norm(nn.BatchNorm1d, d), nn.LeakyReLU(0.2)))
             d_prev = d
         self.out = sn(nn.Linear(d_prev, 1))
 

@@ -69,10 +69,13 @@ from torch import nn
 from ..batch import Batch, StepState
 from ..config import require
 from ..distributed import global_mean
+from ..data import to_float
 from ..errors import ConfigError
+from ..inference import batched
 from ..losses import bce_from_logits, discriminator_loss, generator_loss, kl_normal, mmd_imq, reparameterize
 from .registry import register
 from .base import GenerativeModel, ModelOutput, Posterior
+from .mixture import GaussianMixture
 from .blocks import (ConvDecoder, ConvEncoderTrunk, Discriminator, GaussianHeads, MLPDecoder,
                      MLPEncoderTrunk)
 
@@ -81,6 +84,11 @@ ARCHS = ("conv", "mlp")
 
 OBJECTIVES = ("full", "basic")
 FAKES = ("both", "prior")
+GEN_PRIORS = ("normal", "mixture")
+# The mixture is fitted to the codes of every FIT_STRIDE-th training image (20,000 of MNIST's
+# 60,000: as many confident samples as all of them, in a third of the time).
+FIT_STRIDE = 3
+FIT_ITERATIONS = 30
 
 
 @dataclass
@@ -119,6 +127,9 @@ class VAEGANConfig:
     batch_norm: bool = True
     project_norm: bool = True
     spectral_norm: bool = False  # spectral normalisation of every discriminator layer
+    # Batch norm in the discriminator after every layer but the first (InfoGAN's MNIST
+    # discriminator); the step's real and fake images are normalised as one batch.
+    dis_batch_norm: bool = False
     feature_loss: bool = False  # add L_llike^{Dis_l}, the reconstruction error on a hidden layer of D
     # Which hidden layer of D (0-based, convolutions first; negative counts from the end). The
     # default 1 is the last convolution with arch=conv (as in the paper) and the last hidden layer
@@ -134,6 +145,12 @@ class VAEGANConfig:
     pixel_weight: float = 1.0  # weight of the pixel BCE in L_llike (see the module docstring)
     equilibrium: float = 0.68  # the discriminator's cross-entropy at balance (ln 2 = chance)
     margin: float | None = 0.35  # equilibrium rule margin; none = always update all three
+    # What generation draws codes from: "normal", N(0, I), the KL term's prior, or "mixture", a
+    # Gaussian mixture of `prior_components` fitted after every epoch to the codes of a third of
+    # the training images (models/mixture.py); the GAN's prior samples are then drawn from it too
+    # (N(0, I) in the first epoch), so the adversarial term shapes the images generation draws.
+    gen_prior: str = "normal"
+    prior_components: int = 30
     # Each network's learning rate as a multiple of the trainer's --lr.
     enc_lr_scale: float = 1.0
     dec_lr_scale: float = 1.0
@@ -142,7 +159,8 @@ class VAEGANConfig:
     # Fields added after runs were first saved, with the values that rebuild those older runs
     # (a stored config lacking them predates them).
     legacy_defaults: ClassVar[dict] = {"objective": "full", "fakes": "both", "dec_hidden": 0, "dec_channels": [],
-                                       "dis_channels": [], "dis_fc_dim": 0,
+                                       "dis_channels": [], "dis_fc_dim": 0, "dis_batch_norm": False,
+                                       "gen_prior": "normal",
                                        "project_norm": False, "spectral_norm": False,
                                        "enc_lr_scale": 1.0, "dec_lr_scale": 1.0, "dis_lr_scale": 1.0}
 
@@ -150,6 +168,8 @@ class VAEGANConfig:
         require(self.arch in ARCHS, f"arch must be one of {', '.join(ARCHS)}")
         require(self.objective in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}")
         require(self.fakes in FAKES, f"fakes must be one of {', '.join(FAKES)}")
+        require(self.gen_prior in GEN_PRIORS, f"gen_prior must be one of {', '.join(GEN_PRIORS)}")
+        require(self.prior_components >= 1, "prior_components must be at least 1")
         require(self.dec_hidden >= 0, "dec_hidden must be 0 (none) or a layer width")
         require(self.fakes == "both" or not self.feature_loss,
                 "feature_loss compares reconstructions in the discriminator's features: it needs fakes=both "
@@ -208,11 +228,14 @@ class VAEGAN(GenerativeModel):
                                        start_size=28 >> n, batch_norm=c.batch_norm, project_norm=c.project_norm,
                                        hidden=c.dec_hidden)
             self.discriminator = Discriminator([c.dis_fc_dim or c.fc_dim], c.dis_channels or c.channels,
-                                               spectral_norm=c.spectral_norm)
+                                               spectral_norm=c.spectral_norm, batch_norm=c.dis_batch_norm)
         else:
             self.encoder = GaussianEncoder(MLPEncoderTrunk(c.hidden_dims), c.latent_dim)
             self.decoder = MLPDecoder(c.latent_dim, c.hidden_dims)
-            self.discriminator = Discriminator(c.dis_hidden_dims, spectral_norm=c.spectral_norm)
+            self.discriminator = Discriminator(c.dis_hidden_dims, spectral_norm=c.spectral_norm,
+                                               batch_norm=c.dis_batch_norm)
+        if c.gen_prior == "mixture":
+            self.code_prior = GaussianMixture(c.latent_dim, c.prior_components)
         n_layers = len(self.discriminator.layers)
         if c.feature_loss and not -n_layers <= c.feature_layer < n_layers:
             raise ConfigError(f"feature_layer {c.feature_layer}: the discriminator has {n_layers} hidden layers")
@@ -228,6 +251,32 @@ class VAEGAN(GenerativeModel):
     def decode_logits(self, z: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         self.refuse_condition(condition)
         return self.decoder(z)
+
+    # --- generation ---------------------------------------------------------------------------
+
+    def prior_sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        if self.config.gen_prior == "normal":
+            return super().prior_sample(n, generator)
+        return self.code_prior.sample(n, generator)
+
+    @property
+    def prior_name(self) -> str:
+        if self.config.gen_prior == "normal":
+            return super().prior_name
+        return f"a {self.config.prior_components}-component Gaussian mixture fitted to the training codes"
+
+    def prior_quantiles(self, q: torch.Tensor) -> torch.Tensor:
+        if self.config.gen_prior == "normal":
+            return super().prior_quantiles(q)
+        return self.code_prior.marginal_quantiles(q)
+
+    def end_of_epoch(self, train_images: torch.Tensor) -> None:
+        if self.config.gen_prior == "mixture":
+            # Posterior means in eval mode (running batch-norm statistics), as generation decodes;
+            # a fixed seed, so a resumed run fits the same mixture.
+            codes = batched(lambda x: self.encode(to_float(x)).mu.float(), train_images[::FIT_STRIDE],
+                            batch_size=2000, to=None, model=self)
+            self.code_prior.fit(codes, torch.Generator(device=codes.device).manual_seed(0), FIT_ITERATIONS)
 
     # --- losses -------------------------------------------------------------------------------
 
@@ -245,7 +294,7 @@ class VAEGAN(GenerativeModel):
         c, b = self.config, len(x)
         mu, logvar = self.encoder(x)
         z = reparameterize(mu, logvar)
-        z_p = torch.randn_like(z)
+        z_p = self.code_prior.sample(b) if c.gen_prior == "mixture" else torch.randn_like(z)
         # One decoder pass for reconstructions and samples, so batch norm sees both.
         logits = self.decoder(torch.cat([z, z_p]))  # (2B, 1, 28, 28)
         fakes = logits if c.fakes == "both" else logits[b:]  # (2B or B, 1, 28, 28)

@@ -1,0 +1,126 @@
+"""The Gaussian mixture fitted to latent codes (models/mixture.py), against torch.distributions."""
+
+import dataclasses
+
+import pytest
+import torch
+from torch.distributions import Categorical, MixtureSameFamily, MultivariateNormal, Normal
+
+from vaelab.models import build_model
+from vaelab.models.mixture import GaussianMixture
+
+from test_models import CASES
+
+
+def reference(g: GaussianMixture) -> MixtureSameFamily:
+    return MixtureSameFamily(Categorical(g.weights.double()),
+                             MultivariateNormal(g.means.double(), scale_tril=g.scale_tril.double()))
+
+
+def two_clusters(n: int = 6000, seed: int = 0) -> tuple[torch.Tensor, MixtureSameFamily]:
+    truth = MixtureSameFamily(
+        Categorical(torch.tensor([0.3, 0.7], dtype=torch.float64)),
+        MultivariateNormal(torch.tensor([[-4.0, 1.0], [3.0, -2.0]], dtype=torch.float64),
+                           covariance_matrix=torch.tensor([[[1.0, 0.5], [0.5, 1.0]], [[0.5, 0.0], [0.0, 2.0]]],
+                                                          dtype=torch.float64)))
+    torch.manual_seed(seed)
+    return truth.sample((n,)).float(), truth
+
+
+def test_an_unfitted_mixture_is_the_standard_normal():
+    g = GaussianMixture(3, 5)
+    z = g.sample(20000, torch.Generator().manual_seed(0))
+    assert z.shape == (20000, 3)
+    torch.testing.assert_close(z.mean(0), torch.zeros(3), atol=0.03, rtol=0)
+    torch.testing.assert_close(torch.cov(z.T), torch.eye(3), atol=0.04, rtol=0)
+
+
+def test_em_recovers_a_known_mixture_and_reports_its_likelihood():
+    codes, truth = two_clusters()
+    g = GaussianMixture(2, 2)
+    mean_ll = g.fit(codes, torch.Generator().manual_seed(0))
+    order = g.means[:, 0].argsort()  # components in the truth's order (left cluster first)
+    torch.testing.assert_close(g.weights[order], torch.tensor([0.3, 0.7]), atol=0.02, rtol=0)
+    torch.testing.assert_close(g.means[order], truth.component_distribution.loc.float(), atol=0.1, rtol=0)
+    cov = g.scale_tril @ g.scale_tril.transpose(1, 2)
+    torch.testing.assert_close(cov[order], truth.component_distribution.covariance_matrix.float(), atol=0.12, rtol=0)
+    # the returned likelihood is the fitted mixture's, as torch.distributions computes it
+    assert mean_ll == pytest.approx(float(reference(g).log_prob(codes.double()).mean()), abs=1e-6)
+    # and no worse than the truth's on the codes it was fitted to (EM maximises it)
+    assert mean_ll >= float(truth.log_prob(codes.double()).mean()) - 1e-6
+
+
+def test_fit_is_deterministic_for_a_seed_and_samples_follow_the_weights():
+    codes, _ = two_clusters()
+    a, b = GaussianMixture(2, 2), GaussianMixture(2, 2)
+    a.fit(codes, torch.Generator().manual_seed(3))
+    b.fit(codes, torch.Generator().manual_seed(3))
+    for x, y in zip(a.buffers(), b.buffers()):
+        torch.testing.assert_close(x, y, atol=0, rtol=0)
+    z = a.sample(20000, torch.Generator().manual_seed(1))
+    left = float((z[:, 0] < -0.5).float().mean())  # the clusters are far apart along the first axis
+    assert left == pytest.approx(0.3, abs=0.015)
+
+
+def test_marginal_quantiles_invert_each_axis_cdf():
+    codes, _ = two_clusters()
+    g = GaussianMixture(2, 2)
+    g.fit(codes, torch.Generator().manual_seed(0))
+    q = torch.tensor([0.01, 0.2, 0.5, 0.9, 0.999])
+    x = g.marginal_quantiles(q)  # (5, 2)
+    sd = (g.scale_tril.double().pow(2).sum(-1)).sqrt()  # each component's per-axis standard deviation
+    for axis in range(2):
+        marginal = MixtureSameFamily(Categorical(g.weights.double()), Normal(g.means[:, axis].double(), sd[:, axis]))
+        torch.testing.assert_close(marginal.cdf(x[:, axis].double()).float(), q, atol=1e-5, rtol=0)
+
+
+def test_fitting_needs_as_many_codes_as_components():
+    with pytest.raises(ValueError, match="at least 4 codes"):
+        GaussianMixture(2, 4).fit(torch.zeros(3, 2))
+
+
+def test_vae_gan_samples_from_the_mixture_fitted_at_the_end_of_each_epoch():
+    base = dict(CASES["vae-gan-conv"][1], gen_prior="mixture", prior_components=3)
+    model = build_model("vae-gan", base)
+    images = (torch.rand(90, 28, 28) * 255).to(torch.uint8)
+    model.end_of_epoch(images)
+    # fitted to the posterior means of every third image, in eval mode
+    model.eval()
+    with torch.no_grad():
+        codes = model.encode(images[::3].unsqueeze(1).float() / 255).mu
+    expected = GaussianMixture(base["latent_dim"], 3)
+    expected.fit(codes, torch.Generator().manual_seed(0), iterations=30)
+    torch.testing.assert_close(model.code_prior.means, expected.means, atol=1e-5, rtol=1e-4)
+    z = model.prior_sample(5, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(z, expected.sample(5, torch.Generator().manual_seed(0)), atol=1e-4, rtol=1e-4)
+    assert "mixture" in model.prior_name
+    # gen_prior=normal draws N(0, I) and has no mixture; a run stored before the option rebuilds so
+    normal = build_model("vae-gan", dict(base, gen_prior="normal"))
+    torch.testing.assert_close(normal.prior_sample(4, torch.Generator().manual_seed(0)),
+                               torch.randn(4, base["latent_dim"], generator=torch.Generator().manual_seed(0)))
+    assert not any(k.startswith("code_prior") for k in normal.state_dict())
+    stored = {k: v for k, v in dataclasses.asdict(normal.config).items() if k != "gen_prior"}
+    old = build_model("vae-gan", stored, stored=True)
+    assert old.config.gen_prior == "normal" and old.state_dict().keys() == normal.state_dict().keys()
+
+
+def test_vae_gan_fakes_come_from_the_generation_prior():
+    """With gen_prior=mixture the GAN's prior samples are the mixture's draws, so the adversarial
+    term shapes the images generation draws; with gen_prior=normal they are N(0, I) draws."""
+    from vaelab.batch import Batch
+
+    base = dict(CASES["vae-gan-conv"][1], gen_prior="mixture", prior_components=2)
+    model = build_model("vae-gan", base)
+    far = torch.full((3, base["latent_dim"]), 50.0)  # codes no N(0, I) draw comes near
+    model.code_prior.sample = lambda n, generator=None: far[:n]
+    decoded = []
+    original = model.decoder.forward
+    model.decoder.forward = lambda z: decoded.append(z) or original(z)
+    model.losses(Batch(torch.rand(3, 1, 28, 28)))
+    torch.testing.assert_close(decoded[0][3:], far)  # the decoder's input: B codes, then B prior draws
+    normal = build_model("vae-gan", dict(base, gen_prior="normal"))
+    decoded.clear()
+    original = normal.decoder.forward
+    normal.decoder.forward = lambda z: decoded.append(z) or original(z)
+    normal.losses(Batch(torch.rand(3, 1, 28, 28)))
+    assert decoded[0][3:].abs().max() < 10
