@@ -22,8 +22,6 @@ from torch import nn
 
 from ..batch import Batch, StepState
 from ..config import require
-from ..data import to_float
-from ..inference import batched
 from ..losses import mse
 from .base import GenerativeModel, ModelOutput, Posterior
 from .blocks import MLPDecoder, MLPEncoderTrunk
@@ -117,9 +115,7 @@ class AE(GenerativeModel):
         return buf(self.code_mean) + buf(self.code_cov.diagonal()).sqrt() * torch.special.ndtri(q)
 
     def end_of_epoch(self, train_images: torch.Tensor) -> None:
-        # In eval mode: the codes as the trained model produces them (running batch-norm statistics).
-        codes = batched(lambda x: self.encode(to_float(x)).mu.float(), train_images, batch_size=2000, to=None,
-                        model=self)
+        codes = self.code_means(train_images)
         self.code_min.copy_(codes.min(0).values)
         self.code_max.copy_(codes.max(0).values)
         self.code_mean.copy_(codes.mean(0))

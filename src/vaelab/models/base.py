@@ -20,7 +20,9 @@ import torch
 from torch import nn
 
 from ..batch import Batch, StepState
+from ..data import to_float
 from ..errors import ConfigError
+from ..inference import batched
 from ..losses import reparameterize
 
 
@@ -161,6 +163,12 @@ class GenerativeModel(nn.Module):
             torch.nn.utils.clip_grad_norm_(self.parameters(), state.clip_grad, foreach=True)
         opt.step()
         return out
+
+    def code_means(self, images: torch.Tensor) -> torch.Tensor:
+        """The codes of uint8 images (N, 28, 28) as generation decodes them: posterior means (an
+        autoencoder's codes), in eval mode (running batch-norm statistics), float32, where the
+        images are."""
+        return batched(lambda x: self.encode(to_float(x)).mu.float(), images, batch_size=2000, to=None, model=self)
 
     def end_of_epoch(self, train_images: torch.Tensor) -> None:
         """Hook run after each epoch, before its checkpoint, with the training images (uint8, on

@@ -69,9 +69,7 @@ from torch import nn
 from ..batch import Batch, StepState
 from ..config import require
 from ..distributed import global_mean
-from ..data import to_float
 from ..errors import ConfigError
-from ..inference import batched
 from ..losses import bce_from_logits, discriminator_loss, generator_loss, kl_normal, mmd_imq, reparameterize
 from .registry import register
 from .base import GenerativeModel, ModelOutput, Posterior
@@ -272,10 +270,8 @@ class VAEGAN(GenerativeModel):
 
     def end_of_epoch(self, train_images: torch.Tensor) -> None:
         if self.config.gen_prior == "mixture":
-            # Posterior means in eval mode (running batch-norm statistics), as generation decodes;
-            # a fixed seed, so a resumed run fits the same mixture.
-            codes = batched(lambda x: self.encode(to_float(x)).mu.float(), train_images[::FIT_STRIDE],
-                            batch_size=2000, to=None, model=self)
+            # A fixed seed, so a resumed run fits the same mixture.
+            codes = self.code_means(train_images[::FIT_STRIDE])
             self.code_prior.fit(codes, torch.Generator(device=codes.device).manual_seed(0), FIT_ITERATIONS)
 
     # --- losses -------------------------------------------------------------------------------
