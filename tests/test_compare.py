@@ -102,6 +102,27 @@ def test_a_study_folder_stands_for_its_trained_trials(tmp_path, capsys):
     assert (study / "compare" / "compare.html").exists()  # the default folder: inside the study
 
 
+def test_a_study_folder_leaves_out_an_interrupted_trial_that_was_queued_again(tmp_path):
+    """trials.csv says trial 1 was interrupted after an epoch and retried as trial 3: the retry
+    stands for it, so the variant is one row with its full training, not two."""
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / "study.json").write_text(json.dumps({"study": "s"}))
+    make_run(study / "trial-0000", [100.0, 90.0], lr=1e-3)
+    make_run(study / "trial-0001", [100.0], lr=2e-3)  # stopped after its first epoch
+    make_run(study / "trial-0002", [100.0, 92.0], lr=3e-3)
+    make_run(study / "trial-0003", [100.0, 95.0], lr=2e-3)
+    (study / "trials.csv").write_text(
+        "number,state,test.loss,lr,run,seconds,attempt,retry_of,error\n"
+        "0,COMPLETE,90.0,0.001,trial-0000,5.0,1,,\n"
+        "1,FAIL,,0.002,trial-0001,2.0,1,,interrupted (SIGINT); queued again\n"
+        "2,COMPLETE,92.0,0.003,trial-0002,5.0,1,,\n"
+        "3,COMPLETE,95.0,0.002,trial-0003,5.0,2,1,\n")
+    assert [r.label for r in load_runs([study])] == ["trial-0000", "trial-0002", "trial-0003"]
+    # named on its own, the interrupted run folder is still compared
+    assert [r.label for r in load_runs([study / "trial-0001"])] == ["trial-0001"]
+
+
 @pytest.mark.parametrize("case, expected", [
     ("not a run", "not a run folder (no config.json) nor a study folder"),
     ("missing", "no such run folder"),

@@ -5,11 +5,13 @@ train and test loss with their terms, the best epoch by test loss, the NLL and s
 where metrics.json has them, seconds) and the test loss per epoch of every run on one plot,
 written as DIR/compare.html (self-contained) and DIR/curves.png; the table is also returned as
 text for the terminal. A study folder (`vaelab sweep`) stands for its trials that trained at
-least one epoch.
+least one epoch, an interrupted trial that was queued again by its retry.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import tempfile
@@ -25,7 +27,7 @@ from .history_files import read_history
 from .plots import plot_series
 from .reading import read_bytes, read_json
 from .report import Report, Table, table_text
-from .sweep import STUDY_FILE  # what marks a sweep's folder
+from .sweep import STUDY_FILE, TRIALS_FILE  # what marks a sweep's folder; its trials' table
 PAGE, CURVES = "compare.html", "curves.png"
 # Settings that do not change what is trained: never a column of their own.
 IGNORED_SETTINGS = ("log_every", "tensorboard")
@@ -64,12 +66,15 @@ class RunSummary:
 
 
 def expand(paths: list[Path]) -> list[Path]:
-    """Run folders: each path, or a study folder's trials that have trained an epoch."""
+    """Run folders: each path, or a study folder's trials that have trained an epoch, but for an
+    interrupted trial that was queued again (its retry stands for it)."""
     runs = []
     for path in paths:
         path = Path(path)
         if (path / STUDY_FILE).is_file() and not (path / CONFIG_FILE).exists():
-            trials = sorted(p for p in path.glob("trial-*") if (p / CONFIG_FILE).is_file() and _has_history(p))
+            retried = _retried_runs(path)
+            trials = sorted(p for p in path.glob("trial-*")
+                            if (p / CONFIG_FILE).is_file() and p.name not in retried and _has_history(p))
             if not trials:
                 raise ConfigError(f"{path}: a study folder with no trial that has trained an epoch yet")
             runs += trials
@@ -80,6 +85,16 @@ def expand(paths: list[Path]) -> list[Path]:
         else:
             runs.append(path)
     return list(dict.fromkeys(runs))
+
+
+def _retried_runs(study_dir: Path) -> set[str]:
+    """The run folders of a study's trials that a later trial retries (trials.csv's retry_of)."""
+    path = study_dir / TRIALS_FILE
+    if not path.is_file():
+        return set()
+    rows = list(csv.DictReader(io.StringIO(read_bytes(path, 16 * 1024 * 1024, "trials table", ConfigError).decode())))
+    retried = {row.get("retry_of") for row in rows if row.get("retry_of")}
+    return {row["run"] for row in rows if row.get("number") in retried and row.get("run")}
 
 
 def _has_history(run_dir: Path) -> bool:
