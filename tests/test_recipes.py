@@ -384,3 +384,12 @@ def test_resume_refuses_what_it_cannot_continue_before_touching_anything(tmp_pat
                                           f"but this recipe's step first has \\[24\\]"):
         run(out, resume=True)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("device, said", [("cuda", " on cuda"), ("cuda:1", " on cuda:1"), ("cpu", ""), ("auto", "")])
+def test_the_training_time_says_when_the_model_trained_on_a_gpu(tmp_path, device, said):
+    """A model trained on a GPU and measured on the CPU by --resume keeps its GPU training time:
+    the report's table says where it was spent."""
+    model = build_model("vae", make_config("vae", ["hidden_dims=[8]", "latent_dim=2"]))
+    write_run_config(tmp_path, model, TrainConfig(device=device))
+    assert recipes.trained_on(tmp_path) == said

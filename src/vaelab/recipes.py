@@ -968,6 +968,13 @@ def trained_seconds(run_dir: Path) -> float:
     return sum(float(row.get("seconds") or 0) for row in read_history(run_dir))
 
 
+def trained_on(run_dir: Path) -> str:
+    """" on cuda" where the run was asked to train on a GPU (a model trained there and measured
+    here by --resume keeps its GPU training time), else ""."""
+    device = read_run_config(run_dir)["train"].get("device", "auto")
+    return f" on {device}" if device.startswith("cuda") else ""
+
+
 def kept_measurements(run_dir: Path, settings: EvalSettings) -> tuple[dict, dict] | None:
     """RUN/metrics.json (and the per-image NLLs beside it) when they were measured with
     `settings` on the weights in RUN now; None when anything is missing, stale or unreadable
@@ -1036,7 +1043,7 @@ def write_report(result: RecipeResult) -> Path:
     report.paragraph(mode, css_class="note")
     report.table(["model", "folder", "epochs", "training time", "model config"],
                  [[r.step.title, f"{r.run_dir.name}/", r.step.epochs[0 if result.quick else 1],
-                   f"{r.train_seconds:.0f} s", json.dumps(r.step.config)] for r in result.steps],
+                   f"{r.train_seconds:.0f} s{trained_on(r.run_dir)}", json.dumps(r.step.config)] for r in result.steps],
                  caption=(f"Resumed (--resume): this last invocation took {result.seconds / 60:.1f} min; the "
                           f"training times are each model's own, from its history." if result.resumed
                           else f"Total wall time {result.seconds / 60:.1f} min."))
