@@ -62,8 +62,8 @@ VARIANTS: dict[str, tuple[dict, str | None]] = {
     # round 4: the adversarial game on prior samples only (docs/vae-gan.md, "Further attempts")
     "mid-z16-bn-g03-prior": ({"fakes": "prior"}, "mid-z16-bn-g03"),
     "mid-z16-bn-g03-prior-dh1024": ({"dec_hidden": 1024}, "mid-z16-bn-g03-prior"),
-    # round 5: codes drawn from a Gaussian mixture fitted to the training codes, for generation and
-    # the GAN's fakes (`score --gen-prior mixture` on the run above: the same weights, sampled so)
+    # round 5: generation draws its codes from a Gaussian mixture fitted to the training codes;
+    # training is the run above's, so `score --gen-prior mixture` on it measures this variant
     "mid-z16-bn-g03-prior-dh1024-mix": ({"gen_prior": "mixture"}, "mid-z16-bn-g03-prior-dh1024"),
 }
 

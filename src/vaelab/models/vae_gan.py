@@ -145,8 +145,8 @@ class VAEGANConfig:
     margin: float | None = 0.35  # equilibrium rule margin; none = always update all three
     # What generation draws codes from: "normal", N(0, I), the KL term's prior, or "mixture", a
     # Gaussian mixture of `prior_components` fitted after every epoch to the codes of a third of
-    # the training images (models/mixture.py); the GAN's prior samples are then drawn from it too
-    # (N(0, I) in the first epoch), so the adversarial term shapes the images generation draws.
+    # the training images (models/mixture.py). Training is the same either way: the GAN's prior
+    # samples are N(0, I) draws (drawing them from the mixture measured worse, docs/vae-gan.md).
     gen_prior: str = "normal"
     prior_components: int = 30
     # Each network's learning rate as a multiple of the trainer's --lr.
@@ -290,7 +290,7 @@ class VAEGAN(GenerativeModel):
         c, b = self.config, len(x)
         mu, logvar = self.encoder(x)
         z = reparameterize(mu, logvar)
-        z_p = self.code_prior.sample(b) if c.gen_prior == "mixture" else torch.randn_like(z)
+        z_p = torch.randn_like(z)
         # One decoder pass for reconstructions and samples, so batch norm sees both.
         logits = self.decoder(torch.cat([z, z_p]))  # (2B, 1, 28, 28)
         fakes = logits if c.fakes == "both" else logits[b:]  # (2B or B, 1, 28, 28)
