@@ -123,6 +123,18 @@ def test_a_study_folder_leaves_out_an_interrupted_trial_that_was_queued_again(tm
     assert [r.label for r in load_runs([study / "trial-0001"])] == ["trial-0001"]
 
 
+def test_a_trial_of_named_variants_is_labelled_with_its_variant(tmp_path):
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / "study.json").write_text(json.dumps({"study": "s"}))
+    make_run(study / "trial-0000", [100.0, 90.0], lr=1e-3)
+    make_run(study / "trial-0001", [100.0, 95.0], lr=2e-3)
+    (study / "trials.csv").write_text("number,state,test.loss,variant,run,seconds,attempt,retry_of,error\n"
+                                      "0,COMPLETE,90.0,slow,trial-0000,5.0,1,,\n"
+                                      "1,COMPLETE,95.0,fast,trial-0001,5.0,1,,\n")
+    assert [r.label for r in load_runs([study])] == ["trial-0000 (slow)", "trial-0001 (fast)"]
+
+
 @pytest.mark.parametrize("case, expected", [
     ("not a run", "not a run folder (no config.json) nor a study folder"),
     ("missing", "no such run folder"),

@@ -87,14 +87,25 @@ def expand(paths: list[Path]) -> list[Path]:
     return list(dict.fromkeys(runs))
 
 
-def _retried_runs(study_dir: Path) -> set[str]:
-    """The run folders of a study's trials that a later trial retries (trials.csv's retry_of)."""
+def _trial_rows(study_dir: Path) -> list[dict]:
+    """The rows of a study's trials.csv (none where the folder has none)."""
     path = study_dir / TRIALS_FILE
     if not path.is_file():
-        return set()
-    rows = list(csv.DictReader(io.StringIO(read_bytes(path, 16 * 1024 * 1024, "trials table", ConfigError).decode())))
+        return []
+    return list(csv.DictReader(io.StringIO(read_bytes(path, 16 * 1024 * 1024, "trials table", ConfigError).decode())))
+
+
+def _retried_runs(study_dir: Path) -> set[str]:
+    """The run folders of a study's trials that a later trial retries (trials.csv's retry_of)."""
+    rows = _trial_rows(study_dir)
     retried = {row.get("retry_of") for row in rows if row.get("retry_of")}
     return {row["run"] for row in rows if row.get("number") in retried and row.get("run")}
+
+
+def _label(path: Path) -> str:
+    """The run folder's name, and for a sweep's trial with a named variant, the variant's name."""
+    variant = next((row.get("variant") for row in _trial_rows(path.parent) if row.get("run") == path.name), None)
+    return f"{path.name} ({variant})" if variant else path.name
 
 
 def _has_history(run_dir: Path) -> bool:
@@ -112,7 +123,7 @@ def read_run(path: Path) -> RunSummary:
         raise ConfigError(f"{path}: no history (history.csv has no test rows: has it trained an epoch?)")
     metrics = read_json(path / METRICS_FILE, finite=False) if (path / METRICS_FILE).is_file() else {}
     settings = {**config_to_dict(spec.model_config), **config_to_dict(spec.train)}
-    return RunSummary(path, path.name, spec.model, settings, history, metrics)
+    return RunSummary(path, _label(path), spec.model, settings, history, metrics)
 
 
 def load_runs(paths: list[Path]) -> list[RunSummary]:
