@@ -37,10 +37,16 @@ features weigh little against the KL term).
 
 Architecture (arch=conv): DCGAN-shaped (Radford et al. 2016) — 4x4 stride-2 convolutions in the
 encoder and the discriminator, transposed ones in the decoder, batch norm in the encoder and the
-decoder (its projection too), none in the discriminator, so a real image's score never depends on
-the fakes it is batched with; `spectral_norm` optionally normalises the discriminator's layers.
-docs/vae-gan.md has the ablation behind the defaults (each variant 10 epochs on MNIST and
-Fashion-MNIST, measured with the domain classifier's metrics).
+decoder (its projection too), by default none in the discriminator, so a real image's score never
+depends on the fakes it is batched with (`dis_batch_norm` adds it, as InfoGAN has it; it measured
+worse); `spectral_norm` optionally normalises the discriminator's layers. docs/vae-gan.md has the
+ablation behind the defaults (each variant 10 epochs on MNIST and Fashion-MNIST, measured with
+the domain classifier's metrics).
+
+Generation: `gen_prior=normal` decodes N(0, I) draws; `gen_prior=mixture` decodes draws from a
+Gaussian mixture fitted to the training codes after every epoch (models/mixture.py), which puts
+them where the decoder has learned to draw: more recognisable samples, less varied ones
+(docs/vae-gan.md measures both). Training is the same either way.
 
 Gradient routing: every gradient of a step is taken at the same parameters, before any
 optimizer steps (as in Algorithm 1), and each with `torch.autograd.grad` with respect to its own
