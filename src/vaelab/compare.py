@@ -102,9 +102,10 @@ def _retried_runs(study_dir: Path) -> set[str]:
     return {row["run"] for row in rows if row.get("number") in retried and row.get("run")}
 
 
-def _label(path: Path) -> str:
-    """The run folder's name, and for a sweep's trial with a named variant, the variant's name."""
-    variant = next((row.get("variant") for row in _trial_rows(path.parent) if row.get("run") == path.name), None)
+def _label(path: Path, trial_rows: list[dict]) -> str:
+    """The run folder's name, and for a sweep's trial with a named variant (its study's
+    `trial_rows`), the variant's name."""
+    variant = next((row.get("variant") for row in trial_rows if row.get("run") == path.name), None)
     return f"{path.name} ({variant})" if variant else path.name
 
 
@@ -115,7 +116,7 @@ def _has_history(run_dir: Path) -> bool:
         return False
 
 
-def read_run(path: Path) -> RunSummary:
+def read_run(path: Path, label: str | None = None) -> RunSummary:
     cfg = read_run_config(path)
     spec = parse_spec(cfg, path / CONFIG_FILE)
     history = read_history(path)
@@ -123,11 +124,13 @@ def read_run(path: Path) -> RunSummary:
         raise ConfigError(f"{path}: no history (history.csv has no test rows: has it trained an epoch?)")
     metrics = read_json(path / METRICS_FILE, finite=False) if (path / METRICS_FILE).is_file() else {}
     settings = {**config_to_dict(spec.model_config), **config_to_dict(spec.train)}
-    return RunSummary(path, _label(path), spec.model, settings, history, metrics)
+    return RunSummary(path, label or path.name, spec.model, settings, history, metrics)
 
 
 def load_runs(paths: list[Path]) -> list[RunSummary]:
-    runs = [read_run(p) for p in expand(paths)]
+    folders = expand(paths)
+    trial_rows = {parent: _trial_rows(parent) for parent in {p.parent for p in folders}}  # each study's, once
+    runs = [read_run(p, _label(p, trial_rows[p.parent])) for p in folders]
     if not runs:
         raise ConfigError("name at least one run folder or study folder")
     labels = [r.label for r in runs]

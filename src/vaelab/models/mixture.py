@@ -98,8 +98,8 @@ class GaussianMixture(nn.Module):
 
 def _log_normal(z: torch.Tensor, means: torch.Tensor, tril: torch.Tensor) -> torch.Tensor:
     """log N(z_i | means_j, L_j L_j^T) for every code i and component j: (n, k)."""
-    n, d = z.shape
-    out = torch.empty(n, len(means), dtype=z.dtype, device=z.device)
+    d = z.shape[1]
+    out = torch.empty(len(z), len(means), dtype=z.dtype, device=z.device)
     for j in range(len(means)):
         white = torch.linalg.solve_triangular(tril[j], (z - means[j]).T, upper=False)  # (d, n)
         log_det = tril[j].diagonal().log().sum()
