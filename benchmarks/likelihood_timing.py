@@ -2,6 +2,7 @@
 test evaluation, and the IWAE NLL with K = 5000.
 
     OMP_NUM_THREADS=1 python benchmarks/likelihood_timing.py [--steps 300] [--batch-sizes 20 100]
+    python benchmarks/likelihood_timing.py --device cuda           # on a GPU
 
 For each model of the recipe (Burda et al.'s 784-200-200-50 tanh network as the VAE, k = 1, and
 as the IWAE, k = 5 and k = 50), `--steps` training steps of the trainer's own path (the model's
@@ -18,6 +19,7 @@ leave out the time the process waited for a core), so both are shown, with the l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
 
@@ -33,7 +35,12 @@ from vaelab.recipes import RECIPES
 from vaelab.train_config import TrainConfig
 
 
+DEVICE = torch.device("cpu")
+
+
 def clocks() -> tuple[float, float]:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)  # the queued work counts where it is done, not where it is asked for
     return time.perf_counter(), time.process_time()
 
 
@@ -50,22 +57,26 @@ def main(argv=None) -> None:
     parser.add_argument("--nll-images", type=int, default=200)
     parser.add_argument("--nll-k", type=int, default=5000)
     parser.add_argument("--no-eval", action="store_true", help="skip the per-epoch evaluation and the NLL")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--data-dir", default=None, help="load MNIST from this folder (a machine with no internet)")
     args = parser.parse_args(argv)
+    global DEVICE
+    DEVICE = torch.device(args.device)
     runtime.configure()
     print(f"threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f} "
           f"(on {os.cpu_count()} cores)")
-    data = load("mnist", quiet=True)
+    data = load("mnist", quiet=True, from_dir=args.data_dir)
     steps = RECIPES["likelihood-mnist"].steps
     for step in steps:
         config = make_config(step.model, **step.config)
         for batch_size in args.batch_sizes or [step.train.get("batch_size", 128)]:
             torch.manual_seed(0)
-            model = build_model(step.model, config)
+            model = build_model(step.model, config).to(DEVICE)
             opts = model.configure_optimizers(1e-3)
-            batches = Batcher(data.train_x, batch_size, "cpu", shuffle=True, binarize="dynamic")
+            batches = Batcher(data.train_x, batch_size, DEVICE, shuffle=True, binarize="dynamic")
             per_epoch = len(batches)
             it = iter(batches)
-            with onednn_linear(model):
+            with onednn_linear(model) if DEVICE.type == "cpu" else contextlib.nullcontext():
                 for i in range(20 + args.steps):
                     if i == 20:
                         start = clocks()
@@ -77,15 +88,15 @@ def main(argv=None) -> None:
         if args.no_eval:
             continue
         model.eval()
-        train_config = TrainConfig(binarize="dynamic", device="cpu")
+        train_config = TrainConfig(binarize="dynamic", device=DEVICE.type)
         start = clocks()
-        evaluate_terms(model, data.test_x, train_config, torch.device("cpu"))
+        evaluate_terms(model, data.test_x, train_config, DEVICE)
         wall, cpu = since(start)
         print(f"{step.key:<8} per-epoch test evaluation (10,000 images): {wall:.1f} s wall, {cpu:.1f} s CPU",
               flush=True)
         targets, _ = likelihood_images(data, "dynamic")
         start = clocks()
-        iwae_nll(model, targets[: args.nll_images], args.nll_k)
+        iwae_nll(model, targets[: args.nll_images].to(DEVICE), args.nll_k)
         wall, cpu = since(start)
         scale = 10000 / args.nll_images
         print(f"{step.key:<8} IWAE NLL K={args.nll_k} on {args.nll_images} images: {wall:.1f} s wall, "

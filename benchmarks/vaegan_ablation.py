@@ -68,7 +68,7 @@ VARIANTS: dict[str, tuple[dict, str | None]] = {
 }
 
 # The variant the model's defaults are (tests/test_models.py checks they stay the same).
-DEFAULT_VARIANT = "mid-z16-bn-g03-prior-dh1024"
+DEFAULT_VARIANT = "mid-z16-bn-g03-prior-dh1024-mix"
 
 
 def variant_config(name: str) -> dict:
@@ -160,10 +160,14 @@ def cmd_score(args) -> int:
             clf, info = load_or_train_classifier(data, device=args.device, progress=True)
             datasets[dataset] = (data, clf, info)
         data, clf, info = datasets[dataset]
-        samples = generate(load_generator(run_dir, args.device, args.gen_prior, data), args.n, seed=0)
+        if args.gen_prior == "codes":
+            samples = decoded_training_codes(load_generator(run_dir, args.device), data, args.n)
+        else:
+            samples = generate(load_generator(run_dir, args.device, args.gen_prior, data), args.n, seed=0)
         quality = sample_quality(samples, data, clf, seed=0)
         test = [h for h in read_history(run_dir) if h["split"] == "test"]
         name = run_dir.name + ("-mix" if args.gen_prior == "mixture" and not run_dir.name.endswith("-mix") else "")
+        name += "-codes" if args.gen_prior == "codes" else ""
         for variant, q in ((name, quality["samples"]), (FLOOR, quality["real_train"])):
             if variant == FLOOR and any(r["dataset"] == dataset and r["variant"] == FLOOR for r in rows):
                 continue
@@ -181,21 +185,36 @@ def cmd_score(args) -> int:
 FLOOR = "real training images"
 
 
+def decoded_training_codes(model, data, n: int):
+    """The decoder's images of n random training images' codes, one draw z ~ q(z|x) each: the
+    distribution of codes the decoder was trained on, with nothing estimated, so the best any
+    generation prior of this decoder can do (`--gen-prior codes`)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randperm(len(data.train_x), generator=g)[:n]
+    z = model.code_draws(data.train_x[idx].to(model.device), torch.Generator(device=model.device).manual_seed(0))
+    with torch.no_grad():
+        return torch.cat([torch.sigmoid(model.decode_logits(c)).cpu() for c in z.split(1000)])
+
+
 def print_table(rows: list[dict]) -> None:
     """The Markdown tables of docs/vae-gan.md, one per dataset, best confident share first."""
     for dataset in sorted({r["dataset"] for r in rows}, reverse=True):
         sub = sorted((r for r in rows if r["dataset"] == dataset), key=lambda r: -r["confident_share"])
         print(f"\n{dataset} (classifier test accuracy {sub[0]['classifier_accuracy']:.2%})\n")
-        print("| variant | changes (against) | FD ↓ | KID ↓ | precision ↑ | recall ↑ | confident > 0.9 ↑ | test BCE |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| variant | changes (against) | FD ↓ | KID ↓ | precision ↑ | recall ↑ | coverage ↑ | confident > 0.9 ↑ "
+              "| test BCE |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for r in sub:
             changes, base = VARIANTS.get(r["variant"], ({}, None))
             what = ", ".join(f"{k}={v}" for k, v in changes.items()) if r["variant"] != "old" else "the previous default"
             what = f"{what} ({base})" if base else what
             bce = f"{r['test_recon']:.1f}" if r.get("test_recon") is not None else "—"
+            coverage = f"{r['coverage']:.3f}" if r.get("coverage") is not None else "—"  # scored before it existed
             print(f"| {r['variant']} | {what if r['variant'] != FLOOR else '—'} | {r['fd']:.3f} | "
                   f"{r['kid']:.4f} ± {r['kid_std']:.4f} | {r['precision']:.3f} | {r['recall']:.3f} | "
-                  f"{r['confident_share']:.1%} | {bce} |")
+                  f"{coverage} | {r['confident_share']:.1%} | {bce} |")
 
 
 def cmd_table(args) -> int:
@@ -222,8 +241,9 @@ def main() -> int:
     s.add_argument("--n", type=int, default=10000)
     s.add_argument("--device", default="cpu")
     s.add_argument("--json", default=None)
-    s.add_argument("--gen-prior", choices=("normal", "mixture"), default=None,
-                   help="sample from this prior whatever the run was trained with (mixture: fitted to its training codes)")
+    s.add_argument("--gen-prior", choices=("normal", "mixture", "codes"), default=None,
+                   help="sample from this prior whatever the run was trained with (mixture: fitted to its "
+                        "training codes; codes: decode the codes of random training images themselves)")
     tb = sub.add_parser("table", help="print the tables of one or more score JSON files")
     tb.add_argument("json", nargs="+")
     args = p.parse_args()

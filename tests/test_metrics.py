@@ -23,7 +23,8 @@ from vaelab.cli import main
 from vaelab.errors import DataError
 
 QUALITY_KEYS = {"fd", "fd_std", "kid", "kid_std", "precision", "precision_se", "recall", "recall_se",
-                "confident_share", "confident_share_se", "class_histogram", "n"}
+                "coverage", "coverage_se", "confident_share", "confident_share_se", "class_histogram", "n"}
+assert set(metrics.QUALITY_KEYS) == QUALITY_KEYS  # the module's own list, which recipes check kept results by
 
 
 def features(n: int, d: int = 8, shift: float = 0.0, seed: int = 0) -> torch.Tensor:
@@ -66,6 +67,16 @@ def precision_recall_brute(fake: np.ndarray, real: np.ndarray, k: int) -> tuple[
     return float(precision), float(recall)
 
 
+def coverage_brute(fake: np.ndarray, real: np.ndarray, k: int) -> float:
+    """Naeem et al. 2020, eq. 5: the share of real points with a fake point inside their ball
+    of radius |real_i - its k-th nearest other real point|."""
+
+    def radius(i):
+        return sorted(np.linalg.norm(real[i] - real[j]) for j in range(len(real)) if j != i)[k - 1]
+
+    return float(np.mean([any(np.linalg.norm(f - real[i]) <= radius(i) for f in fake) for i in range(len(real))]))
+
+
 # ---------------------------------------------------------------------------------------------
 # The math
 # ---------------------------------------------------------------------------------------------
@@ -106,6 +117,31 @@ def test_precision_recall_match_brute_force(n_fake, n_real, d, k, chunk, seed):
     assert got == pytest.approx(precision_recall_brute(fake.numpy(), real.numpy(), k), abs=1e-12)
 
 
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n_fake=st.integers(1, 25), n_real=st.integers(6, 25), d=st.integers(1, 5), k=st.integers(1, 5),
+       chunk=st.integers(1, 30), seed=st.integers(0, 10**6))
+def test_coverage_matches_brute_force(n_fake, n_real, d, k, chunk, seed):
+    fake, real = features(n_fake, d, shift=0.4, seed=seed), features(n_real, d, seed=seed + 1)
+    got = metrics.coverage(fake, real, k=k, chunk=chunk)
+    assert got == pytest.approx(coverage_brute(fake.numpy(), real.numpy(), k), abs=1e-12)
+
+
+def test_stray_samples_raise_recall_but_not_coverage():
+    """A generator that draws most samples like the real data and some far from anything real:
+    the strays' large k-NN balls take in real points (recall rises), while coverage, with balls
+    around real points only, stays exactly where the good samples put it."""
+    real = features(400, 4, seed=1)
+    good = features(300, 4, seed=2) * 0.6  # a narrower spread than the real data's: part of it covered
+    directions = torch.randn(20, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    far = real.mean(0) + 6 * directions / directions.norm(dim=1, keepdim=True)  # 20 strays, 6 units out
+    strays = torch.cat([good, far])
+    assert metrics.precision_recall(strays, real)[1] > metrics.precision_recall(good, real)[1] + 0.2
+    assert metrics.coverage(strays, real) == metrics.coverage(good, real) < 0.9
+    assert metrics.coverage(real, real) == 1.0 and metrics.coverage(real + 100, real) == 0.0
+    with pytest.raises(ValueError, match="more than 5"):
+        metrics.coverage(real, real[:5])
+
+
 def test_knn_radius_is_the_kth_other_point_and_duplicates_count():
     x = torch.tensor([[0.0], [1.0], [3.0], [3.0], [10.0]], dtype=torch.float64)
     # k = 1: the nearest other point (the duplicate 3.0 is at distance 0); squared distances.
@@ -143,21 +179,25 @@ def test_quality_has_exactly_the_agreed_keys_and_binomial_errors():
     q = metrics.quality(f, probs, ref)
     assert set(q) == QUALITY_KEYS and q["n"] == 300
     assert q["confident_share"] == pytest.approx((probs.max(1).values > 0.9).double().mean().item())
-    for key, n in (("precision", 300), ("recall", 300), ("confident_share", 300)):
+    for key, n in (("precision", 300), ("recall", 300), ("coverage", 300), ("confident_share", 300)):
         assert q[f"{key}_se"] == pytest.approx(math.sqrt(q[key] * (1 - q[key]) / n))
     assert sum(q["class_histogram"]) == pytest.approx(1.0) and len(q["class_histogram"]) == 10
     assert q == metrics.quality(f, probs, ref)  # seeded: the same numbers every time
     json.dumps(q, allow_nan=False)
-    with pytest.raises(ValueError, match="at least 4"):
-        metrics.quality(f[:3], probs[:3], ref)
+    with pytest.raises(ValueError, match="at least 6"):  # coverage's k = 5 needs 5 other images
+        metrics.quality(f[:5], probs[:5], ref)
 
 
 def test_quality_rows_one_row_per_quantity():
     q = metrics.quality(features(100, 8), torch.full((100, 10), 0.1, dtype=torch.float64), features(100, 8, seed=1))
     rows = metrics.quality_rows(q, q)
     labels = [label for label, _ in rows]
-    assert len(labels) == len(set(labels)) == 5
+    assert len(labels) == len(set(labels)) == 6
     assert all(" | " in value and " ± " in value for _, value in rows)
+    # A result measured before coverage existed: its row is left out, not shown as a crash or a blank.
+    old = {k: v for k, v in q.items() if not k.startswith("coverage")}
+    assert [label for label, _ in metrics.quality_rows(old, old)] == [lab for lab in labels if "coverage" not in lab]
+    assert "—" in dict(metrics.quality_rows(old, q))[next(lab for lab in labels if "coverage" in lab)].split(" | ")[0]
 
 
 def test_augment_shifts_within_bounds_and_flips_only_when_asked():
@@ -350,8 +390,8 @@ def _bad_files(tmp_path):
     inf = good.copy()
     inf[0, 0, 0] = np.inf
     npy("inf.npy", inf, "NaN or infinite")
-    npy("few.npy", good[:3], "at least 4")
-    npy("empty.npy", good[:0], "at least 4")
+    npy("few.npy", good[:5], "at least 6")
+    npy("empty.npy", good[:0], "at least 6")
     npy("pickled.npy", np.array([good, "x"], dtype=object), "dtype object", allow_pickle=True)
     (tmp_path / "pickle.npy").write_bytes(pickle.dumps(good))
     cases.append((tmp_path / "pickle.npy", "readable"))
@@ -529,6 +569,12 @@ def test_precision_ranks_them_the_other_way_round_and_recall_is_highest_for_real
     assert p["real"] > 0.7 and p["shuffled"] < 0.05, p
     r = {s: scores[s]["recall"] for s in SETS}
     assert r["real"] > max(r["blurred"], r["blobs"], r["shuffled"]), r
+    # Coverage ranks all four as a person does, each step clear of the noise; recall does not
+    # (the blobs' scattered samples cover more real digits than the blurred ones, 0.11 against 0.005).
+    c = {s: scores[s]["coverage"] for s in SETS}
+    assert all(a - b > 2 * math.hypot(scores[x]["coverage_se"], scores[y]["coverage_se"])
+               for (x, a), (y, b) in itertools.pairwise(c.items())), c
+    assert c["real"] > 0.9, c
 
 
 @pytest.mark.realdata

@@ -2,6 +2,8 @@
 
 import dataclasses
 
+import math
+
 import pytest
 import torch
 from torch.distributions import Categorical, MixtureSameFamily, MultivariateNormal, Normal
@@ -74,9 +76,17 @@ def test_marginal_quantiles_invert_each_axis_cdf():
         torch.testing.assert_close(marginal.cdf(x[:, axis].double()).float(), q, atol=1e-5, rtol=0)
 
 
-def test_fitting_needs_as_many_codes_as_components():
-    with pytest.raises(ValueError, match="at least 4 codes"):
-        GaussianMixture(2, 4).fit(torch.zeros(3, 2))
+def test_fewer_codes_than_components_fit_as_many_components_as_codes():
+    """A run on a handful of images: 3 codes for 30 components fit 3, the rest weigh nothing and
+    are never drawn; a single code cannot be fitted."""
+    codes = torch.tensor([[0.0, 0.0], [4.0, 0.0], [0.0, 4.0]]) + 0.01 * torch.randn(3, 2, generator=torch.Generator().manual_seed(0))
+    g = GaussianMixture(2, 30)
+    assert math.isfinite(g.fit(codes, torch.Generator().manual_seed(0), iterations=5))
+    assert int((g.weights > 0).sum()) == 3 and g.weights.sum().item() == pytest.approx(1.0)
+    z = g.sample(3000, torch.Generator().manual_seed(1))
+    assert torch.isfinite(z).all() and (torch.cdist(z, codes).min(1).values < 1.0).float().mean() > 0.95
+    with pytest.raises(ValueError, match="at least 2 codes"):
+        GaussianMixture(2, 4).fit(torch.zeros(1, 2))
 
 
 def test_vae_gan_samples_from_the_mixture_fitted_at_the_end_of_each_epoch():
@@ -84,10 +94,12 @@ def test_vae_gan_samples_from_the_mixture_fitted_at_the_end_of_each_epoch():
     model = build_model("vae-gan", base)
     images = (torch.rand(90, 28, 28) * 255).to(torch.uint8)
     model.end_of_epoch(images)
-    # fitted to the posterior means of every third image, in eval mode
+    # fitted to one draw z ~ q(z|x) for every third image, in eval mode, its noise seeded apart
     model.eval()
     with torch.no_grad():
-        codes = model.encode(images[::3].unsqueeze(1).float() / 255).mu
+        post = model.encode(images[::3].unsqueeze(1).float() / 255)
+    eps = torch.randn(post.mu.shape, generator=torch.Generator().manual_seed(0))
+    codes = post.mu + (0.5 * post.logvar).exp() * eps
     expected = GaussianMixture(base["latent_dim"], 3)
     expected.fit(codes, torch.Generator().manual_seed(0), iterations=30)
     torch.testing.assert_close(model.code_prior.means, expected.means, atol=1e-5, rtol=1e-4)
@@ -102,6 +114,20 @@ def test_vae_gan_samples_from_the_mixture_fitted_at_the_end_of_each_epoch():
     stored = {k: v for k, v in dataclasses.asdict(normal.config).items() if k != "gen_prior"}
     old = build_model("vae-gan", stored, stored=True)
     assert old.config.gen_prior == "normal" and old.state_dict().keys() == normal.state_dict().keys()
+
+
+def test_a_collapsed_encoders_mixture_is_the_prior_it_collapsed_onto():
+    """objective=basic pulls every q(z|x) onto N(0, I): the posterior means sit at 0, but the
+    draws the decoder is trained on spread like N(0, I), and so must the fitted mixture."""
+    from vaelab.models.base import Posterior
+
+    model = build_model("vae-gan", dict(CASES["vae-gan-conv"][1], prior_components=5))
+    d = model.config.latent_dim
+    model.encode = lambda x, condition=None: Posterior(torch.zeros(len(x), d), torch.zeros(len(x), d))
+    model.end_of_epoch((torch.rand(3000, 28, 28) * 255).to(torch.uint8))
+    z = model.prior_sample(20000, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(z.mean(0), torch.zeros(d), atol=0.05, rtol=0)
+    torch.testing.assert_close(torch.cov(z.T), torch.eye(d), atol=0.1, rtol=0)
 
 
 def test_vae_gan_trains_the_same_with_either_generation_prior():

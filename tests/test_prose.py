@@ -4,16 +4,16 @@ measurements and check that the words change with them."""
 import pytest
 
 from vaelab import prose
-from vaelab.prose import (CONFIDENT, FD, KID, PRECISION, RECALL, SAMPLE_METRICS, compare, figure_caption,
-                          verdict, verdict_sentence)
+from vaelab.prose import (CONFIDENT, COVERAGE, FD, KID, PRECISION, RECALL, SAMPLE_METRICS, compare,
+                          figure_caption, verdict, verdict_sentence)
 
 
 def quality(fd=100.0, kid=0.05, precision=0.5, recall=0.5, confident=0.5, fd_std=1.0, kid_std=0.002,
-            se=0.01, n=2000):
+            se=0.01, n=2000, coverage=0.5):
     """A per-set sample-quality dict in the format of metrics.quality."""
     return {"fd": fd, "fd_std": fd_std, "kid": kid, "kid_std": kid_std,
             "precision": precision, "precision_se": se, "recall": recall, "recall_se": se,
-            "confident_share": confident, "confident_share_se": se, "class_histogram": [0.1] * 10, "n": n}
+            "coverage": coverage, "coverage_se": se, "confident_share": confident, "confident_share_se": se, "class_histogram": [0.1] * 10, "n": n}
 
 
 GOOD = quality(fd=50.0, kid=0.02, precision=0.7, recall=0.6, confident=0.8)
@@ -102,6 +102,20 @@ def test_precision_recall_tradeoff_is_read_as_a_difference_in_kind():
     s = verdict_sentence(v)
     assert "More of A's samples fall among real images' features (precision)" in s
     assert "A is the more faithful, B the more varied" in s
+    # Coverage siding with precision: B's recall is then read as stray samples, not variety.
+    v = verdict((PRECISION, RECALL, COVERAGE), "A", quality(precision=0.8, recall=0.2, coverage=0.8),
+                "B", quality(precision=0.3, recall=0.7, coverage=0.5))
+    s = verdict_sentence(v)
+    assert "more varied" not in s and "B's higher recall, which coverage does not bear out" in s
+    assert "A's samples fall among real images' features (precision), and they also have more real images" in s
+    # ... and with the numbers swapped, the same reading the other way round
+    v = verdict((PRECISION, RECALL, COVERAGE), "A", quality(precision=0.3, recall=0.7, coverage=0.5),
+                "B", quality(precision=0.8, recall=0.2, coverage=0.8))
+    assert "A's higher recall, which coverage does not bear out" in verdict_sentence(v)
+    # Coverage within noise: recall's reading stands.
+    v = verdict((PRECISION, RECALL, COVERAGE), "A", quality(precision=0.8, recall=0.2, coverage=0.6),
+                "B", quality(precision=0.3, recall=0.7, coverage=0.595))
+    assert "A is the more faithful, B the more varied" in verdict_sentence(v)
 
 
 def test_disagreement_says_which_side_more_metrics_favour():
@@ -109,9 +123,9 @@ def test_disagreement_says_which_side_more_metrics_favour():
     b = quality(fd=150.0, kid=0.09, precision=0.4, recall=0.5, confident=0.5)
     v = verdict(SAMPLE_METRICS, "A", a, "B", b)
     assert v.outcome == "disagree" and v.lean == "a"
-    assert "On balance A: 4 of 5 metrics." in verdict_sentence(v)
+    assert "On balance A: 4 of 6 metrics." in verdict_sentence(v)
     w = verdict(SAMPLE_METRICS, "A", b, "B", a)
-    assert w.lean == "b" and "On balance B: 4 of 5 metrics." in verdict_sentence(w)
+    assert w.lean == "b" and "On balance B: 4 of 6 metrics." in verdict_sentence(w)
 
 
 def test_distance_metrics_against_the_classifiers_confidence_get_a_caveat():
@@ -154,7 +168,7 @@ def test_naive_vs_normalized_explanation_follows_the_measured_direction():
     leaning = prose.answer_naive_vs_normalized(
         verdict(SAMPLE_METRICS, "A", quality(fd=50.0, kid=0.01, precision=0.4),
                 "B", quality(fd=150.0, kid=0.09, precision=0.7)), False)
-    assert "On balance A: 2 of 5 metrics" in leaning and "did not show" in leaning
+    assert "On balance A: 2 of 6 metrics" in leaning and "did not show" in leaning
     tie = prose.answer_naive_vs_normalized(verdict(SAMPLE_METRICS, "A", quality(), "B", quality()), False)
     assert "did not show as a clear difference" in tie
 

@@ -34,7 +34,8 @@ IGNORED_SETTINGS = ("log_every", "tensorboard")
 # metrics.json values shown where present: (header, path).
 METRIC_COLUMNS = (("IWAE NLL", ("iwae", "nll")), ("FD", ("sample_quality", "samples", "fd")),
                   ("precision", ("sample_quality", "samples", "precision")),
-                  ("recall", ("sample_quality", "samples", "recall")))
+                  ("recall", ("sample_quality", "samples", "recall")),
+                  ("coverage", ("sample_quality", "samples", "coverage")))
 MISSING = "—"
 
 

@@ -9,6 +9,9 @@ images, which is what a perfect generator would score at that sample size.
     precision/recall  improved precision and recall (Kynkäänniemi et al. 2019), k-NN manifolds
                       with k = 3: how many samples look real / how much of the real data the
                       samples cover                                        higher is better
+    coverage          Naeem et al. 2020: the share of real images with a sample inside their k-NN
+                      ball (k = 5); unlike recall, samples far from every real image cannot
+                      raise it                                             higher is better
     confident_share   share classified with probability > 0.9, and the class histogram
 
 FD alone is fooled: it compares only two moments of the features, so images that are unlike
@@ -57,6 +60,7 @@ from .reading import read_bytes, read_json, require_fields
 
 CONFIDENT = 0.9  # a sample is "confidently classified" above this top-class probability
 PR_K = 3  # Kynkäänniemi et al. 2019 use k = 3 (section 3)
+COVERAGE_K = 5  # Naeem et al. 2020 recommend k = 5 (section 4)
 KID_SUBSETS = 50  # random pairs of subsets of KID_SUBSET_SIZE images; ~0.1 s each for 160 features
 KID_SUBSET_SIZE = 1000
 FD_BOOTSTRAP = 20  # resamples behind fd_std
@@ -64,7 +68,7 @@ MAX_PR_IMAGES = 10000  # precision/recall use at most this many images per set (
 # Fewest images a set may have: the k-NN radius needs k other points (precision and recall), the
 # unbiased MMD^2 needs two per subset. Below ~1000 images every figure is dominated by noise and
 # FD by its small-sample bias; the floor, computed at the same n, shows how much.
-MIN_IMAGES = PR_K + 1
+MIN_IMAGES = max(PR_K, COVERAGE_K) + 1
 CHUNK_ROWS = 1024  # rows of a distance matrix computed at once: 1024 x 10000 float64 = 80 MB
 
 
@@ -476,6 +480,26 @@ def precision_recall(features: torch.Tensor, reference: torch.Tensor, k: int = P
     return inside.double().mean().item(), covered.any(0).double().mean().item()
 
 
+def coverage(features: torch.Tensor, reference: torch.Tensor, k: int = COVERAGE_K,
+             chunk: int = CHUNK_ROWS) -> float:
+    """Coverage (Naeem et al. 2020, eq. 5): the share of real images whose k-NN ball (radius: the
+    distance to the k-th nearest other real image) holds at least one sample.
+
+    Recall draws its balls around the *samples*, so a few samples far from every real image grow
+    large balls that take in real images they look nothing like: a generator's stray outputs
+    raise its recall. Coverage draws balls around real images only; a stray sample falls in none
+    and changes nothing. (Their density, the mean number of real balls a sample lies in, is left
+    out: samples crowding the few large balls of patterned real garments fool it as they fool
+    precision, see README.)"""
+    if len(reference) <= k:
+        raise ValueError(f"coverage with k = {k} needs more than {k} real points")
+    fake, real = features.double(), reference.double()
+    r_real = knn_radii(real, k, chunk)
+    covered = batched(lambda rows: (_squared_distances(rows, real) <= r_real[None, :]).any(0)[None], fake,
+                      batch_size=chunk, to=None)
+    return covered.any(0).double().mean().item()
+
+
 def binomial_se(p: float, n: int) -> float:
     """Standard error of a share p measured on n independent trials: sqrt(p (1 - p) / n)."""
     return math.sqrt(p * (1 - p) / n) if n > 0 else float("nan")
@@ -485,12 +509,18 @@ def _subset(x: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor
     return x if len(x) <= n else x[torch.randperm(len(x), generator=generator)[:n]]
 
 
+# What `quality` measures; a result stored without one of these predates it (recipes measure again).
+QUALITY_KEYS = ("fd", "fd_std", "kid", "kid_std", "precision", "precision_se", "recall", "recall_se",
+                "coverage", "coverage_se", "confident_share", "confident_share_se", "class_histogram", "n")
+
+
 def quality(features: torch.Tensor, probs: torch.Tensor, reference: torch.Tensor, seed: int = 0) -> dict:
     """Every sample-quality figure of one image set (its classifier features and probabilities)
     against the reference (real test) features.
 
-    Precision and recall compare equal-sized sets, m = min(N, M, MAX_PR_IMAGES) random images of
-    each; their standard errors are binomial over those m images, with the manifolds fixed.
+    Precision, recall and coverage compare equal-sized sets, m = min(N, M, MAX_PR_IMAGES)
+    random images of each; the standard errors of the shares are binomial over those m images, with
+    the manifolds fixed.
     """
     n = len(features)
     if n < MIN_IMAGES or len(reference) < MIN_IMAGES:
@@ -499,13 +529,16 @@ def quality(features: torch.Tensor, probs: torch.Tensor, reference: torch.Tensor
     fd, fd_std = frechet_distance_bootstrap(features, reference, generator=g)
     kid, kid_std = kernel_inception_distance(features, reference, generator=g)
     m = min(n, len(reference), MAX_PR_IMAGES)
-    precision, recall = precision_recall(_subset(features, m, g), _subset(reference, m, g))
+    fake_m, real_m = _subset(features, m, g), _subset(reference, m, g)
+    precision, recall = precision_recall(fake_m, real_m)
+    covered = coverage(fake_m, real_m)
     confidence, predicted = probs.max(1)
     confident = (confidence > CONFIDENT).double().mean().item()
     counts = torch.bincount(predicted, minlength=probs.shape[1])
     return {"fd": fd, "fd_std": fd_std, "kid": kid, "kid_std": kid_std,
             "precision": precision, "precision_se": binomial_se(precision, m),
             "recall": recall, "recall_se": binomial_se(recall, m),
+            "coverage": covered, "coverage_se": binomial_se(covered, m),
             "confident_share": confident, "confident_share_se": binomial_se(confident, n),
             "class_histogram": (counts.double() / n).tolist(), "n": n}
 
@@ -538,6 +571,7 @@ QUALITY_ROWS = (
     ("kernel distance (KID)", "kid", "{:.4f}", "kid_std", True),
     (f"precision (k={PR_K})", "precision", "{:.3f}", "precision_se", False),
     (f"recall (k={PR_K})", "recall", "{:.3f}", "recall_se", False),
+    (f"coverage (k={COVERAGE_K})", "coverage", "{:.3f}", "coverage_se", False),
     (f"share classified with confidence > {CONFIDENT}", "confident_share", "{:.1%}", "confident_share_se", False),
 )
 
@@ -546,6 +580,8 @@ def quality_rows(samples: dict, floor: dict, what: str = "samples") -> list[tupl
     """(metric, "value ± spread | floor ± spread") rows comparing an image set with its real floor."""
 
     def cell(q: dict, key: str, fmt: str, spread: str) -> str:
+        if q.get(key) is None:
+            return "—"  # measured before vaelab had this metric
         text = fmt.format(q[key])
         if spread in q and math.isfinite(q[spread]):
             text += " ± " + fmt.format(q[spread]).rstrip("%") + ("%" if fmt.endswith("%}") else "")
@@ -553,6 +589,8 @@ def quality_rows(samples: dict, floor: dict, what: str = "samples") -> list[tupl
 
     rows = []
     for label, key, fmt, spread, lower in QUALITY_ROWS:
+        if samples.get(key) is None and floor.get(key) is None:
+            continue
         arrow = "↓" if lower else "↑"
         rows.append((f"{label} {arrow}, {samples['n']} {what} | {floor['n']} real (floor)",
                      f"{cell(samples, key, fmt, spread)} | {cell(floor, key, fmt, spread)}"))
@@ -575,7 +613,7 @@ def _check_header(path: Path, shape: tuple, dtype: np.dtype) -> None:
         raise DataError(f"{path}: images must have shape (n, 28, 28) or (n, 1, 28, 28), got {tuple(shape)}")
     n = shape[0]
     if n < MIN_IMAGES:
-        raise DataError(f"{path}: {n} images; precision and recall (k = {PR_K}) and KID need at least {MIN_IMAGES}")
+        raise DataError(f"{path}: {n} images; precision and recall (k = {PR_K}), coverage (k = {COVERAGE_K}) and KID need at least {MIN_IMAGES}")
     # The file's array, its float32 copy, as many real images for the floor (uint8 and float32)
     # and the classifier's activations of one batch.
     require_memory(n * 784 * (dtype.itemsize + 4 + 5) + 256 * 1024 * 1024,

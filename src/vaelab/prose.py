@@ -79,8 +79,9 @@ FD = Metric("fd", "Fréchet distance", True, "fd_std", style="sig")
 KID = Metric("kid", "KID", True, "kid_std", style="sig")
 PRECISION = Metric("precision", "precision", False, "precision_se")
 RECALL = Metric("recall", "recall", False, "recall_se")
+COVERAGE = Metric("coverage", "coverage", False, "coverage_se")
 CONFIDENT = Metric("confident_share", "confident share", False, "confident_share_se", style="pct", digits=1)
-SAMPLE_METRICS = (FD, KID, PRECISION, RECALL, CONFIDENT)
+SAMPLE_METRICS = (FD, KID, PRECISION, RECALL, COVERAGE, CONFIDENT)
 RECON_MSE = Metric("recon_mse", "reconstruction MSE", True, "recon_mse_se", digits=4)
 
 
@@ -326,6 +327,12 @@ def tradeoff(v: Verdict, conclude: bool = True) -> str | None:
     adds which is the more faithful and which the more varied (left out where a caveat says the
     feature metrics are not to be trusted here)."""
     for x, y in ((v.a, v.b), (v.b, v.a)):
+        if v.favours(x, "precision") and v.favours(y, "recall") and v.favours(x, "coverage"):
+            # Recall's balls are drawn around the samples, so stray samples far from every real
+            # image raise it; coverage's are drawn around real images only (metrics.coverage).
+            return (f"More of {x}'s samples fall among real images' features (precision), and they "
+                    f"also have more real images near them (coverage); {y}'s higher recall, which "
+                    f"coverage does not bear out, is what samples far from every real image produce.")
         if v.favours(x, "precision") and v.favours(y, "recall"):
             end = f": {x} is the more faithful, {y} the more varied." if conclude else "."
             return (f"More of {x}'s samples fall among real images' features (precision), while "

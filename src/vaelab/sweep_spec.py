@@ -52,7 +52,7 @@ RANGE_KEYS = ("low", "high", "log", "step")
 METRIC_PATHS = {
     "recon_mse": None, "elbo.neg_elbo": None, "elbo.recon": None, "elbo.kl": None,
     "latent.active_units": None, "iwae.nll": "iw_samples",
-    **{f"sample_quality.samples.{k}": "samples" for k in ("fd", "kid", "precision", "recall", "confident_share")},
+    **{f"sample_quality.samples.{k}": "samples" for k in ("fd", "kid", "precision", "recall", "coverage", "confident_share")},
 }
 EVALUATE_KEYS = {"iw_samples": "iw_samples", "iw_images": "iw_images", "samples": "n_samples", "seed": "seed"}
 VARIANT = "variant"  # the searched field a spec's `variants` become

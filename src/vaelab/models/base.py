@@ -170,6 +170,22 @@ class GenerativeModel(nn.Module):
         images are."""
         return batched(lambda x: self.encode(to_float(x)).mu.float(), images, batch_size=2000, to=None, model=self)
 
+    def code_draws(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """One code z ~ q(z|x) for each uint8 image (N, 28, 28): together, draws from the aggregate
+        posterior, the distribution of codes the decoder was trained on (posterior means where the
+        model has no variance). Eval mode, float32, where the images are; the noise comes from
+        `generator`, so the global random stream, and with it training, is untouched."""
+
+        def draw(x):
+            post = self.encode(to_float(x))
+            mu = post.mu.float()
+            if post.logvar is None:
+                return mu
+            eps = torch.randn(mu.shape, generator=generator, device=mu.device)
+            return mu + (0.5 * post.logvar.float()).exp() * eps
+
+        return batched(draw, images, batch_size=2000, to=None, model=self)
+
     def end_of_epoch(self, train_images: torch.Tensor) -> None:
         """Hook run after each epoch, before its checkpoint, with the training images (uint8, on
         the device); the autoencoder records where its codes lie here, so that a run stopped

@@ -41,14 +41,15 @@ class GaussianMixture(nn.Module):
     @torch.no_grad()
     def fit(self, codes: torch.Tensor, generator: torch.Generator | None = None,
             iterations: int = EM_ITERATIONS) -> float:
-        """EM from `components` distinct codes drawn by `generator` as the means, the codes'
-        covariance for every component and equal weights; float64 throughout. Returns the mean
-        log-likelihood per code of the fitted mixture."""
+        """EM from distinct codes drawn by `generator` as the means, the codes' covariance for
+        every component and equal weights; float64 throughout. Returns the mean log-likelihood per
+        code of the fitted mixture. With fewer codes than components (a run on a few images) only
+        as many components as codes are fitted; the others keep weight 0."""
         z = codes.detach().to(torch.float64)
         n, d = z.shape
-        k = self.components
-        if n < k:
-            raise ValueError(f"a {k}-component mixture needs at least {k} codes, got {n}")
+        if n < 2:
+            raise ValueError(f"a mixture needs at least 2 codes to fit, got {n}")
+        k = min(self.components, n)
         start = torch.randperm(n, generator=generator, device=generator.device if generator else "cpu")[:k]
         means = z[start.to(z.device)].clone()
         ridge = RIDGE * z.var(0).mean() * torch.eye(d, dtype=z.dtype, device=z.device)
@@ -67,9 +68,12 @@ class GaussianMixture(nn.Module):
             for j in range(k):
                 diff = z - means[j]
                 covs[j] = (r[:, j, None] * diff).T @ diff / nk[j] + ridge
-        self.weights.copy_(log_w.exp())
-        self.means.copy_(means)
-        self.scale_tril.copy_(tril)
+        self.weights.zero_()
+        self.means.zero_()
+        self.scale_tril.copy_(torch.eye(d, dtype=self.scale_tril.dtype, device=self.scale_tril.device))
+        self.weights[:k] = log_w.exp()
+        self.means[:k] = means
+        self.scale_tril[:k] = tril
         return float(log_total.mean())
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
