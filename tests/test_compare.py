@@ -83,6 +83,9 @@ def test_compare_writes_the_page_and_the_curves_and_prints_the_table(three_runs,
     assert "best epoch (test loss)" in printed and f"wrote {out / 'compare.html'}" in printed
     page = (out / "compare.html").read_text()
     assert page.count("<tr>") == 4 and "data:image/png;base64," in page  # header + 3 runs, the figure inside
+    # One bullet per run folder; the table in a box that scrolls sideways, names on one line.
+    assert page.count("<li>") == 3 and all(f": {p}</li>" in page for p in three_runs)
+    assert '<div class="scroll"><table>' in page and '<td class="short">' in page
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The default: compare/ beside the runs.
     assert default_out(load_runs(three_runs)).resolve() == (three_runs[0].parent / "compare").resolve()
@@ -152,6 +155,15 @@ def test_mistakes_are_one_line_naming_the_path_and_nothing_is_written(tmp_path, 
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{bad}" in err and expected in err, err
     assert not (tmp_path / "cmp").exists()
+
+
+def test_report_tables_keep_short_cells_on_one_line_and_let_sentences_wrap():
+    from vaelab.report import SHORT_CELL, Table, table_html
+
+    short, sentence = "trial-0010 (4 layers, leaky 0.01, no bn, no heads)", "word " * SHORT_CELL
+    page = table_html(Table(["run", "note", "loss"], [[short, sentence, 101.25]]))
+    assert f'<td class="short">{short}</td>' in page and f"<td>{sentence}</td>" in page
+    assert '<td class="num">101.2</td>' in page and page.startswith('<div class="scroll">')
 
 
 def test_compare_needs_a_run(capsys):

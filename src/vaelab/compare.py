@@ -227,7 +227,7 @@ def write_comparison(paths: list[Path], out: Path | None = None) -> tuple[Path, 
         drawn = plot_series([("one line per run", "test loss", series)],
                             Path(scratch) / CURVES, f"Test loss per epoch, {len(runs)} runs")
         page = Report(f"Comparison of {len(runs)} runs")
-        page.paragraph("Runs: " + "; ".join(f"{r.label} ({r.path})" for r in runs) + ".")
+        page.items("Run folders:", [f"{r.label}: {r.path}" for r in runs])
         page.table(table.headers, table.rows, table.caption)
         page.figure(drawn, "Test loss per epoch, one line per run." + models_note(runs),
                     "which run ends lowest, and whether a run was still falling when it stopped.")

@@ -20,6 +20,13 @@ table { border-collapse: collapse; margin: 1em 0; font-size: 0.92em; }
 th, td { border: 1px solid #ccc; padding: .3em .6em; text-align: left; vertical-align: top; }
 th { background: #f0f0f0; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.num, td.short { white-space: nowrap; }
+.scroll { overflow-x: auto; margin: 1em 0; }
+.scroll table { margin: 0; }
+.scroll th { white-space: nowrap; }
+caption { text-align: left; padding-bottom: .3em; }
+.scroll td:first-child { position: sticky; left: 0; background: #fff; }
+.scroll th:first-child { position: sticky; left: 0; }
 figure { margin: 1.2em 0; }
 figure img { max-width: 100%; border: 1px solid #ddd; }
 figcaption { font-size: 0.92em; color: #444; margin-top: .3em; }
@@ -30,6 +37,10 @@ figcaption b { color: #222; }
 
 
 MAX_FIGURE_BYTES = 64 * 1024 * 1024  # a figure larger than this is not one vaelab drew
+# A text cell this short (a name, a setting, "62.1% ± 1.1%") never wraps; a longer one (a sentence)
+# does. A table too wide for the page scrolls sideways with its first column held in view,
+# rather than squeezing its names into columns a word wide.
+SHORT_CELL = 60
 
 
 class Table(NamedTuple):
@@ -41,16 +52,19 @@ class Table(NamedTuple):
 
 
 def table_html(table: Table) -> str:
-    """The table as one HTML <table> (cells escaped; floats right-aligned, 4 significant digits)."""
+    """The table as one HTML <table> in a sideways-scrolling box (cells escaped; floats
+    right-aligned, 4 significant digits; short text cells on one line)."""
     def cell(v: object) -> str:
         if isinstance(v, float):
             return f'<td class="num">{v:.4g}</td>'
-        return f"<td>{html.escape(str(v))}</td>"
+        text = str(v)
+        cls = ' class="short"' if len(text) <= SHORT_CELL else ""
+        return f"<td{cls}>{html.escape(text)}</td>"
 
     head = "".join(f"<th>{html.escape(h)}</th>" for h in table.headers)
     body = "".join("<tr>" + "".join(cell(v) for v in row) + "</tr>" for row in table.rows)
     cap = f"<caption>{html.escape(table.caption)}</caption>" if table.caption else ""
-    return f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f'<div class="scroll"><table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
 def table_text(table: Table) -> str:
@@ -93,6 +107,11 @@ class Report:
     def paragraph(self, text: str, css_class: str | None = None) -> None:
         cls = f' class="{css_class}"' if css_class else ""
         self.blocks.append(f"<p{cls}>{html.escape(text)}</p>")
+
+    def items(self, lead: str, items: Sequence[str]) -> None:
+        """A sentence introducing a bulleted list."""
+        lis = "".join(f"<li>{html.escape(i)}</li>" for i in items)
+        self.blocks.append(f"<p>{html.escape(lead)}</p><ul>{lis}</ul>")
 
     def table(self, headers: Sequence[str], rows: Sequence[Sequence[object]], caption: str | None = None) -> None:
         self.blocks.append(table_html(Table(headers, rows, caption)))
