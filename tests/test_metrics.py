@@ -108,20 +108,13 @@ def test_kid_is_near_zero_for_one_distribution_and_grows_with_the_shift():
     assert same[0] < kids[0] < kids[1] < kids[2], kids
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(n_fake=st.integers(4, 25), n_real=st.integers(4, 25), d=st.integers(1, 5), k=st.integers(1, 3),
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n_fake=st.integers(6, 25), n_real=st.integers(6, 25), d=st.integers(1, 5), k=st.integers(1, 5),
        chunk=st.integers(1, 30), seed=st.integers(0, 10**6))
-def test_precision_recall_match_brute_force(n_fake, n_real, d, k, chunk, seed):
+def test_precision_recall_and_coverage_match_brute_force(n_fake, n_real, d, k, chunk, seed):
     fake, real = features(n_fake, d, shift=0.4, seed=seed), features(n_real, d, seed=seed + 1)
     got = metrics.precision_recall(fake, real, k=k, chunk=chunk)
     assert got == pytest.approx(precision_recall_brute(fake.numpy(), real.numpy(), k), abs=1e-12)
-
-
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(n_fake=st.integers(1, 25), n_real=st.integers(6, 25), d=st.integers(1, 5), k=st.integers(1, 5),
-       chunk=st.integers(1, 30), seed=st.integers(0, 10**6))
-def test_coverage_matches_brute_force(n_fake, n_real, d, k, chunk, seed):
-    fake, real = features(n_fake, d, shift=0.4, seed=seed), features(n_real, d, seed=seed + 1)
     got = metrics.coverage(fake, real, k=k, chunk=chunk)
     assert got == pytest.approx(coverage_brute(fake.numpy(), real.numpy(), k), abs=1e-12)
 
