@@ -305,7 +305,7 @@ def comparison_table(results: Sequence[StepResult]) -> Table:
                   f"{RECON_MSE.label} {RECON_MSE.arrow}", "neg. ELBO (nats)", "IWAE NLL (nats)"], rows,
                  "Every model measured the same way: samples from its generator scored by the "
                  "domain classifier; reconstructions and likelihoods on the test set. "
-                 "± : the standard error for precision, recall and confident share; the "
+                 "± : the standard error for precision, recall, coverage and confident share; the "
                  "bootstrap standard deviation for FD; the standard deviation over "
                  f"{KID_SUBSET_SIZE}-image subsets for KID (larger than the standard error "
                  "of their mean, so a cautious yardstick).")
@@ -435,7 +435,10 @@ METRICS_EXPLAINED = (
     "share of samples that fall within the real images' feature manifold (fidelity); recall: the "
     "share of real images within the samples' manifold (variety). A sample counts as inside when "
     "it is near any one real image, so samples crowded onto a few real images can score a high "
-    "precision with a recall near 0: read the two together. Confident share: samples the "
+    "precision with a recall near 0: read the two together. Coverage: the share of real images "
+    "with a sample near them (within the distance to their 5th-nearest real neighbour); unlike "
+    "recall, which stray samples far from every real image raise, it counts only samples near real "
+    "ones. Confident share: samples the "
     "classifier assigns to one class with probability > 0.9. The likelihoods are on grey-level "
     "images, so they compare the VAEs here but not with binarized-MNIST numbers elsewhere. A "
     "difference is called clear only beyond 2 combined standard errors.")
