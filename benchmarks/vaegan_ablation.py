@@ -193,7 +193,7 @@ def decoded_training_codes(model, data, n: int):
 
     g = torch.Generator().manual_seed(0)
     idx = torch.randperm(len(data.train_x), generator=g)[:n]
-    z = model.code_draws(data.train_x[idx].to(model.device), torch.Generator(device=model.device).manual_seed(0))
+    z = model.codes(data.train_x[idx].to(model.device), torch.Generator(device=model.device).manual_seed(0))
     with torch.no_grad():
         return torch.cat([torch.sigmoid(model.decode_logits(c)).cpu() for c in z.split(1000)])
 

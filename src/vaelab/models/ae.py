@@ -115,7 +115,7 @@ class AE(GenerativeModel):
         return buf(self.code_mean) + buf(self.code_cov.diagonal()).sqrt() * torch.special.ndtri(q)
 
     def end_of_epoch(self, train_images: torch.Tensor) -> None:
-        codes = self.code_means(train_images)
+        codes = self.codes(train_images)
         self.code_min.copy_(codes.min(0).values)
         self.code_max.copy_(codes.max(0).values)
         self.code_mean.copy_(codes.mean(0))

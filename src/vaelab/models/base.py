@@ -164,27 +164,23 @@ class GenerativeModel(nn.Module):
         opt.step()
         return out
 
-    def code_means(self, images: torch.Tensor) -> torch.Tensor:
-        """The codes of uint8 images (N, 28, 28) as generation decodes them: posterior means (an
-        autoencoder's codes), in eval mode (running batch-norm statistics), float32, where the
-        images are."""
-        return batched(lambda x: self.encode(to_float(x)).mu.float(), images, batch_size=2000, to=None, model=self)
+    def codes(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The codes of uint8 images (N, 28, 28): posterior means (an autoencoder's codes), or with
+        `generator`, one draw z ~ q(z|x) for each image: together, draws from the aggregate
+        posterior, the codes the decoder was trained on (still the means where the model has no
+        variance). Eval mode (running batch-norm statistics), float32, where the images are; the
+        noise comes from `generator` alone, so the global random stream, and with it training, is
+        untouched."""
 
-    def code_draws(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """One code z ~ q(z|x) for each uint8 image (N, 28, 28): together, draws from the aggregate
-        posterior, the distribution of codes the decoder was trained on (posterior means where the
-        model has no variance). Eval mode, float32, where the images are; the noise comes from
-        `generator`, so the global random stream, and with it training, is untouched."""
-
-        def draw(x):
+        def encode(x):
             post = self.encode(to_float(x))
             mu = post.mu.float()
-            if post.logvar is None:
+            if generator is None or post.logvar is None:
                 return mu
             eps = torch.randn(mu.shape, generator=generator, device=mu.device)
             return mu + (0.5 * post.logvar.float()).exp() * eps
 
-        return batched(draw, images, batch_size=2000, to=None, model=self)
+        return batched(encode, images, batch_size=2000, to=None, model=self)
 
     def end_of_epoch(self, train_images: torch.Tensor) -> None:
         """Hook run after each epoch, before its checkpoint, with the training images (uint8, on

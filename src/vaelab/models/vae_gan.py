@@ -283,7 +283,7 @@ class VAEGAN(GenerativeModel):
         if self.config.gen_prior == "mixture":
             # Fixed seeds, so a resumed run fits the same mixture.
             g = torch.Generator(device=train_images.device).manual_seed(0)
-            codes = self.code_draws(train_images[::FIT_STRIDE], g)
+            codes = self.codes(train_images[::FIT_STRIDE], g)
             self.code_prior.fit(codes, torch.Generator(device=codes.device).manual_seed(0), FIT_ITERATIONS)
 
     # --- losses -------------------------------------------------------------------------------
