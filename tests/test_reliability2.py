@@ -30,7 +30,7 @@ from vaelab import checkpoint as ckpt
 from vaelab import data as data_mod
 from vaelab import reading
 from vaelab.cli import main
-from vaelab.errors import CheckpointError, RunInUseError, WriteError
+from vaelab.errors import CheckpointError, ConfigError, RunInUseError, WriteError
 from vaelab.models import MODELS
 from vaelab.models.vae import VAE
 
@@ -600,6 +600,43 @@ def test_vaelab_config_changes_a_generation_only_setting(ae_run, capsys):
     err = one_line(capsys, ["config", str(ae_run), "hidden_dims=[3]"])
     assert "hidden_dims: only gen_prior can change after training" in err, err
     assert json.loads((ae_run / "config.json").read_text())["model_config"]["gen_prior"] == "normal"
+
+
+def test_vaelab_config_switches_a_vae_gans_generation_prior_and_refuses_an_unfitted_mixture(tmp_path, capsys):
+    """The VAE-GAN fits its mixture whatever gen_prior says, so a trained run switches either
+    way; a run saved before the mixture existed loads (drawing N(0, I)) but cannot switch to it."""
+    from vaelab.models import make_config
+    from vaelab.train import train
+
+    run = tmp_path / "vg"
+    config = make_config("vae-gan", arch="mlp", hidden_dims=[16], dis_hidden_dims=[16], latent_dim=2,
+                         gen_prior="normal", prior_components=3)
+    train("vae-gan", config, quick_config(), run, progress=False, data=synthetic_data())
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    normal = ckpt.load_run(run).model
+    assert normal.absent_state == () and normal.code_prior.weights.count_nonzero() == 3  # fitted
+    torch.testing.assert_close(normal.prior_sample(5, g()), torch.randn(5, 2, generator=g()))
+    assert main(["config", str(run), "gen_prior=mixture"]) == 0
+    assert capsys.readouterr().out == f"{run / 'config.json'}: gen_prior 'normal' -> 'mixture'\n"
+    mixture = ckpt.load_run(run).model
+    torch.testing.assert_close(mixture.prior_sample(5, g()), mixture.code_prior.sample(5, g()))
+    assert "mixture" in mixture.prior_name
+    assert main(["config", str(run), "gen_prior=normal"]) == 0
+    capsys.readouterr()
+    # The weights of a run saved before the mixture existed: no code_prior tensors.
+    tensors, meta = ckpt.load_tensors(run / ckpt.MODEL_FILE)
+    ckpt.save_tensors(run / ckpt.MODEL_FILE, {k: v for k, v in tensors.items() if not k.startswith("code_prior.")}, meta)
+    old = ckpt.load_run(run).model
+    assert all(k.startswith("code_prior.") for k in old.absent_state) and len(old.absent_state) == 3
+    torch.testing.assert_close(old.prior_sample(5, g()), torch.randn(5, 2, generator=g()))
+    before = (run / "config.json").read_bytes()
+    err = one_line(capsys, ["config", str(run), "gen_prior=mixture"])
+    assert f"{run}: gen_prior=mixture: this run has no fitted mixture" in err, err
+    assert (run / "config.json").read_bytes() == before
+    # Edited into config.json by hand all the same: generation refuses, it does not draw N(0, I).
+    (run / "config.json").write_text(before.decode().replace('"gen_prior": "normal"', '"gen_prior": "mixture"'))
+    with pytest.raises(ConfigError, match="no fitted mixture"):
+        ckpt.load_run(run).model.prior_sample(5, g())
 
 
 def test_vaelab_config_on_a_model_without_generation_settings(run, capsys):

@@ -23,6 +23,7 @@ training length and device (`--resume --epochs/--device`) and a model's generati
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -351,15 +352,24 @@ def update_config(run_dir: str | Path, assignments: list[str]) -> list[tuple[str
         new_config = apply_overrides(spec.model_config, assignments)
         before, after = config_to_dict(spec.model_config), config_to_dict(new_config)
         changed = [(k, before[k], after[k]) for k in after if before[k] != after[k]]
+        if changed and weights_path.exists():  # the trained weights must support the new setting
+            model = build_spec(dataclasses.replace(spec, model_config=new_config), config_path)
+            load_state_into(model, load_tensors(weights_path)[0], weights_path)
+            try:
+                model.check_generation()
+            except ConfigError as e:
+                raise ConfigError(f"{run_dir}: {e}") from None
         if changed:
             write_config_dict(run_dir, {**spec.to_dict(), "model_config": after})
         return changed
 
 
 def load_state_into(model, tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """Load weights strictly; a mismatch names the file and the first differing keys."""
+    """Load weights strictly (but for the model's `optional_state`, which older runs may lack); a
+    mismatch names the file and the first differing keys."""
     own = model.state_dict()
-    missing = sorted(set(own) - set(tensors))
+    optional = tuple(getattr(model, "optional_state", ()))
+    missing = sorted(k for k in set(own) - set(tensors) if not (optional and k.startswith(optional)))
     unexpected = sorted(set(tensors) - set(own))
     if missing or unexpected:
         raise CheckpointError(
@@ -370,7 +380,8 @@ def load_state_into(model, tensors: dict[str, torch.Tensor], path: Path) -> None
         if own[k].shape != v.shape or own[k].dtype != v.dtype:
             raise CheckpointError(f"{path}: weights do not fit a {model.name} with this config ({k} has shape "
                                   f"{tuple(v.shape)} {v.dtype}, expected {tuple(own[k].shape)} {own[k].dtype})")
-    model.load_state_dict(tensors)
+    model.load_state_dict(tensors, strict=False)  # checked above: only optional state may be missing
+    model.absent_state = tuple(sorted(set(own) - set(tensors)))
 
 
 def resolve_run_dir(path: str | Path) -> Path:

@@ -704,8 +704,9 @@ def cmd_models(args) -> int:
 
 def _add_config(sub) -> None:
     p = sub.add_parser("config", help="show or change a trained run's generation-only settings",
-                       description="Settings that only affect generation (the AE's gen_prior) may change "
-                                   "after training; everything else is fixed by the weights. Without "
+                       description="Settings that only affect generation (the AE's and the VAE-GAN's "
+                                   "gen_prior) may change after training; everything else is fixed by the "
+                                   "weights. Without "
                                    "KEY=VALUE, lists the settings that may change and their values.")
     p.add_argument("run", type=Path)
     p.add_argument("assignments", nargs="*", metavar="KEY=VALUE", help="e.g. gen_prior=normal")

@@ -59,6 +59,11 @@ class GenerativeModel(nn.Module):
     # Config fields that only change how the trained model generates, never its training: they
     # may change after training (`vaelab config RUN key=value`, or by hand in config.json).
     generation_fields: ClassVar[tuple[str, ...]] = ()
+    # State-dict key prefixes that runs saved by an older vaelab may lack; loaded without them,
+    # those tensors keep their initial values (the model says when that matters).
+    optional_state: ClassVar[tuple[str, ...]] = ()
+    # The optional_state keys the loaded weights lacked (set by checkpoint.load_state_into).
+    absent_state: tuple[str, ...] = ()
     description: ClassVar[str] = ""
     # Whether `encode` and `decode_logits` use a condition; False: they refuse one.
     conditional: ClassVar[bool] = False
@@ -181,6 +186,10 @@ class GenerativeModel(nn.Module):
             return mu + (0.5 * post.logvar.float()).exp() * eps
 
         return batched(encode, images, batch_size=2000, to=None, model=self)
+
+    def check_generation(self) -> None:
+        """Raise ConfigError where this model, with its weights, cannot generate as its config
+        says (`vaelab config` asks before it changes a generation setting)."""
 
     def end_of_epoch(self, train_images: torch.Tensor) -> None:
         """Hook run after each epoch, before its checkpoint, with the training images (uint8, on

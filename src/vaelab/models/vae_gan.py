@@ -48,7 +48,8 @@ the training codes after every epoch (models/mixture.py), which puts them where 
 learned to draw; `gen_prior=normal` decodes N(0, I) draws, some of which fall between the codes'
 clusters and decode to malformed images. On MNIST the mixture's samples are better on every
 measure that stray samples cannot inflate; on Fashion-MNIST they are more often recognised but
-blurrier and less varied (docs/vae-gan.md measures both). Training is the same either way.
+blurrier and less varied (docs/vae-gan.md measures both). Training is the same either way, and
+the mixture is fitted either way, so `vaelab config RUN gen_prior=...` switches a trained run.
 
 Gradient routing: every gradient of a step is taken at the same parameters, before any
 optimizer steps (as in Algorithm 1), and each with `torch.autograd.grad` with respect to its own
@@ -226,6 +227,8 @@ class VAEGAN(GenerativeModel):
                   "kl", "recon", "feature", "dec_updated", "dis_updated")
     regularizer_term = "kl"
     description = "VAE-GAN (Larsen et al. 2016): encoder, decoder and discriminator with their own updates"
+    generation_fields = ("gen_prior",)
+    optional_state = ("code_prior.",)
 
     def __init__(self, config: VAEGANConfig):
         super().__init__(config)
@@ -243,8 +246,9 @@ class VAEGAN(GenerativeModel):
             self.decoder = MLPDecoder(c.latent_dim, c.hidden_dims)
             self.discriminator = Discriminator(c.dis_hidden_dims, spectral_norm=c.spectral_norm,
                                                batch_norm=c.dis_batch_norm)
-        if c.gen_prior == "mixture":
-            self.code_prior = GaussianMixture(c.latent_dim, c.prior_components)
+        # Fitted whatever gen_prior says, so that `vaelab config RUN gen_prior=...` can switch a
+        # trained run either way; runs saved before it existed load without it (optional_state).
+        self.code_prior = GaussianMixture(c.latent_dim, c.prior_components)
         n_layers = len(self.discriminator.layers)
         if c.feature_loss and not -n_layers <= c.feature_layer < n_layers:
             raise ConfigError(f"feature_layer {c.feature_layer}: the discriminator has {n_layers} hidden layers")
@@ -263,9 +267,17 @@ class VAEGAN(GenerativeModel):
 
     # --- generation ---------------------------------------------------------------------------
 
+    def check_generation(self) -> None:
+        """Refuse to draw from a mixture that was never fitted (a run saved before vaelab fitted
+        one), rather than silently drawing N(0, I) under the mixture's name."""
+        if self.config.gen_prior == "mixture" and any(k.startswith("code_prior.") for k in self.absent_state):
+            raise ConfigError("gen_prior=mixture: this run has no fitted mixture (it was saved by a vaelab that "
+                              "did not fit one); use gen_prior=normal, or train it again")
+
     def prior_sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         if self.config.gen_prior == "normal":
             return super().prior_sample(n, generator)
+        self.check_generation()
         return self.code_prior.sample(n, generator)
 
     @property
@@ -277,14 +289,14 @@ class VAEGAN(GenerativeModel):
     def prior_quantiles(self, q: torch.Tensor) -> torch.Tensor:
         if self.config.gen_prior == "normal":
             return super().prior_quantiles(q)
+        self.check_generation()
         return self.code_prior.marginal_quantiles(q)
 
     def end_of_epoch(self, train_images: torch.Tensor) -> None:
-        if self.config.gen_prior == "mixture":
-            # Fixed seeds, so a resumed run fits the same mixture.
-            g = torch.Generator(device=train_images.device).manual_seed(0)
-            codes = self.codes(train_images[::FIT_STRIDE], g)
-            self.code_prior.fit(codes, torch.Generator(device=codes.device).manual_seed(0), FIT_ITERATIONS)
+        # Fixed seeds, so a resumed run fits the same mixture.
+        g = torch.Generator(device=train_images.device).manual_seed(0)
+        codes = self.codes(train_images[::FIT_STRIDE], g)
+        self.code_prior.fit(codes, torch.Generator(device=codes.device).manual_seed(0), FIT_ITERATIONS)
 
     # --- losses -------------------------------------------------------------------------------
 
