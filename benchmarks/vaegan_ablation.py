@@ -118,8 +118,9 @@ def train_one(args) -> int:
 def load_generator(run_dir: Path, device: str, gen_prior: str | None = None, data=None):
     """The run's model, or, from a folder holding only `decoder.safetensors` (what comes back from
     a remote machine), a model whose decoder has the trained weights: enough to sample.
-    `gen_prior="mixture"` on a run trained with `gen_prior=normal`: the same weights, sampling from
-    a mixture fitted to `data`'s training codes as the model's own end-of-epoch step fits it."""
+    `gen_prior`: sample from that prior whatever the run's config says (as `vaelab config` would
+    switch it); a run saved before the VAE-GAN fitted its mixture has it fitted here to `data`'s
+    training codes, as the model's own end-of-epoch step fits it."""
     import dataclasses
 
     import torch
@@ -130,12 +131,11 @@ def load_generator(run_dir: Path, device: str, gen_prior: str | None = None, dat
 
     if (run_dir / "model.safetensors").exists():
         model = load_run(run_dir, device=device).model.eval()
-        if gen_prior and model.config.gen_prior != gen_prior:
-            refit = build_model("vae-gan", {**dataclasses.asdict(model.config), "gen_prior": gen_prior})
-            missing, unexpected = refit.load_state_dict(model.state_dict(), strict=False)
-            assert not unexpected and all(k.startswith("code_prior.") for k in missing), (missing, unexpected)
-            model = refit.to(torch.device(device)).eval()
-            model.end_of_epoch(data.train_x.to(model.device))
+        if gen_prior:
+            model.config = dataclasses.replace(model.config, gen_prior=gen_prior)
+            if gen_prior == "mixture" and model.absent_state:
+                model.end_of_epoch(data.train_x.to(model.device))
+                model.absent_state = ()
         return model
     cfg = read_run_config(run_dir)
     model = build_model(cfg["model"], cfg["model_config"], stored=True)
@@ -191,11 +191,12 @@ def decoded_training_codes(model, data, n: int):
     generation prior of this decoder can do (`--gen-prior codes`)."""
     import torch
 
+    from vaelab.inference import batched
+
     g = torch.Generator().manual_seed(0)
     idx = torch.randperm(len(data.train_x), generator=g)[:n]
     z = model.codes(data.train_x[idx].to(model.device), torch.Generator(device=model.device).manual_seed(0))
-    with torch.no_grad():
-        return torch.cat([torch.sigmoid(model.decode_logits(c)).cpu() for c in z.split(1000)])
+    return batched(lambda c: torch.sigmoid(model.decode_logits(c)), z, batch_size=1000, model=model)
 
 
 def print_table(rows: list[dict]) -> None:
