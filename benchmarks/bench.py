@@ -3,6 +3,7 @@
     python benchmarks/bench.py                 # the full run (about 3 minutes on 2 cores)
     python benchmarks/bench.py --quick         # a smoke run on a data subset (about a minute)
     python benchmarks/bench.py --json out.json --compile --no-bf16
+    python benchmarks/bench.py --busy          # the same with another process keeping one core busy
 
 What it measures, each training run in its own subprocess (so threads, memory and warm caches of
 one run never leak into the next):
@@ -25,7 +26,11 @@ one run never leak into the next):
    seconds per epoch, through the same `train` entry point.
 
 Timings are wall clock; on a shared machine they are only as good as the machine is quiet, so
-the load average is recorded before and after each phase.
+the load average is recorded before and after each phase. `--busy` measures the other case on
+purpose: a process spinning on one core for the whole run, as another user's job would (each
+vaelab run picks its threads as `vaelab train` does; the baseline keeps PyTorch's default).
+On a CPU without fast bf16 (`vaelab.devices.bf16_slow`) the bf16 curve is skipped and the report
+says so: there it is emulated and takes several times as long as everything else together.
 """
 
 from __future__ import annotations
@@ -493,7 +498,8 @@ def run_all(args) -> dict:
     model_epochs = 1
     sample_n = 2000 if quick else 10000
     results: dict = {"machine": machine_info(), "settings": {
-        "quick": quick, "epochs": epochs, "n_train": n_train, "n_test": n_test, "batch": BATCH, "lr": LR}}
+        "quick": quick, "epochs": epochs, "n_train": n_train, "n_test": n_test, "batch": BATCH, "lr": LR,
+        "busy": bool(getattr(args, "busy", False))}}
     results["machine"]["load_at_start"] = load_average()
 
     def say(msg):
@@ -514,7 +520,12 @@ def run_all(args) -> dict:
     say("[bench] matmul throughput again, right after the vaelab run ...")
     results["matmul_after"] = in_subprocess("matmul", batch=BATCH, seconds=0.5 if quick else 2.0)
     extra = {}
-    if args.bf16:
+    from vaelab.devices import bf16_slow
+
+    if args.bf16 and bf16_slow(torch.device("cpu")):
+        results["settings"]["bf16_skipped"] = "this CPU has no fast bf16 (oneDNN's bf16 kernels need AVX-512)"
+        say(f"[bench] no bf16 curve: {results['settings']['bf16_skipped']}")
+    elif args.bf16:
         say(f"[bench] vaelab vae 784-400-20 bf16 autocast, {epochs} epoch(s) ...")
         extra["bf16"] = in_subprocess("vaelab", model="vae", overrides=mlp, epochs=epochs, n_train=n_train,
                                       n_test=n_test, precision="bf16")
@@ -588,7 +599,9 @@ def report(results: dict) -> str:
     out = [f"## Machine\n\n{m['cpu']}, {m['logical_cpus']} logical CPUs, {m['physical_cores']} physical cores, "
            f"AVX-512 BF16: {'yes' if m['avx512_bf16'] else 'no'}; torch {m['torch']}, Python {m['python']}; "
            f"{m['date']}; load average {m['load_at_start']:.2f} at start, {m['load_at_end']:.2f} at end"
-           f"{' (QUICK run: data subset, not the targets)' if st['quick'] else ''}."]
+           f"{' (QUICK run: data subset, not the targets)' if st['quick'] else ''}"
+           f"{'; another process kept one core busy throughout (`--busy`)' if st.get('busy') else ''}."
+           + (f" No bf16 curve: {st['bf16_skipped']}." if st.get("bf16_skipped") else "")]
     n = f"{base['n_train']} train / {base['n_test']} test images" + (" (subset)" if st["quick"] else "")
     out.append(f"## Throughput: MLP 784-400-20, batch {BATCH}, {st['epochs']} epoch(s), {n}, test pass each epoch\n\n"
                + table(["loop", "images/s", "wall s", "train-loop s", "process CPU s", "threads", "max RSS MB",
@@ -663,6 +676,11 @@ def report(results: dict) -> str:
     return "\n\n".join(out) + "\n"
 
 
+def busy_core() -> subprocess.Popen:
+    """Another process spinning on one core (a pure Python loop, nothing to share with ours)."""
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a subset of the data and 1 epoch: a smoke run")
@@ -675,6 +693,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None,
                    help="OMP_NUM_THREADS for every run (default: vaelab's choice, runtime.default_threads, "
                         "for vaelab's runs and PyTorch's for the baseline)")
+    p.add_argument("--busy", action="store_true",
+                   help="keep one core busy with another process for the whole run (a busy machine)")
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results.json", help="where to write JSON")
     p.add_argument("--worker", nargs=2, metavar=("KIND", "KWARGS"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -683,7 +703,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     global THREADS
     THREADS = args.threads
-    results = run_all(args)
+    burner = busy_core() if args.busy else None
+    try:
+        results = run_all(args)
+    finally:
+        if burner is not None:
+            burner.kill()
+            burner.wait()
     text = report(results)
     print(text)
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ from vaelab import checkpoint as ckpt
 from vaelab.batch import Batch, StepState
 from vaelab.data import to_float
 from vaelab.errors import ConfigError
-from vaelab.models import MODELS, build_model, make_config, vae_step
+from vaelab.models import MODELS, build_model, make_config
 from vaelab.models.base import GenerativeModel
 from vaelab.models.vae import VAE
 from vaelab.models.vae_gan import VAEGAN
@@ -238,8 +238,6 @@ def test_the_hand_step_uses_the_kl_weight_it_is_given():
     """On VAE itself the hand-derived step is taken with the model's `kl_weight(state)`: a weight
     set on the instance (here a warm-up) is honoured, matching autograd to rounding, and differs
     from training with the constant beta by far more than that."""
-    if not vae_step.onednn_available():
-        pytest.skip("the hand-derived step needs oneDNN (CPU builds have it)")
     torch.manual_seed(0)
     model = build_model("vae", make_config("vae", hidden_dims=[24], latent_dim=3))
     constant, constant_opts = autograd_twin(model)

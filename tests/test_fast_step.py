@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from vaelab import fastpath
 from vaelab.batch import Batch, StepState
 from vaelab.models import build_model, make_config, vae_step
 from vaelab.models.base import GenerativeModel
@@ -15,7 +16,16 @@ from vaelab.models.blocks import GaussianHeads
 from vaelab.models.vae import VAE
 from vaelab.optim import PackedAdam
 
-pytestmark = pytest.mark.skipif(not vae_step.onednn_available(), reason="needs oneDNN (CPU builds have it)")
+
+
+@pytest.fixture(autouse=True, params=["mkl", "onednn"])
+def library(request, monkeypatch):
+    """Every test here runs with the step's multiplies through each library `fastpath.matmul`
+    can choose (oneDNN where the CPU has AVX-512, PyTorch's MKL path elsewhere)."""
+    if request.param == "onednn" and not fastpath.onednn_available():
+        pytest.skip("this PyTorch build has no oneDNN")
+    monkeypatch.setattr(fastpath, "onednn_faster", lambda: request.param == "onednn")
+    return request.param
 
 
 def autograd_twin(model):

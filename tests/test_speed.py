@@ -150,6 +150,28 @@ def test_bf16_autocast_path_trains_and_evaluates_on_cpu(tmp_path, tiny_data):
         assert trainer.model.decode(torch.randn(2, 2)).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("slow", [True, False])
+def test_bf16_on_a_cpu_without_fast_bf16_says_so_once(tmp_path, tiny_data, monkeypatch, capsys, slow):
+    import sys
+
+    monkeypatch.setattr(sys.modules["vaelab.train"], "bf16_slow", lambda device: slow)  # the module, not the function
+    train("vae", make_config("vae", hidden_dims=[16]), quick_config(epochs=1, precision="bf16"), tmp_path / "run",
+          data=tiny_data)
+    notes = [line for line in capsys.readouterr().err.splitlines() if "bf16" in line]
+    assert notes == (["vaelab: note: this CPU has no fast bf16 (oneDNN's bf16 kernels need AVX-512), so bf16 is "
+                      "emulated here and several times slower than fp32; --precision fp32 trains faster"]
+                     if slow else [])
+
+
+def test_bf16_is_slow_only_on_a_cpu(monkeypatch):
+    from vaelab.devices import bf16_slow
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False, raising=False)
+    assert bf16_slow(torch.device("cpu")) and not bf16_slow(torch.device("cuda"))
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
+    assert not bf16_slow(torch.device("cpu"))
+
+
 def test_batcher_state_replays_the_same_batches(tiny_data):
     b = Batcher(tiny_data.train_x, 32, "cpu", binarize="dynamic", seed=3)
     state = b.state_dict()

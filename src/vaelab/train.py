@@ -39,10 +39,10 @@ from . import distributed as dist
 from .batch import StepState
 from .config import config_from_dict, config_to_dict
 from .data import Batcher, ImageData, load_training_data
-from .devices import autocast, channels_last, resolve_device, wants_channels_last
+from .devices import autocast, bf16_slow, channels_last, resolve_device, wants_channels_last
 from .errors import CheckpointError, ConfigError, DivergenceError, TrainingInterrupted
 from .evaluate import evaluate_terms
-from .fastpath import onednn_linear
+from .fastpath import onednn_faster, onednn_linear
 from .history_files import HISTORY_FILE, write_history, write_steps
 from .memory import device_memory, meta_model, parameter_count, require_memory
 from .models import build_model
@@ -65,6 +65,10 @@ class Trainer:
         self.distributed = dist.active()
         self.progress = progress and dist.is_main()
         self.device = resolve_device(config.device)
+        if self.progress and config.precision == "bf16" and bf16_slow(self.device):
+            print("vaelab: note: this CPU has no fast bf16 (oneDNN's bf16 kernels need AVX-512), so bf16 is "
+                  "emulated here and several times slower than fp32; --precision fp32 trains faster",
+                  file=sys.stderr, flush=True)
         self.model = model.to(self.device)
         dist.broadcast_module(self.model)  # every process starts from the main one's weights
         if config.compile:
@@ -171,9 +175,9 @@ class Trainer:
 
     def fit(self) -> list[dict]:
         self.model.train()
-        # fp32 linear layers through oneDNN while training on the CPU (see fastpath.py); inductor
-        # has its own kernels, so not with compile.
-        fast = self.device.type == "cpu" and not self.config.compile
+        # fp32 linear layers through oneDNN while training on a CPU where it is the faster library
+        # (see fastpath.py); inductor has its own kernels, so not with compile.
+        fast = self.device.type == "cpu" and not self.config.compile and onednn_faster()
         try:
             with (stop_on_signals() as signals, onednn_linear(self.model, enabled=fast),
                   channels_last(self.model, enabled=wants_channels_last(self.model))):

@@ -3,7 +3,8 @@
 Same loss, same gradients, same Adam update as the autograd step (up to rounding); only how they
 are computed differs. On a small MLP, autograd's bookkeeping, the separate element-wise passes of the loss and
 its derivative, and one Adam kernel per tensor take as long as the matrix multiplies themselves.
-Here every multiply runs through oneDNN (with the ReLU fused into the forward ones), the loss
+Here every multiply runs through the faster library of the CPU (`fastpath.matmul`: oneDNN
+with the ReLU fused into the forward ones where it has AVX-512, MKL elsewhere), the loss
 derivatives are a few whole-batch passes, and `PackedAdam.update` takes the gradients straight
 from the multiplies. tests/test_fast_step.py checks the gradients against autograd's.
 
@@ -32,7 +33,8 @@ from torch import nn
 from torch.nn.modules import module as torch_module
 from torch.optim import optimizer as torch_optimizer
 
-from ..fastpath import forward_replaced, onednn_available, onednn_mm
+from .. import fastpath
+from ..fastpath import forward_replaced, matmul, onednn_mm
 from ..optim import PackedAdam
 from .base import ModelOutput
 from .blocks import GaussianHeads, MLPDecoder, MLPEncoderTrunk
@@ -119,13 +121,13 @@ def applies(model, x: torch.Tensor, optimizer, derivation: Derivation | None) ->
     """Whether `training_step` computes what the autograd step would here: `derivation` (from
     `derived_for`, once) still holds, the objective is the one derived (BCE + weight * KL: no free
     bits, no importance samples; read each step, as the config is a plain dataclass), the model
-    runs in fp32 on the CPU with oneDNN, no autocast and no hooks, and a `PackedAdam` that can take
+    runs in fp32 on the CPU, no autocast and no hooks, and a `PackedAdam` that can take
     the gradients updates it, with no step hook (`PackedAdam.update` is not `step()`, so it would
     skip one: data-parallel training averages the gradients in such a hook, distributed.py)."""
     return (derivation is not None and derivation.holds(model) and not _has_hooks(derivation, model)
             and not _has_step_hooks(optimizer)
             and model.config.free_bits == 0 and model.config.iwae_k == 1
-            and x.device.type == "cpu" and x.dtype == torch.float32 and onednn_available()
+            and x.device.type == "cpu" and x.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu") and torch.is_grad_enabled()
             and isinstance(optimizer, PackedAdam) and optimizer.can_update()
             and all(p.dtype == torch.float32 and p.device.type == "cpu" for p in derivation.params))
@@ -135,7 +137,9 @@ def weight_grad(dy: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """dW = dy^T a for y = a W^T: (B, out), (B, in) -> (out, in).
 
     oneDNN reads its left operand row-major, so one side is copied transposed; take the cheaper
-    of copying dy^T, or a^T plus the transposed result (returned as a view)."""
+    of copying dy^T, or a^T plus the transposed result (returned as a view). MKL reads either."""
+    if not fastpath.onednn_faster():
+        return torch.mm(dy.t(), a)
     (batch, n_out), n_in = dy.shape, a.shape[1]
     if batch * n_out <= batch * n_in + n_in * n_out:
         return onednn_mm(dy.t(), a.t())  # (out, B) @ (B, in)
@@ -154,10 +158,10 @@ def training_step(model, x: torch.Tensor, optimizer: PackedAdam, derivation: Der
         enc_inputs, h = [], pixels
         for layer in encoder:
             enc_inputs.append(h)
-            h = onednn_mm(h, layer.weight, layer.bias, "relu")
+            h = matmul(h, layer.weight, layer.bias, "relu")
         heads_w = torch.cat([model.heads.mu.weight, model.heads.logvar.weight])  # (2D, H)
         heads_b = torch.cat([model.heads.mu.bias, model.heads.logvar.bias])
-        heads = onednn_mm(h, heads_w, heads_b)  # (B, 2D)
+        heads = matmul(h, heads_w, heads_b)  # (B, 2D)
         mu, logvar = heads[:, :latent], heads[:, latent:]
         std = torch.exp(0.5 * logvar)
         eps = torch.randn_like(mu)  # the draw `reparameterize` makes
@@ -165,7 +169,7 @@ def training_step(model, x: torch.Tensor, optimizer: PackedAdam, derivation: Der
         dec_inputs, g = [], z
         for i, layer in enumerate(decoder):
             dec_inputs.append(g)
-            g = onednn_mm(g, layer.weight, layer.bias, "relu" if i + 1 < len(decoder) else "none")
+            g = matmul(g, layer.weight, layer.bias, "relu" if i + 1 < len(decoder) else "none")
         logits = g  # (B, 784)
 
         # The loss, as batch means: BCE(l, x) = softplus(l) - x l, and KL(q || N(0, I)) =
@@ -186,7 +190,7 @@ def training_step(model, x: torch.Tensor, optimizer: PackedAdam, derivation: Der
             layer = decoder[i]
             grads[layer.weight] = weight_grad(dy, dec_inputs[i])
             grads[layer.bias] = bias_grad(dy, layer.bias)
-            dy = onednn_mm(dy, layer.weight.t())  # (B, out) @ (out, in)
+            dy = matmul(dy, layer.weight.t())  # (B, out) @ (out, in)
             if i > 0:  # through the ReLU that produced this layer's input
                 dy = torch.ops.aten.threshold_backward(dy, dec_inputs[i], 0)
         dz = dy
@@ -199,14 +203,14 @@ def training_step(model, x: torch.Tensor, optimizer: PackedAdam, derivation: Der
         grads[model.heads.mu.bias] = bias_grad(dmu, model.heads.mu.bias)
         grads[model.heads.logvar.bias] = bias_grad(dlogvar, model.heads.logvar.bias)
         if encoder:
-            dy = onednn_mm(dheads, heads_w.t())
+            dy = matmul(dheads, heads_w.t())
         for i in reversed(range(len(encoder))):
             layer = encoder[i]
             dy = torch.ops.aten.threshold_backward(dy, enc_inputs[i + 1] if i + 1 < len(encoder) else h, 0)
             grads[layer.weight] = weight_grad(dy, enc_inputs[i])
             grads[layer.bias] = bias_grad(dy, layer.bias)
             if i > 0:
-                dy = onednn_mm(dy, layer.weight.t())
+                dy = matmul(dy, layer.weight.t())
 
         optimizer.update([grads[p] for p in optimizer.params])
     return ModelOutput(loss=loss, terms={"recon": recon, "kl": kl})
