@@ -19,7 +19,6 @@ leave out the time the process waited for a core), so both are shown, with the l
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import time
 
@@ -29,7 +28,7 @@ from vaelab import runtime
 from vaelab.batch import StepState
 from vaelab.data import Batcher, load, to_float
 from vaelab.evaluate import evaluate_terms, iwae_nll, likelihood_images
-from vaelab.fastpath import onednn_linear
+from vaelab.fastpath import onednn_faster, onednn_linear
 from vaelab.models import build_model, make_config
 from vaelab.recipes import RECIPES
 from vaelab.train_config import TrainConfig
@@ -76,7 +75,7 @@ def main(argv=None) -> None:
             batches = Batcher(data.train_x, batch_size, DEVICE, shuffle=True, binarize="dynamic")
             per_epoch = len(batches)
             it = iter(batches)
-            with onednn_linear(model) if DEVICE.type == "cpu" else contextlib.nullcontext():
+            with onednn_linear(model, enabled=DEVICE.type == "cpu" and onednn_faster()):
                 for i in range(20 + args.steps):
                     if i == 20:
                         start = clocks()
