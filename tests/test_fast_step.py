@@ -17,7 +17,6 @@ from vaelab.models.vae import VAE
 from vaelab.optim import PackedAdam
 
 
-
 @pytest.fixture(autouse=True, params=["mkl", "onednn"])
 def library(request, monkeypatch):
     """Every test here runs with the step's multiplies through each library `fastpath.matmul`
