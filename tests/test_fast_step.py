@@ -114,8 +114,6 @@ def test_the_step_is_only_taken_where_it_computes_the_same_update():
     assert not vae_step.applies(model, x, packed, derivation)
     model.heads = ClampedHeads(16, 2)  # a part replaced after the check
     assert not vae_step.applies(model, x, packed, derivation)
-    lstm = build_model("lstm-vae", make_config("lstm-vae"))
-    assert not isinstance(lstm.configure_optimizers(1e-3)["model"], PackedAdam)
 
 
 def test_gradient_clipping_takes_the_autograd_step(monkeypatch):
@@ -170,6 +168,74 @@ def test_packed_adam_update_equals_its_step_and_keeps_adams_state_format():
         torch.testing.assert_close(p, q, rtol=0, atol=0)
     small = opt_c.params[1]
     assert small.untyped_storage().data_ptr() == opt_c.flat_params.untyped_storage().data_ptr()
+
+
+def adam_pair(betas=(0.9, 0.999), seed=0):
+    """The same network twice: one with PackedAdam, one with torch.optim.Adam (fused)."""
+    net_a, _ = make_packed(seed)
+    net_b, _ = make_packed(seed)
+    return (net_a, PackedAdam(net_a.parameters(), lr=1e-2, betas=betas),
+            net_b, torch.optim.Adam(net_b.parameters(), lr=1e-2, betas=betas, fused=True))
+
+
+def set_grads(*nets, seed: int, skip: int | None = None) -> None:
+    torch.manual_seed(seed)
+    grads = [torch.randn_like(p) for p in nets[0].parameters()]
+    for net in nets:
+        for i, (p, g) in enumerate(zip(net.parameters(), grads)):
+            p.grad = None if i == skip else g.clone()
+
+
+def test_packed_adam_step_is_adams_step_bit_for_bit():
+    net_a, packed, net_b, plain = adam_pair(betas=(0.5, 0.999))
+    initial = [p.detach().clone() for p in net_a.parameters()]
+    for i in range(6):
+        if i == 3:  # a schedule changing the learning rate between steps
+            for opt in (packed, plain):
+                opt.param_groups[0]["lr"] = 3e-3
+        set_grads(net_a, net_b, seed=20 + i)
+        packed.step()
+        plain.step()
+    for p, q in zip(net_a.parameters(), net_b.parameters()):
+        assert torch.equal(p, q)
+    for s, t in zip(packed.state.values(), plain.state.values()):
+        assert all(torch.equal(s[k], t[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+    assert all((p - p0).abs().mean() > 1e-3 for p, p0 in zip(net_a.parameters(), initial))  # all trained
+    assert [float(s["step"]) for s in packed.state.values()] == [6.0] * 4
+
+
+def test_packed_adam_step_without_a_gradient_is_adams_step():
+    net_a, packed, net_b, plain = adam_pair()
+    set_grads(net_a, net_b, seed=1, skip=2)  # one bias without a gradient: Adam leaves it alone
+    frozen = net_a[2].weight.detach().clone()
+    packed.step()
+    plain.step()
+    assert torch.equal(net_a[2].weight, frozen)
+    assert [float(s["step"]) for s in packed.state.values()] == [1.0, 1.0, 0.0, 1.0]
+    for p, q in zip(net_a.parameters(), net_b.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_packed_adam_step_runs_the_step_hooks_around_it():
+    net_a, packed, net_b, plain = adam_pair()
+    # A pre-hook that changes the gradients (as data-parallel averaging does) must reach the
+    # update: negated, they move every weight the other way.
+    def negate(opt, args, kwargs):
+        for group in opt.param_groups:
+            for p in group["params"]:
+                p.grad.neg_()
+
+    for opt in (packed, plain):
+        opt.register_step_pre_hook(negate)
+    seen = []
+    packed.register_step_post_hook(lambda o, args, kwargs: seen.append(float(o.state[o.params[0]]["step"])))
+    for i in range(3):
+        set_grads(net_a, net_b, seed=40 + i)
+        packed.step()
+        plain.step()
+    assert seen == [1.0, 2.0, 3.0]
+    for p, q in zip(net_a.parameters(), net_b.parameters()):
+        assert torch.equal(p, q)
 
 
 def test_packed_adam_state_has_adams_key_order():

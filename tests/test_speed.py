@@ -4,6 +4,9 @@ tiny run of the benchmark's functions. No timing assertions: speed targets are c
 benchmarks/bench.py, never by unit tests."""
 
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +22,7 @@ from vaelab.devices import autocast, wants_channels_last
 from vaelab.evaluate import evaluate_terms
 from vaelab.train import train
 
-from conftest import quick_config
+from conftest import quick_config, write_dataset_files
 
 needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN")
 
@@ -114,6 +117,44 @@ def test_configure_takes_threads_then_the_environment_then_the_probe(monkeypatch
             runtime.configure(threads=0)
     finally:
         torch.set_num_threads(before)
+
+
+# One process: `vaelab train` of two models (the one-optimizer and the three-optimizer kind) on a synthetic "mnist" (tests/_synthetic_cli.py),
+# then TorchDynamo imported, reporting what was imported when.
+NO_DYNAMO_SCRIPT = """
+import runpy, sys, torch
+script, data, out = sys.argv[1:4]
+runs = [["train", "vae", "--set", "hidden_dims=[16]"],
+        ["train", "vae-gan", "--set", "arch=mlp", "--set", "hidden_dims=[16]"]]
+for i, args in enumerate(runs):
+    sys.argv = [script, "--data", data, "--n-train", "64", "--no-figures", "--", *args, "--epochs", "1",
+                "--batch-size", "16", "--quiet", "--out", f"{out}/run{i}"]
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as e:
+        assert e.code in (0, None), e.code
+trained = "torch._dynamo" in sys.modules
+from vaelab.optim import PackedAdam
+opt = PackedAdam(torch.nn.Linear(2, 2).parameters(), lr=1e-3)
+import torch._dynamo  # as torch.compile does
+opt.zero_grad()  # from now on torch's own disable wraps it again
+wrapped = getattr(torch.optim.Optimizer.zero_grad.__wrapped__, "__dynamo_disable")
+print(trained, type(wrapped).__name__)
+"""
+
+
+def test_training_from_the_command_line_does_not_import_torchdynamo(tmp_path):
+    """torch.optim imports TorchDynamo (1.7 s of CPU) on an optimizer's first use; runtime.configure
+    (every command) and PackedAdam.step keep that out of training that compiles nothing, and a
+    process that compiles later gets torch's own wrapping back."""
+    script = Path(__file__).resolve().parent / "_synthetic_cli.py"
+    write_dataset_files(tmp_path / "data", n_train=64, n_test=32)
+    env = {**os.environ, "VAELAB_DATA": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(script.parents[1] / "src"), str(script.parent)])}
+    result = subprocess.run([sys.executable, "-c", NO_DYNAMO_SCRIPT, str(script), str(tmp_path / "data"), str(tmp_path)],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[-1].split() == ["False", "function"], result.stdout[-2000:] + result.stderr[-2000:]
 
 
 def flushes_denormals() -> bool:

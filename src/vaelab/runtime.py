@@ -1,5 +1,5 @@
-"""Process-wide settings for fast CPU work: the intra-op thread count, denormal flushing, and
-glibc keeping freed memory for reuse.
+"""Process-wide settings for fast CPU work: the intra-op thread count, denormal flushing,
+glibc keeping freed memory for reuse, and no TorchDynamo import where nothing is compiled.
 
 They change the whole process, so nothing in the library applies them by itself: the command line
 does, for every command (`--threads N` overrides the thread count), and a program that uses
@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import gc
 import os
 import statistics
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -141,12 +143,62 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 512 << 20))
 
 
+# Where `torch._disable_dynamo` caches a method's disabled version (torch/_compile.py).
+DYNAMO_DISABLE_ATTR = "__dynamo_disable"
+
+
+class _DisableOnceDynamoLoads:
+    """Stands in for the `torch._dynamo.disable(fn)` that `torch._disable_dynamo` builds on a
+    method's first call: the method runs as it is until `torch._dynamo` has been imported by
+    someone (torch.compile, say), and through the real `disable` from then on. Until then nothing
+    can be tracing, so the disable has nothing to do."""
+
+    def __init__(self, fn, recursive: bool):
+        self.fn, self.recursive = fn, recursive
+
+    def __call__(self, *args, **kwargs):
+        if "torch._dynamo" not in sys.modules:
+            return self.fn(*args, **kwargs)
+        import torch._dynamo
+
+        disabled = torch._dynamo.disable(self.fn, self.recursive, wrapping=False)
+        setattr(self.fn, DYNAMO_DISABLE_ATTR, disabled)  # what torch._disable_dynamo caches, from now on
+        return disabled(*args, **kwargs)
+
+
+def defer_dynamo_import() -> int:
+    """Keep torch from importing TorchDynamo where nothing is compiled.
+
+    Functions that torch marks `torch._disable_dynamo` (Optimizer.zero_grad and state_dict, the
+    reference implementations that ops on the meta device run, ...) import `torch._dynamo` on their
+    first call to wrap themselves: 1.7 s of CPU, as much as importing torch, in every `vaelab`
+    command. Each such function's wrapper is pre-set to `_DisableOnceDynamoLoads`, which behaves
+    the same without the import. Functions of torch modules imported later keep torch's own
+    behaviour. Returns how many it deferred; 0 where the torch in use has no such wrapper."""
+    marker = torch._disable_dynamo(lambda: None).__code__
+    deferred = 0
+    # The wrappers are closures over the function they wrap, so the garbage collector's list of
+    # live objects is where they can all be found (~70 ms).
+    for wrapper in gc.get_objects():
+        if type(wrapper) is not types.FunctionType or wrapper.__code__ is not marker:
+            continue
+        cells = dict(zip(marker.co_freevars, (c.cell_contents for c in wrapper.__closure__)))
+        fn = cells.get("fn")
+        if fn is None or getattr(fn, DYNAMO_DISABLE_ATTR, None) is not None:
+            continue
+        setattr(fn, DYNAMO_DISABLE_ATTR, _DisableOnceDynamoLoads(fn, cells.get("recursive", True)))
+        deferred += 1
+    return deferred
+
+
 def configure(threads: int | None = None) -> int:
-    """Tune this process for vaelab's CPU work: freed memory kept for reuse, denormals flushed
+    """Tune this process for vaelab's CPU work: freed memory kept for reuse, no TorchDynamo
+    import until something compiles (`defer_dynamo_import`), denormals flushed
     (they appear in the tails of trained weights and slow CPU multiplies by orders of magnitude),
     and the intra-op thread count: `threads`, else OMP_NUM_THREADS, else `default_threads()`.
     Returns the thread count now in use."""
     keep_freed_memory()
+    defer_dynamo_import()
     torch.set_flush_denormal(True)
     if threads is not None:
         torch.set_num_threads(check_threads(threads))

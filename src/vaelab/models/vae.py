@@ -16,7 +16,6 @@ from ..batch import Batch, StepState
 from ..config import option, require
 from ..losses import (bce_from_logits, bce_from_logits_shared_target, iwae_bound, kl_free_bits, kl_normal,
                       kl_normal_per_dim, log_normal, log_standard_normal, reparameterize)
-from ..optim import PackedAdam
 from . import vae_step
 from .base import GenerativeModel, ModelOutput, Posterior
 from .blocks import ACTIVATIONS, GaussianHeads, MLPDecoder, MLPEncoderTrunk
@@ -143,7 +142,7 @@ class VAE(GaussianVAE):
         # Whether the hand-derived step (vae_step.py) computes this model's update is decided here,
         # once, by exact classes: a subclass, or a part of another class, trains by autograd.
         self._derivation = vae_step.derived_for(self, VAE)
-        return {"model": PackedAdam(self.parameters(), lr=lr)}
+        return super().configure_optimizers(lr)
 
     def training_step(self, batch: Batch, optimizers: dict[str, torch.optim.Optimizer],
                       state: StepState) -> ModelOutput:

@@ -79,6 +79,7 @@ from ..batch import Batch, StepState
 from ..config import require
 from ..distributed import global_mean
 from ..errors import ConfigError
+from ..optim import PackedAdam
 from ..losses import bce_from_logits, discriminator_loss, generator_loss, kl_normal, mmd_imq, reparameterize
 from .registry import register
 from .base import GenerativeModel, ModelOutput, Posterior
@@ -372,7 +373,7 @@ class VAEGAN(GenerativeModel):
         # beta1 = 0.5, the usual choice for adversarial training (Radford et al. 2016)
         c = self.config
         scale = {"encoder": c.enc_lr_scale, "decoder": c.dec_lr_scale, "discriminator": c.dis_lr_scale}
-        return {name: torch.optim.Adam(net.parameters(), lr=lr * scale[name], betas=(0.5, 0.999), fused=True)
+        return {name: PackedAdam(net.parameters(), lr=lr * scale[name], betas=(0.5, 0.999))
                 for name, net in self.networks().items()}
 
     def training_step(self, batch: Batch, optimizers: dict[str, torch.optim.Optimizer],
