@@ -175,3 +175,37 @@ def test_a_resumed_convolutional_run_ends_with_the_weights_of_a_straight_run(tmp
     resumed = resume(tmp_path / "split", epochs=2, progress=False, data=tiny_data)
     for k, v in straight.model.state_dict().items():
         assert torch.equal(v, resumed.model.state_dict()[k]), k
+
+
+def plain_adam(monkeypatch) -> None:
+    """Every model's optimizers as vaelab made them before PackedAdam: torch.optim.Adam, fused."""
+    from vaelab.models.base import GenerativeModel
+    from vaelab.models.vae_gan import VAEGAN
+
+    def as_adam(configure):
+        def configure_optimizers(self, lr):
+            return {name: torch.optim.Adam(opt.param_groups[0]["params"], lr=opt.param_groups[0]["lr"],
+                                           betas=opt.param_groups[0]["betas"], fused=True)
+                    for name, opt in configure(self, lr).items()}
+        return configure_optimizers
+
+    monkeypatch.setattr(GenerativeModel, "configure_optimizers", as_adam(GenerativeModel.configure_optimizers))
+    monkeypatch.setattr(VAEGAN, "configure_optimizers", as_adam(VAEGAN.configure_optimizers))
+
+
+@pytest.mark.parametrize("name, fields", [("ae", dict(hidden_dims=[16], latent_dim=2)),
+                                          ("vae-gan", dict(arch="mlp", hidden_dims=[16], latent_dim=2))])
+def test_a_run_saved_with_torch_adam_resumes_with_packed_adam_as_it_would_have_trained(tmp_path, tiny_data,
+                                                                                       monkeypatch, name, fields):
+    """Run folders of earlier versions hold torch.optim.Adam's state; PackedAdam loads it and its
+    step is Adam's arithmetic, so the resumed run ends bit for bit where Adam would have taken it."""
+    cfg = make_config(name, **fields)
+    with monkeypatch.context() as m:
+        plain_adam(m)
+        straight = train(name, cfg, quick_config(epochs=2), tmp_path / "straight", progress=False, data=tiny_data)
+        train(name, cfg, quick_config(epochs=1), tmp_path / "old", progress=False, data=tiny_data)
+        assert all(type(o) is torch.optim.Adam for o in straight.optimizers.values())
+    resumed = resume(tmp_path / "old", epochs=2, progress=False, data=tiny_data)
+    assert all(type(o).__name__ == "PackedAdam" for o in resumed.optimizers.values())
+    for k, v in straight.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
