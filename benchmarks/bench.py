@@ -349,6 +349,22 @@ def run_vaelab(model: str, overrides: dict, epochs: int, n_train: int | None, n_
     return result
 
 
+def lstm_layer_flops(input_shape, weight_ih_shape, weight_hh_shape, *args, **kwargs) -> int:
+    """FLOPs of one LSTM layer's forward, its two GEMMs per time step: (T, B, I) input, gates
+    4H = weight rows, hidden H; element-wise gate arithmetic not counted, as for the other layers."""
+    steps, batch, inputs = input_shape
+    gates, hidden = weight_ih_shape[0], weight_hh_shape[1]
+    return 2 * steps * batch * gates * (inputs + hidden)
+
+
+# torch.utils.flop_counter has no formula for oneDNN's LSTM layer, so it counted an LSTM as 0
+# FLOPs; its backward is the input and the weight gradients, twice the forward.
+RNN_FLOP_FORMULAS = {
+    torch.ops.aten.mkldnn_rnn_layer: lstm_layer_flops,
+    torch.ops.aten.mkldnn_rnn_layer_backward: lambda *a, **k: 2 * lstm_layer_flops(*a, **k),
+}
+
+
 def run_plain(model: str, overrides: dict, epochs: int, n_train: int | None, n_test: int | None,
               seed: int = 1) -> dict:
     """The same model trained by a plain, competent PyTorch loop: the data as one tensor in memory,
@@ -357,7 +373,8 @@ def run_plain(model: str, overrides: dict, epochs: int, n_train: int | None, n_t
     vaelab's trainer (no oneDNN linear layers, channels-last, fused Adam or hand-derived step).
     One-optimizer models: loss.backward(); step. Several networks (the VAE-GAN): the model's own
     `training_step`, whose routing of gradients is its definition, with those plain optimizers.
-    Also counts the FLOPs of one training step (torch.utils.flop_counter: matmuls and convolutions,
+    Also counts the FLOPs of one training step (torch.utils.flop_counter: matmuls, convolutions and,
+    by RNN_FLOP_FORMULAS, oneDNN's LSTM layers,
     forward and backward)."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -398,7 +415,7 @@ def run_plain(model: str, overrides: dict, epochs: int, n_train: int | None, n_t
             i += 1
         train_seconds += time.perf_counter() - t0
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=RNN_FLOP_FORMULAS)
     with counter:
         step(i, Batch(x[:BATCH], y[:BATCH]), epochs)
     return {"train_seconds": train_seconds, "wall_seconds": wall, "run_cpu_seconds": cpu,

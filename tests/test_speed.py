@@ -254,6 +254,18 @@ def test_benchmark_functions_on_a_tiny_configuration(synthetic_mnist):
     for name in ("cvae", "vae-gan"):  # a conditional model and one with three optimizers
         tiny = {"hidden_dims": [8]} if name == "cvae" else {"arch": "mlp", "hidden_dims": [8], "dis_hidden_dims": [8]}
         assert bench.run_plain(name, tiny, epochs=1, n_train=256, n_test=128)["images"] == 256
+    # The LSTM's FLOPs are counted too (torch's counter alone has no formula for its kernel):
+    # 28 steps of (128 x 44) @ (44 x 64) forward, twice that backward, plus the decoder's.
+    lstm = bench.run_plain("lstm-vae", {"lstm_hidden": 16}, epochs=1, n_train=256, n_test=128)
+    lstm_alone = 3 * 2 * 28 * 128 * 64 * (28 + 16)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    layer = nn.LSTM(28, 16, batch_first=True)
+    counter = FlopCounterMode(display=False, custom_mapping=bench.RNN_FLOP_FORMULAS)
+    with counter:
+        layer(torch.rand(128, 28, 28))[1][0].sum().backward()
+    assert counter.get_total_flops() == lstm_alone
+    assert lstm["step_flops"] > lstm_alone
     results = {"machine": {**bench.machine_info(), "load_at_start": 0.0, "load_at_end": 0.0},
                "settings": {"quick": True, "epochs": 1}, "variants": {},
                "baseline": {**base, "max_rss_mb": 1.0, "cpu_seconds": 1.0, "load_before": 0, "load_after": 0},
