@@ -79,8 +79,8 @@ from ..batch import Batch, StepState
 from ..config import require
 from ..distributed import global_mean
 from ..errors import ConfigError
-from ..optim import PackedAdam
 from ..losses import bce_from_logits, discriminator_loss, generator_loss, kl_normal, mmd_imq, reparameterize
+from ..optim import PackedAdam
 from .registry import register
 from .base import GenerativeModel, ModelOutput, Posterior
 from .mixture import GaussianMixture
