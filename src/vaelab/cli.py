@@ -247,7 +247,6 @@ def _train(args) -> int:
     from .checkpoint import load_run
     from .config import config_from_dict
     from .errors import ConfigError
-    from .figures import write_training_figures
     from .models import make_config
     from .train import resume, train
 
@@ -279,6 +278,8 @@ def _train(args) -> int:
         trainer = train(args.model, model_config, config, run_dir, overwrite=args.overwrite, progress=progress)
     if not distributed.is_main():
         return 0  # the main process draws the figures and prints what was written
+    from .figures import write_training_figures  # matplotlib: only in the process that draws
+
     run = load_run(run_dir, device=trainer.device)
     with together():  # every figure or none
         written = write_training_figures(run_dir, run.model, trainer.data.test_x, seed=trainer.config.seed,
