@@ -146,7 +146,7 @@ class VAE(GaussianVAE):
 
     def training_step(self, batch: Batch, optimizers: dict[str, torch.optim.Optimizer],
                       state: StepState) -> ModelOutput:
-        # On the CPU the hand-derived step does the same update about 1.6x faster; gradient
+        # On the CPU the hand-derived step does the same update faster (README: 1.0-1.6x); gradient
         # clipping, hooks, autocast, compile and CUDA take the autograd step. Both weigh the KL
         # term by the same `kl_weight(state)`.
         opt = optimizers["model"]
