@@ -206,7 +206,7 @@ def test_packed_adam_step_is_adams_step_bit_for_bit():
 
 def test_packed_adam_step_without_a_gradient_is_adams_step():
     net_a, packed, net_b, plain = adam_pair()
-    set_grads(net_a, net_b, seed=1, skip=2)  # one bias without a gradient: Adam leaves it alone
+    set_grads(net_a, net_b, seed=1, skip=2)  # the last layer's weight without a gradient: Adam leaves it alone
     frozen = net_a[2].weight.detach().clone()
     packed.step()
     plain.step()

@@ -119,8 +119,8 @@ def test_configure_takes_threads_then_the_environment_then_the_probe(monkeypatch
         torch.set_num_threads(before)
 
 
-# One process: `vaelab train` of two models (the one-optimizer and the three-optimizer kind) on a synthetic "mnist" (tests/_synthetic_cli.py),
-# then TorchDynamo imported, reporting what was imported when.
+# One process: `vaelab train` of two models (one optimizer, three optimizers) on a synthetic
+# "mnist" (tests/_synthetic_cli.py), then TorchDynamo imported, reporting what was imported when.
 NO_DYNAMO_SCRIPT = """
 import runpy, sys, torch
 script, data, out = sys.argv[1:4]
