@@ -171,7 +171,7 @@ def defer_dynamo_import() -> int:
 
     Functions that torch marks `torch._disable_dynamo` (Optimizer.zero_grad and state_dict, the
     reference implementations that ops on the meta device run, ...) import `torch._dynamo` on their
-    first call to wrap themselves: 1.7 s of CPU, as much as importing torch, in every `vaelab`
+    first call to wrap themselves: 1.7 s of CPU, nearly as much as importing torch, in every `vaelab`
     command that builds a model or an optimizer. Each such function's wrapper is pre-set to `_DisableOnceDynamoLoads`, which behaves
     the same without the import. Functions of torch modules imported later keep torch's own
     behaviour. Returns how many it deferred; 0 where the torch in use has no such wrapper."""
