@@ -50,7 +50,10 @@ NO_FIGURES_ENV = "VAELAB_TEST_NO_FIGURES"
 def pause(marker: Path, rank: int | None = None) -> None:
     if rank is not None and int(os.environ.get("RANK", "0")) != rank:
         return
-    marker.write_text(str(os.getpid()))
+    # Written whole, then renamed: a test that sees the marker must also see the PID in it.
+    partial = marker.with_name(marker.name + ".partial")
+    partial.write_text(str(os.getpid()))
+    os.replace(partial, marker)
     deadline = time.monotonic() + 60
     while marker.exists() and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from vaelab.data import Batcher
 from vaelab.errors import ConfigError
 from vaelab.models import build_model, make_config, vae_step
 
+from _forkserver import Process, spawn
 from conftest import synthetic_data, write_dataset_files
 
 SCRIPT = Path(__file__).resolve().parent / "_synthetic_cli.py"
@@ -59,14 +59,13 @@ def workspace(tmp_path_factory):
     return root, env
 
 
-def cli(workspace, *args, pause: list[str] = ()) -> subprocess.Popen:
+def cli(workspace, *args, pause: list[str] = ()) -> Process:
     root, env = workspace
-    return subprocess.Popen([sys.executable, str(SCRIPT), "--data", str(root / "data"), "--n-train", str(N_TRAIN),
-                             "--no-figures", *pause, "--", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return spawn([sys.executable, SCRIPT, "--data", root / "data", "--n-train", N_TRAIN, "--no-figures", *pause,
+                  "--", *args], env=env)
 
 
-def finish(proc: subprocess.Popen) -> tuple[int, str, str]:
+def finish(proc: Process) -> tuple[int, str, str]:
     out, err = proc.communicate(timeout=180)
     return proc.returncode, out, err
 
@@ -138,7 +137,7 @@ def test_resuming_with_another_number_of_processes_is_one_line(runs, workspace):
     assert files() == before  # nothing written (the lock file, as always, takes the PID of its holder)
 
 
-def wait_for(proc: subprocess.Popen, marker: Path) -> int:
+def wait_for(proc: Process, marker: Path) -> int:
     """The PID the paused process wrote into `marker`, once it is there."""
     deadline = time.monotonic() + 120
     while not marker.exists():

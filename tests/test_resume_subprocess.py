@@ -12,7 +12,6 @@ import csv
 import dataclasses
 import os
 import signal
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +24,7 @@ import torch
 from vaelab import checkpoint as ckpt
 from vaelab.models import MODELS
 
+from _forkserver import Process, spawn
 from conftest import write_dataset_files
 
 SCRIPT = Path(__file__).resolve().parent / "_synthetic_cli.py"
@@ -51,16 +51,15 @@ def workspace(tmp_path_factory):
     return root, env
 
 
-def cli(workspace, *vaelab_args, pause: list[str] = (), marker: Path | None = None) -> subprocess.Popen:
+def cli(workspace, *vaelab_args, pause: list[str] = (), marker: Path | None = None) -> Process:
     root, env = workspace
     opts = ["--data", str(root / "data"), "--n-train", str(N_TRAIN), "--no-figures", *pause]
     if marker is not None:
         opts += ["--marker", str(marker)]
-    return subprocess.Popen([sys.executable, str(SCRIPT), *opts, "--", *vaelab_args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return spawn([sys.executable, SCRIPT, *opts, "--", *vaelab_args], env=env)
 
 
-def finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[int, str, str]:
+def finish(proc: Process, timeout: float = 120) -> tuple[int, str, str]:
     out, err = proc.communicate(timeout=timeout)
     return proc.returncode, out, err
 
@@ -70,7 +69,7 @@ def train_args(model: str, run: Path) -> list[str]:
             "--quiet", "--out", str(run), *small_overrides(model)]
 
 
-def signal_at(proc: subprocess.Popen, marker: Path, sig: int) -> None:
+def signal_at(proc: Process, marker: Path, sig: int) -> None:
     """Wait for the child to reach its pause point, then deliver `sig` and let it go on."""
     deadline = time.monotonic() + 120
     while not marker.exists():

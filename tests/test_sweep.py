@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from vaelab.errors import DivergenceError
 from vaelab.history_files import read_history
 from vaelab.train import train
 
+from _forkserver import Process, spawn
 from conftest import quick_config, write_dataset_files
 
 optuna = pytest.importorskip("optuna", reason="vaelab sweep needs the sweep extra (optuna)")
@@ -229,13 +229,12 @@ def workspace(tmp_path):
     return tmp_path, env
 
 
-def cli(workspace, *args, pause: list[str] = ()) -> subprocess.Popen:
+def cli(workspace, *args, pause: list[str] = ()) -> Process:
     root, env = workspace
-    return subprocess.Popen([sys.executable, str(SCRIPT), "--data", str(root / "data"), "--n-train", str(N_TRAIN),
-                             *pause, "--", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return spawn([sys.executable, SCRIPT, "--data", root / "data", "--n-train", N_TRAIN, *pause, "--", *args], env=env)
 
 
-def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str, str]:
+def finish(proc: Process, timeout: float = 240) -> tuple[int, str, str]:
     out, err = proc.communicate(timeout=timeout)
     return proc.returncode, out, err
 
