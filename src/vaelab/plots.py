@@ -39,12 +39,13 @@ def save_image_grid(images, path: str | Path, nrow: int = 10, scale: int = 2) ->
     return path
 
 
-def save_figure(fig: Figure, path: str | Path) -> Path:
+def save_figure(fig: Figure, path: str | Path, crop: bool = True) -> Path:
     """The figure as a PNG, cropped to its content. A figure with a layout engine (constrained
-    layout) already fills its canvas: cropping it would cost a second full draw for a few pixels
-    of margin."""
+    layout) already fills its canvas, and one laid out with margins in inches (`crop=False`) has
+    room for its labels: cropping either would cost a second full draw for a few pixels of
+    margin."""
     path = Path(path)
-    tight = fig.get_layout_engine() is None
+    tight = crop and fig.get_layout_engine() is None
     with atomic_file(path) as f:
         fig.savefig(f, format="png", dpi=100, bbox_inches="tight" if tight else None)
     return path
@@ -226,7 +227,7 @@ def plot_loss_curves(history: Sequence[dict], steps: np.ndarray | None, step_col
                 right.set_ylim(bottom=0)
                 right.legend(fontsize=8, loc="center right")
     fig.suptitle(title, y=1 - 0.12 / fig.get_size_inches()[1], va="top")
-    return save_figure(fig, path)
+    return save_figure(fig, path, crop=False)  # the margins above are in inches, sized for the labels
 
 
 def _fixed_margins(fig: Figure, nrows: int, ncols: int, left: float, right: float, top: float, bottom: float,
