@@ -16,6 +16,8 @@ during the wait, and SIGKILL ends the process there.
   --pause-before-replace N:I   just before the I-th rename of a temp file onto a file named N
                                (the temp file is complete, the rename has not happened)
   --pause-rank R               under torchrun: only the process of rank R pauses
+  --trial-barrier DIR:N         each `sweep --workers` worker takes its first trial once N have
+                                come that far (a test of K workers then sees them all work)
 Worker processes that `vaelab sweep --workers K` spawns import this script again (as
 __mp_main__) and take the same synthetic "mnist" from the VAELAB_TEST_SYNTHETIC variable it sets.
 `vaelab train --nproc N` started from here has torchrun start this script again, with the same
@@ -45,6 +47,7 @@ from vaelab.cli import main  # noqa: E402
 
 SYNTHETIC_ENV = "VAELAB_TEST_SYNTHETIC"  # DIR:N_TRAIN:N_TEST, read by spawned worker processes
 NO_FIGURES_ENV = "VAELAB_TEST_NO_FIGURES"
+TRIAL_BARRIER_ENV = "VAELAB_TEST_TRIAL_BARRIER"  # DIR:N, read by spawned sweep workers
 
 
 def pause(marker: Path, rank: int | None = None) -> None:
@@ -119,6 +122,28 @@ def pause_before_replace(spec: str, marker: Path) -> None:
     os.replace = replace
 
 
+def trial_barrier(spec: str) -> None:
+    """Each sweep worker of this process takes its first trial only once N workers have come that
+    far (each leaves a file in DIR), so that a test of K workers sees them all take trials rather
+    than the first one started running the whole grid while the others still import torch."""
+    from vaelab import sweep
+
+    folder, n = spec.rsplit(":", 1)
+    original, waited = sweep.take_trial, {"done": False}
+
+    def take_trial(*args, **kwargs):
+        if not waited["done"]:
+            waited["done"] = True
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            (Path(folder) / str(os.getpid())).touch()
+            deadline = time.monotonic() + 60
+            while len(list(Path(folder).iterdir())) < int(n) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        return original(*args, **kwargs)
+
+    sweep.take_trial = take_trial
+
+
 def no_figures() -> None:
     # The end-of-training figures cost seconds per process and are not what these tests check.
     import vaelab.figures
@@ -137,6 +162,7 @@ def run(argv: list[str]) -> int:
     p.add_argument("--pause-rank", type=int)
     p.add_argument("--marker", type=Path)
     p.add_argument("--no-figures", action="store_true")
+    p.add_argument("--trial-barrier", metavar="DIR:N")
     p.add_argument("--cache", type=Path)
     opts = p.parse_args(argv[:split])
     use_synthetic_mnist(opts.data, opts.n_train, opts.n_test)
@@ -150,6 +176,8 @@ def run(argv: list[str]) -> int:
     if opts.no_figures:
         no_figures()
         os.environ[NO_FIGURES_ENV] = "1"
+    if opts.trial_barrier:
+        os.environ[TRIAL_BARRIER_ENV] = opts.trial_barrier
     cli.LAUNCH_ENTRY = [str(Path(__file__).resolve()), *argv[:split], "--"]
     return main(argv[split + 1:])
 
@@ -163,3 +191,5 @@ elif __name__ == "__mp_main__" and os.environ.get(SYNTHETIC_ENV):
     use_synthetic_mnist(Path(folder), int(n_train), int(n_test))
     if os.environ.get(NO_FIGURES_ENV):
         no_figures()
+    if os.environ.get(TRIAL_BARRIER_ENV):
+        trial_barrier(os.environ[TRIAL_BARRIER_ENV])

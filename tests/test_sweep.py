@@ -242,12 +242,16 @@ def finish(proc: Process, timeout: float = 240) -> tuple[int, str, str]:
 def test_two_workers_on_one_storage_run_each_trial_once(workspace):
     root, _ = workspace
     spec = write_spec(root, GRID.format(metric="test.loss", direction="minimize"))
+    # Both workers reach their first trial before either takes one: otherwise, on a busy machine,
+    # the first started may run all four while the second still imports torch.
+    barrier = ["--trial-barrier", f"{root / 'barrier'}:2"]
     code, out, err = finish(cli(workspace, "sweep", str(spec), "--out", str(root / "study"), "--workers", "2",
-                                "--quiet"))
+                                "--quiet", pause=barrier))
     assert code == 0, err[-2000:]
     rows = read_trials(root / "study")
     assert grid_points(rows) == EXPECTED_POINTS and {r["state"] for r in rows} == {"COMPLETE"}
     assert {"[worker 1]", "[worker 2]"} <= {line.split(" trial")[0] for line in out.splitlines()}
+    assert len(list((root / "barrier").iterdir())) == 2  # two worker processes met there
     assert sorted(p.name for p in (root / "study").glob("trial-*")) == [f"trial-000{i}" for i in range(4)]
 
 
