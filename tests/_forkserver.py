@@ -18,6 +18,15 @@ environment, started with it.
 VAELAB_TEST_NO_FORKSERVER=1 makes every command a plain subprocess (to compare, or to rule the
 server out when a subprocess test fails).
 
+The processes torchrun starts for `vaelab train --nproc N` come from the same server: a forked
+command finds the server's listening socket in VAELAB_TEST_FORKSERVER_SOCKET and points torchrun
+at `_forkserver.py proxy ARGS`, a small process (no torch) that has the server fork
+`_synthetic_cli.py ARGS` with its environment, folder and stdout/stderr, then stands in for it:
+it passes on the signals torchrun sends (SIGTERM to the process group it made), and ends as the
+command ended (its exit code, or the same signal). If the proxy dies (SIGKILL), the server kills
+the command. A proxy whose environment differs from the server's in a load-time variable runs
+the command itself (exec), as torchrun would have.
+
 Protocol: the client sends the request as JSON over a Unix socket with three descriptors: the
 files for stdout and stderr and the write end of a status pipe. The server forks a waiter, which
 forks the command and writes "PID\\n" then, when it ends, "RETURNCODE\\n" into the status pipe.
@@ -42,6 +51,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "_synthetic_cli.py"
 LOAD_TIME_PREFIXES = ("PYTHON", "OMP_", "MKL_", "KMP_", "GOMP_", "OPENBLAS_", "LD_", "TORCH_", "MALLOC_")
+# Set by torchrun for its processes and read only when an NCCL group is made (these tests use gloo).
+RUN_TIME_ONLY = ("TORCH_NCCL_ASYNC_ERROR_HANDLING",)
+SOCKET_ENV = "VAELAB_TEST_FORKSERVER_SOCKET"  # set in each forked command: where proxies connect
 # Modules a command imports on its way; importing them once here is the point of the server.
 PRELOAD = ("vaelab.train", "vaelab.models", "vaelab.checkpoint", "vaelab.sweep", "vaelab.distributed",
            "vaelab.evaluate", "safetensors.torch")
@@ -50,13 +62,21 @@ PRELOAD = ("vaelab.train", "vaelab.models", "vaelab.checkpoint", "vaelab.sweep",
 # --- client ------------------------------------------------------------------------------------
 
 def _load_time_env(env: dict[str, str]) -> tuple:
-    return tuple(sorted((k, v) for k, v in env.items() if k.startswith(LOAD_TIME_PREFIXES)))
+    return tuple(sorted((k, v) for k, v in env.items() if k.startswith(LOAD_TIME_PREFIXES) and k not in RUN_TIME_ONLY))
+
+
+def _send_request(sock: socket.socket, request: dict, fds: list[int]) -> None:
+    data = json.dumps(request).encode()
+    sock.sendall(len(data).to_bytes(8, "big"))
+    socket.send_fds(sock, [data], fds)
 
 
 class _Server:
     def __init__(self, env: dict[str, str]):
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), str(theirs.fileno())],
+        self.folder = tempfile.mkdtemp(prefix="vaelab-forkserver-")  # for the proxies' socket
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), str(theirs.fileno()),
+                                      os.path.join(self.folder, "socket")],
                                      pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, cwd=HERE)
         theirs.close()
@@ -66,11 +86,9 @@ class _Server:
     def spawn(self, args: list[str], env: dict[str, str], cwd: str) -> "ForkedProcess":
         out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
         status_r, status_w = os.pipe()
-        request = json.dumps({"args": args, "env": env, "cwd": cwd}).encode()
         try:
             with self.lock:
-                self.sock.sendall(len(request).to_bytes(8, "big"))
-                socket.send_fds(self.sock, [request], [out.fileno(), err.fileno(), status_w])
+                _send_request(self.sock, {"args": args, "env": env, "cwd": cwd}, [out.fileno(), err.fileno(), status_w])
         finally:
             os.close(status_w)
         return ForkedProcess(out, err, status_r)
@@ -176,7 +194,7 @@ def _recv_request(sock: socket.socket):
     return json.loads(data), fds
 
 
-def _run_command(request: dict, fds: list[int]) -> None:
+def _run_command(request: dict, fds: list[int], listen_path: str) -> None:
     """In the forked command: become `python _synthetic_cli.py ARGS` and run it. Returns only by
     raising (SystemExit, KeyboardInterrupt, ...), which ends the process as the interpreter would."""
     import runpy
@@ -189,12 +207,51 @@ def _run_command(request: dict, fds: list[int]) -> None:
         os.close(fd)
     os.environ.clear()
     os.environ.update(request["env"])
+    os.environ[SOCKET_ENV] = listen_path
     os.chdir(request["cwd"])
     sys.argv = [str(SCRIPT), *request["args"]]
     runpy.run_path(str(SCRIPT), run_name="__main__")
 
 
-def serve(sock_fd: int) -> None:
+def _wait(pid: int, proxy: socket.socket | None) -> int:
+    """The command's exit status; if its proxy's connection ends first (the proxy was killed),
+    the command is killed too, as it would have been."""
+    if proxy is None:
+        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if select.select([proxy], [], [], 0.05)[0] and not proxy.recv(1):
+            os.kill(pid, signal.SIGKILL)
+            return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def _start(request: dict, fds: list[int], closing: list[socket.socket], listen_path: str,
+           proxy: socket.socket | None = None) -> None:
+    """Fork a waiter, which forks the command and reports its PID and exit status."""
+    if os.fork() == 0:  # the waiter
+        for s in closing:
+            s.close()
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        status_w = fds.pop()
+        pid = os.fork()
+        if pid == 0:
+            os.close(status_w)
+            if proxy is not None:
+                proxy.close()
+            _run_command(request, fds, listen_path)
+            sys.exit(0)  # the script returned without sys.exit (it always calls it)
+        for fd in fds:
+            os.close(fd)
+        os.write(status_w, f"{pid}\n".encode())
+        os.write(status_w, f"{_wait(pid, proxy)}\n".encode())
+        os._exit(0)
+    for fd in fds:
+        os.close(fd)
+
+
+def serve(sock_fd: int, listen_path: str) -> None:
     sock = socket.socket(fileno=sock_fd)
     sys.path.insert(0, str(HERE))
     import importlib
@@ -206,31 +263,90 @@ def serve(sock_fd: int) -> None:
     if len(os.listdir("/proc/self/task")) != 1:
         sock.sendall(b"unsafe\n")
         return
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(listen_path)
+    listener.listen(16)
+    ours = _load_time_env(dict(os.environ))
     sock.sendall(b"ready\n")
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # waiters are reaped by the kernel
-    while True:
-        received = _recv_request(sock)
-        if received is None:  # the test process closed its end: it has finished
-            return
-        request, fds = received
-        if os.fork() == 0:  # the waiter
-            sock.close()
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            status_w = fds.pop()
-            pid = os.fork()
-            if pid == 0:
-                os.close(status_w)
-                _run_command(request, fds)
-                sys.exit(0)  # the script returned without sys.exit (it always calls it)
-            for fd in fds:
-                os.close(fd)
-            os.write(status_w, f"{pid}\n".encode())
-            _, status = os.waitpid(pid, 0)
-            os.write(status_w, f"{os.waitstatus_to_exitcode(status)}\n".encode())
-            os._exit(0)
-        for fd in fds:
-            os.close(fd)
+    while True:  # a forked command leaves this loop by an exception (SystemExit): nothing below runs for it
+        readable = select.select([sock, listener], [], [])[0]
+        if listener in readable:
+            proxy = listener.accept()[0]
+            received = _recv_request(proxy)
+            if received is not None:
+                request, fds = received
+                same = _load_time_env(request["env"]) == ours
+                proxy.sendall(b"ok\n" if same else b"no\n")
+                if same:
+                    _start(request, fds, [sock, listener], listen_path, proxy)
+                else:
+                    for fd in fds:
+                        os.close(fd)
+            proxy.close()
+        if sock in readable:
+            received = _recv_request(sock)
+            if received is None:  # the test process closed its end: it has finished
+                break
+            _start(*received, [sock, listener], listen_path)
+    os.unlink(listen_path)
+    os.rmdir(os.path.dirname(listen_path))
+
+
+# --- proxy -------------------------------------------------------------------------------------
+
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def proxy(args: list[str]) -> None:
+    """`_forkserver.py proxy ARGS`, as torchrun starts it: `python _synthetic_cli.py ARGS`, forked
+    by the server; this process forwards signals to it and ends as it ended."""
+    path = os.environ.get(SOCKET_ENV)
+    pending: list[int] = []
+    target = {"pid": None}
+
+    def forward(sig, frame):
+        if target["pid"] is None:
+            pending.append(sig)
+        else:
+            os.kill(target["pid"], sig)
+
+    for sig in FORWARDED:
+        signal.signal(sig, forward)
+    conn = None
+    if path:
+        env = dict(os.environ)
+        env.pop(SOCKET_ENV)
+        status_r, status_w = os.pipe()
+        try:
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            conn.connect(path)
+            _send_request(conn, {"args": args, "env": env, "cwd": os.getcwd()}, [1, 2, status_w])
+            accepted = conn.recv(3) == b"ok\n"
+        except OSError:  # no server (it ended with its test process)
+            accepted = False
+        os.close(status_w)
+        if not accepted:
+            conn.close()
+            conn = None
+    if conn is None:  # run it here, as torchrun would have
+        for sig in FORWARDED:
+            signal.signal(sig, signal.SIG_DFL)
+        os.execv(sys.executable, [sys.executable, str(SCRIPT), *args])
+    status = ForkedProcess(None, None, status_r)
+    target["pid"] = status.pid
+    for sig in pending:
+        os.kill(status.pid, sig)
+    code = status.wait()
+    if code >= 0:
+        os._exit(code)
+    signal.signal(-code, signal.SIG_DFL)
+    os.kill(os.getpid(), -code)
+    os._exit(128 - code)
 
 
 if __name__ == "__main__":
-    serve(int(sys.argv[1]))
+    if sys.argv[1] == "proxy":
+        proxy(sys.argv[2:])
+    else:
+        serve(int(sys.argv[1]), sys.argv[2])

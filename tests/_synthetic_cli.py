@@ -178,7 +178,11 @@ def run(argv: list[str]) -> int:
         os.environ[NO_FIGURES_ENV] = "1"
     if opts.trial_barrier:
         os.environ[TRIAL_BARRIER_ENV] = opts.trial_barrier
-    cli.LAUNCH_ENTRY = [str(Path(__file__).resolve()), *argv[:split], "--"]
+    # torchrun starts this script again for each process, or where a fork server started this
+    # one, the server's proxy, which has the server fork it (tests/_forkserver.py).
+    here = Path(__file__).resolve()
+    entry = [str(here.parent / "_forkserver.py"), "proxy"] if os.environ.get("VAELAB_TEST_FORKSERVER_SOCKET") else [str(here)]
+    cli.LAUNCH_ENTRY = [*entry, *argv[:split], "--"]
     return main(argv[split + 1:])
 
 
