@@ -142,6 +142,44 @@ def test_recipe_re_estimates_what_is_left_from_the_pace_so_far():
     assert seconds_left([0.0, 12.0, 15.0], done=2, elapsed=24.0) == (30.0, 2.0)
 
 
+def test_the_plan_counts_each_classifier_the_cache_lacks_once_and_says_so(monkeypatch):
+    """A recipe that measures samples trains the domain classifier of each of its datasets the
+    cache lacks (minutes on a first run): the estimate adds it to the first step that will, and
+    the plan line says how much of the total it is."""
+    from dataclasses import replace
+
+    from vaelab import recipes
+
+    cached = {"mnist": False, "fashion-mnist": True}
+    monkeypatch.setattr(recipes, "classifier_cached", lambda dataset: cached[dataset])
+    monkeypatch.setattr(recipes, "classifier_train_seconds", lambda dataset: {"mnist": 170.0, "fashion-mnist": 400.0}[dataset])
+    step = recipes.RECIPES["vae-2d-mnist"].steps[0]
+    steps = (replace(step, key="a", dataset="fashion-mnist"), replace(step, key="b"), replace(step, key="c"))
+    recipe = recipes.Recipe("r", "R", "", steps, recipes.EvalSettings(n_samples=100), recipes.EvalSettings(n_samples=0))
+    plan = [0.0, 0.0, 60.0]  # b finished (resumed): c, the next mnist step, trains the classifier
+    assert recipes.classifiers_to_train(recipe, recipe.quick_eval, plan) == {"mnist": 170.0}
+    assert plan == [0.0, 0.0, 230.0]
+    plan = [0.0, 0.0, 60.0]
+    assert recipes.classifiers_to_train(recipe, recipe.full_eval, plan) == {} and plan == [0.0, 0.0, 60.0]
+    cached["mnist"] = True
+    assert recipes.classifiers_to_train(recipe, recipe.quick_eval, plan) == {} and plan == [0.0, 0.0, 60.0]
+    cached["fashion-mnist"] = cached["mnist"] = False
+    plan = [30.0, 60.0, 60.0]
+    assert recipes.classifiers_to_train(recipe, recipe.quick_eval, plan) == {"fashion-mnist": 400.0, "mnist": 170.0}
+    assert plan == [430.0, 230.0, 60.0]
+
+    monkeypatch.setattr(recipes, "physical_cores", lambda: 2)
+    monkeypatch.setattr(recipes, "idle_cores", lambda: 2)
+    assert recipes.describe_time(230.0, {"mnist": 170.0}) == (
+        "about 4 min on 2 idle CPU cores (about 3 of them to train the mnist domain classifier, this once: "
+        "later runs take it from the cache)")
+    assert recipes.describe_time(720.0, {"fashion-mnist": 400.0, "mnist": 170.0}).startswith(
+        "about 12 min on 2 idle CPU cores (about 10 of them to train the fashion-mnist and mnist domain classifiers")
+    monkeypatch.setattr(recipes, "idle_cores", lambda: 1)
+    assert recipes.describe_time(60.0) == ("about 1 min on 2 idle CPU cores; other processes keep 1 of this "
+                                           "machine's 2 cores busy, so expect about 2 min")
+
+
 def test_drawing_figures_leaves_the_matplotlib_backend_alone(tmp_path):
     """A library does not change the process it is imported into: a notebook's inline backend
     (or any other) is the same after vaelab has drawn every kind of figure."""

@@ -276,7 +276,9 @@ def test_classifier_cache_is_retrained_when_its_settings_or_weights_change(fast_
 
     data = load("mnist", quiet=True)
     calls = _count_trainings(monkeypatch)
+    assert not metrics.classifier_cached("mnist")  # what a recipe's time estimate asks first
     clf, info = metrics.load_or_train_classifier(data)
+    assert metrics.classifier_cached("mnist")
     weights, info_path = metrics.classifier_paths("mnist")
     stored = json.loads(info_path.read_text())
     assert stored["weights_sha256"] == metrics.sha256_hex(weights.read_bytes())
@@ -290,6 +292,7 @@ def test_classifier_cache_is_retrained_when_its_settings_or_weights_change(fast_
     torch.testing.assert_close(again.eval()(x), clf.eval()(x))
 
     monkeypatch.setitem(metrics.CLASSIFIER_CONFIGS, "mnist", dataclasses.replace(fast_classifier, epochs=3))
+    assert not metrics.classifier_cached("mnist")
     _, info = metrics.load_or_train_classifier(data)
     assert len(calls) == 2 and info["epochs"] == 3
     metrics.load_or_train_classifier(data)
@@ -301,8 +304,9 @@ def test_classifier_cache_is_retrained_when_its_settings_or_weights_change(fast_
     from vaelab.checkpoint import save_tensors
 
     save_tensors(weights, other, {"format_version": metrics.CLASSIFIER_VERSION})
+    assert not metrics.classifier_cached("mnist")
     metrics.load_or_train_classifier(data)
-    assert len(calls) == 3
+    assert len(calls) == 3 and metrics.classifier_cached("mnist")
 
 
 def test_training_learns_the_ten_easy_synthetic_classes(tiny_data):

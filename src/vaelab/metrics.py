@@ -108,6 +108,9 @@ CLASSIFIER_CONFIGS = {
     "mnist": ClassifierConfig(epochs=4, target_accuracy=0.993),
     "fashion-mnist": ClassifierConfig(epochs=10, hflip=True, target_accuracy=0.92),
 }
+# Seconds to train each classifier on 2 idle CPU cores, for time estimates (measured 2026-11-23,
+# 2 threads: 80 s and 185 s). Kept apart from the configs, whose fields key the cache.
+CLASSIFIER_TRAIN_SECONDS = {"mnist": 80.0, "fashion-mnist": 185.0}
 
 
 class DomainClassifier(nn.Module):
@@ -256,6 +259,11 @@ def classifier_config(dataset: str) -> ClassifierConfig:
     return CLASSIFIER_CONFIGS.get(get_spec(dataset).name, ClassifierConfig())
 
 
+def classifier_train_seconds(dataset: str) -> float:
+    """About how long training the dataset's classifier takes on 2 idle CPU cores."""
+    return CLASSIFIER_TRAIN_SECONDS.get(get_spec(dataset).name, max(CLASSIFIER_TRAIN_SECONDS.values()))
+
+
 def classifier_settings(dataset: str, n_classes: int = 10) -> dict:
     """Everything that decides the trained weights, as JSON; its SHA-256 keys the cache."""
     config = classifier_config(dataset)
@@ -305,10 +313,18 @@ def _cached_classifier(weights: Path, info_path: Path, settings: dict, n_classes
     return clf.eval(), info
 
 
+def classifier_cached(dataset: str, n_classes: int = 10) -> bool:
+    """Whether the dataset's domain classifier is in the cache as `load_or_train_classifier` would
+    use it (nothing to train first)."""
+    weights, info_path = classifier_paths(dataset)
+    return _cached_classifier(weights, info_path, classifier_settings(dataset, n_classes), n_classes)[0] is not None
+
+
 def load_or_train_classifier(data: ImageData, device: str | torch.device = "cpu",
                              progress: bool = False) -> tuple[DomainClassifier, dict]:
     """The dataset's domain classifier from the cache beside the data, trained and cached on
-    first use (measured on one free core: 155 s for MNIST, 619 s for Fashion-MNIST). A missing,
+    first use (on 2 idle cores: 80 s for MNIST, 185 s for Fashion-MNIST; on one free core of
+    another machine 155 s and 619 s). A missing,
     damaged or malformed cache, one whose weights do not match their recorded SHA-256, or one
     trained with other settings, is retrained. A classifier short of its target accuracy is used,
     with a warning on stderr (and `meets_target: false` in classifier.json)."""

@@ -40,7 +40,8 @@ from .gallery import random_test_images
 from .history_files import read_history
 from .inference import batched
 from .losses import mse
-from .metrics import CONFIDENT, KID_SUBSET_SIZE, QUALITY_KEYS, classify, load_or_train_classifier
+from .metrics import (CONFIDENT, KID_SUBSET_SIZE, QUALITY_KEYS, classifier_cached, classifier_train_seconds, classify,
+                      load_or_train_classifier)
 from .models import MODELS, make_config
 from .prose import (RECON_MSE, SAMPLE_METRICS, NLLGap, active_units_sentence, answer_basic_vaegan,
                     answer_naive_vs_normalized, answer_vae_quality, answer_vaegan_variant, combined_se,
@@ -745,6 +746,20 @@ def estimate_seconds(recipe: Recipe, quick: bool) -> float:
     return sum(step_seconds(s, quick) for s in recipe.steps)
 
 
+def classifiers_to_train(recipe: Recipe, settings: EvalSettings, plan: list[float]) -> dict[str, float]:
+    """The domain classifiers the recipe trains before it can measure samples: those of the
+    datasets of its steps still to do that the cache lacks, with their seconds on 2 idle CPU
+    cores. Each one's seconds are added to `plan`, on the first step that will train it."""
+    if settings.n_samples <= 0:
+        return {}
+    todo = {}
+    for i, (step, seconds) in enumerate(zip(recipe.steps, plan)):
+        if seconds > 0 and step.dataset not in todo and not classifier_cached(step.dataset):
+            todo[step.dataset] = classifier_train_seconds(step.dataset)
+            plan[i] += todo[step.dataset]
+    return todo
+
+
 def seconds_left(plan: Sequence[float], done: int, elapsed: float) -> tuple[float, float]:
     """(seconds the remaining steps should take, how many times the idle-machine estimate the
     first `done` steps took): the steps' planned seconds (`plan`, from `step_seconds`) for what
@@ -869,9 +884,11 @@ def _run_steps(recipe: Recipe, configs, out: Path, quick: bool, progress: bool, 
     mode = "quick" if quick else "full"
     settings = recipe.quick_eval if quick else recipe.full_eval
     plan = resumed_plan(configs, out, quick, settings) if resume else [step_seconds(s, quick) for s in recipe.steps]
+    classifiers = classifiers_to_train(recipe, settings, plan)
     what = "; resumed, what is left takes" if resume else ";"
     # The plan is printed even without progress output (`--quiet`): what runs and for how long.
-    _log(f"recipe {name} ({mode}): {len(recipe.steps)} model(s){what} {describe_time(sum(plan))}", True)
+    _log(f"recipe {name} ({mode}): {len(recipe.steps)} model(s){what} {describe_time(sum(plan), classifiers)}",
+         True)
     start = time.perf_counter()
     datasets: dict = {}
     results = []
@@ -1086,11 +1103,19 @@ def write_report(result: RecipeResult) -> Path:
     return report.write(result.out / "report.html")
 
 
-def describe_time(quiet_seconds: float) -> str:
+def describe_time(quiet_seconds: float, classifiers: dict[str, float] | None = None) -> str:
     """The estimate in words, scaled to this machine's current load: the steps' seconds were
-    measured on 2 idle cores, and with some of them busy training runs on the free ones only."""
+    measured on 2 idle cores, and with some of them busy training runs on the free ones only.
+    `classifiers` {dataset: seconds}: the domain classifiers trained on the way (included in
+    `quiet_seconds`), said apart, as later runs take them from the cache."""
     cores, free = physical_cores(), idle_cores()
     text = f"about {quiet_seconds / 60:.0f} min on 2 idle CPU cores"
+    if classifiers:
+        names = " and ".join(classifiers)
+        several = len(classifiers) > 1
+        text += (f" (about {sum(classifiers.values()) / 60:.0f} of them to train the {names} domain "
+                 f"classifier{'s' if several else ''}, this once: later runs take {'them' if several else 'it'} "
+                 f"from the cache)")
     if free < cores:
         text += (f"; other processes keep {cores - free} of this machine's {cores} cores busy, "
                  f"so expect about {quiet_seconds * cores / free / 60:.0f} min")
