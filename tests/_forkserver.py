@@ -332,6 +332,8 @@ def proxy(args: list[str]) -> None:
     if conn is None:  # run it here, as torchrun would have
         for sig in FORWARDED:
             signal.signal(sig, signal.SIG_DFL)
+        for sig in pending:  # one that came meanwhile ends this process, as it would have
+            os.kill(os.getpid(), sig)
         os.execv(sys.executable, [sys.executable, str(SCRIPT), *args])
     status = ForkedProcess(None, None, status_r)
     target["pid"] = status.pid

@@ -323,11 +323,10 @@ def classifier_cached(dataset: str, n_classes: int = 10) -> bool:
 def load_or_train_classifier(data: ImageData, device: str | torch.device = "cpu",
                              progress: bool = False) -> tuple[DomainClassifier, dict]:
     """The dataset's domain classifier from the cache beside the data, trained and cached on
-    first use (on 2 idle cores: 80 s for MNIST, 185 s for Fashion-MNIST; on one free core of
-    another machine 155 s and 619 s). A missing,
-    damaged or malformed cache, one whose weights do not match their recorded SHA-256, or one
-    trained with other settings, is retrained. A classifier short of its target accuracy is used,
-    with a warning on stderr (and `meets_target: false` in classifier.json)."""
+    first use (`CLASSIFIER_TRAIN_SECONDS`: 80 s for MNIST, 185 s for Fashion-MNIST on 2 idle
+    cores). A missing, damaged or malformed cache, one whose weights do not match their recorded
+    SHA-256, or one trained with other settings, is retrained. A classifier short of its target
+    accuracy is used, with a warning on stderr (and `meets_target: false` in classifier.json)."""
     weights, _ = classifier_paths(data.name)
     # Two processes that start at once (two evaluations, parallel tests) train it once: the
     # second waits, then loads what the first cached.
