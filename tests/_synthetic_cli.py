@@ -180,8 +180,10 @@ def run(argv: list[str]) -> int:
         os.environ[TRIAL_BARRIER_ENV] = opts.trial_barrier
     # torchrun starts this script again for each process, or where a fork server started this
     # one, the server's proxy, which has the server fork it (tests/_forkserver.py).
+    from _forkserver import SOCKET_ENV
+
     here = Path(__file__).resolve()
-    entry = [str(here.parent / "_forkserver.py"), "proxy"] if os.environ.get("VAELAB_TEST_FORKSERVER_SOCKET") else [str(here)]
+    entry = [str(here.parent / "_forkserver.py"), "proxy"] if os.environ.get(SOCKET_ENV) else [str(here)]
     cli.LAUNCH_ENTRY = [*entry, *argv[:split], "--"]
     return main(argv[split + 1:])
 

@@ -12,8 +12,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from _forkserver import SCRIPT, ForkedProcess, spawn
 from test_distributed import wait_for
+
+pytestmark = pytest.mark.skipif(bool(os.environ.get("VAELAB_TEST_NO_FORKSERVER")),
+                                reason="VAELAB_TEST_NO_FORKSERVER is set: no fork server to test")
 
 
 def both(tmp_path, *args, env_extra=None):
