@@ -30,6 +30,8 @@ the command itself (exec), as torchrun would have.
 Protocol: the client sends the request as JSON over a Unix socket with three descriptors: the
 files for stdout and stderr and the write end of a status pipe. The server forks a waiter, which
 forks the command and writes "PID\\n" then, when it ends, "RETURNCODE\\n" into the status pipe.
+A proxy sends the same request on a connection to the listening socket and reads "ok\\n" (forked)
+or "no\\n" (run it yourself) back; the waiter watches that connection for the proxy's end.
 """
 
 from __future__ import annotations

@@ -152,7 +152,8 @@ def test_the_plan_counts_each_classifier_the_cache_lacks_once_and_says_so(monkey
 
     cached = {"mnist": False, "fashion-mnist": True}
     monkeypatch.setattr(recipes, "classifier_cached", lambda dataset: cached[dataset])
-    monkeypatch.setattr(recipes, "classifier_train_seconds", lambda dataset: {"mnist": 170.0, "fashion-mnist": 400.0}[dataset])
+    seconds = {"mnist": 170.0, "fashion-mnist": 400.0}
+    monkeypatch.setattr(recipes, "classifier_train_seconds", lambda dataset: seconds[dataset])
     step = recipes.RECIPES["vae-2d-mnist"].steps[0]
     steps = (replace(step, key="a", dataset="fashion-mnist"), replace(step, key="b"), replace(step, key="c"))
     recipe = recipes.Recipe("r", "R", "", steps, recipes.EvalSettings(n_samples=100), recipes.EvalSettings(n_samples=0))
