@@ -366,7 +366,7 @@ RNN_FLOP_FORMULAS = {
 
 
 def run_plain(model: str, overrides: dict, epochs: int, n_train: int | None, n_test: int | None,
-              seed: int = 1) -> dict:
+              seed: int = 1, precision: str = "fp32") -> dict:
     """The same model trained by a plain, competent PyTorch loop: the data as one tensor in memory,
     a fresh permutation per epoch, `torch.optim.Adam` (its default implementation, each network's
     learning rate and betas as the model configures them), autograd, no DataLoader, none of
@@ -375,7 +375,10 @@ def run_plain(model: str, overrides: dict, epochs: int, n_train: int | None, n_t
     `training_step`, whose routing of gradients is its definition, with those plain optimizers.
     Also counts the FLOPs of one training step (torch.utils.flop_counter: matmuls, convolutions and,
     by RNN_FLOP_FORMULAS, oneDNN's LSTM layers,
-    forward and backward)."""
+    forward and backward). `precision="bf16"`: each step under `torch.autocast` in bf16, as a
+    plain loop would add it."""
+    from contextlib import nullcontext
+
     from torch.utils.flop_counter import FlopCounterMode
 
     from vaelab.batch import Batch, StepState
@@ -394,14 +397,15 @@ def run_plain(model: str, overrides: dict, epochs: int, n_train: int | None, n_t
 
     def step(i: int, batch: Batch, epoch: int) -> float:
         state = StepState(step=i, epoch=epoch, epochs=epochs, steps_per_epoch=steps_per_epoch)
-        if len(optimizers) > 1:
-            return float(net.training_step(batch, optimizers, state).loss)
-        opt = optimizers["model"]
-        opt.zero_grad(set_to_none=True)
-        loss = net(batch, state).loss
-        loss.backward()
-        opt.step()
-        return float(loss.detach())
+        with (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()):
+            if len(optimizers) > 1:
+                return float(net.training_step(batch, optimizers, state).loss)
+            opt = optimizers["model"]
+            opt.zero_grad(set_to_none=True)
+            loss = net(batch, state).loss
+            loss.backward()
+            opt.step()
+            return float(loss.detach())
 
     net.train()
     train_seconds, losses, i = 0.0, [], 0
@@ -554,22 +558,32 @@ def run_all(args) -> dict:
     results["variants"] = extra
 
     models = []
+    bf16_models = args.bf16 and "bf16_skipped" not in results["settings"]
     if not args.no_models:
         for label, name, overrides in model_variants():
             # The two loops take turns, `rounds` times each, and each keeps its fastest epoch: the
             # VM's speed drifts by up to 1.5x within minutes, and best-of-N gives both loops the
             # same chance of a fast spell.
-            runs = {"vaelab": [], "plain": []}
+            # With fast bf16, both loops also run under bf16 autocast (the plain loop as a user would
+            # add it to theirs), so the table says what the precision is worth and what vaelab is.
+            kinds = ["vaelab", "plain"] + (["vaelab_bf16", "plain_bf16"] if bf16_models else [])
+            runs = {kind: [] for kind in kinds}
             try:
                 for k in range(1, rounds + 1):
-                    say(f"[bench] model {label}: {model_epochs} epoch + {sample_n} samples (round {k}/{rounds}) ...")
-                    runs["vaelab"].append(in_subprocess("vaelab", model=name, overrides=overrides, epochs=model_epochs,
-                                                        n_train=n_train, n_test=n_test, sample_n=sample_n))
-                    say(f"[bench] model {label}: the same epoch in a plain PyTorch loop (round {k}/{rounds}) ...")
-                    runs["plain"].append(in_subprocess("plain", model=name, overrides=overrides, epochs=model_epochs,
-                                                       n_train=n_train, n_test=n_test))
+                    for kind in kinds:
+                        loop, _, precision = kind.partition("_")
+                        precision = precision or "fp32"
+                        what = ({"vaelab": f"{model_epochs} epoch + {sample_n} samples",
+                                 "plain": "the same epoch in a plain PyTorch loop"}[loop]
+                                + ("" if precision == "fp32" else ", bf16 autocast"))
+                        say(f"[bench] model {label}: {what} (round {k}/{rounds}) ...")
+                        extra_args = {"sample_n": sample_n} if kind == "vaelab" else {}
+                        runs[kind].append(in_subprocess(loop, model=name, overrides=overrides, epochs=model_epochs,
+                                                        n_train=n_train, n_test=n_test, precision=precision,
+                                                        **extra_args))
                 best = {kind: min(rs, key=lambda r: r["train_seconds"]) for kind, rs in runs.items()}
                 models.append({"model": label, **best["vaelab"], "plain": best["plain"], "rounds": rounds,
+                               **{kind: best[kind] for kind in kinds[2:]},
                                "train_seconds_each": {kind: [r["train_seconds"] for r in rs] for kind, rs in runs.items()}})
             except (RuntimeError, subprocess.SubprocessError) as e:
                 models.append({"model": label, "error": str(e).splitlines()[-1]})
@@ -697,9 +711,37 @@ def report(results: dict) -> str:
                      f"step's matmul, convolution and LSTM FLOPs (torch.utils.flop_counter) at vaelab's pace, against "
                      f"the machine's fp32 GEMM rate at the MLP's shapes ({fmt(s['reference_gflops'], 1)} GFLOP/s)."
                    + rounds_note(results["models"]))
+    bf16_rows = [r for r in results["models"] if "vaelab_bf16" in r]
+    if bf16_rows:
+        out.append(bf16_table(bf16_rows, results["models"][0].get("rounds", 1)))
     out.append("## Targets\n\n" + table(["target", "met"], [[k, "yes" if v else "NO"]
                                                              for k, v in s["targets"].items()]))
     return "\n\n".join(out) + "\n"
+
+
+def bf16_table(models: list[dict], rounds: int) -> str:
+    """The models in bf16 autocast: each loop against the plain fp32 loop and against the same plain
+    loop in bf16, and the test loss after the epoch beside fp32's."""
+    def rate(r: dict) -> float:
+        return r["images"] / r["train_seconds"]
+
+    rows = []
+    for r in models:
+        plain, ours = rate(r["plain"]), rate(r["vaelab_bf16"])
+        plain_bf16 = rate(r["plain_bf16"])
+        rows.append([r["model"], fmt(plain), fmt(plain_bf16), fmt(ours), f"{ours / plain:.2f}x",
+                     f"{ours / plain_bf16:.2f}x", f"{ours / rate(r):.2f}x",
+                     f"{r['curve'][-1]['test_loss']:.1f} / {r['vaelab_bf16']['curve'][-1]['test_loss']:.1f}"])
+    each = "; ".join(f"{r['model']} " + " vs ".join(
+        "/".join(f"{t:.1f}" for t in r["train_seconds_each"][kind]) for kind in ("vaelab_bf16", "plain_bf16"))
+        for r in models)
+    return (f"## Every registered model in bf16 autocast (`--precision bf16`), batch {BATCH}, 1 epoch\n\n"
+            + table(["model", "plain loop fp32 images/s", "plain loop bf16 images/s", "vaelab bf16 images/s",
+                     "vaelab bf16 / plain fp32", "vaelab bf16 / plain bf16", "vaelab bf16 / vaelab fp32",
+                     "test loss after 1 epoch, fp32 / bf16"], rows)
+            + f"\n\nTrain images/s, each loop's fastest of {rounds} turn(s); the plain loop in bf16 is the "
+              f"same loop with each step under `torch.autocast(\"cpu\", torch.bfloat16)`. Training seconds of "
+              f"every turn, vaelab bf16 vs plain bf16: {each}.")
 
 
 def rounds_note(models: list[dict]) -> str:

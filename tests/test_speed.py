@@ -251,6 +251,8 @@ def test_benchmark_functions_on_a_tiny_configuration(synthetic_mnist):
     assert plain["images"] == 256 and plain["train_seconds"] > 0
     # one step of the 784-400-20 VAE: the GEMMs counted by hand, plus the sampling layer's few
     assert 128 * bench.gemm_flops(bench.mlp_step_gemms(1)) <= plain["step_flops"] <= 1.01 * 128 * 3 * forward
+    half = bench.run_plain("vae", {"hidden_dims": [8]}, epochs=1, n_train=256, n_test=128, precision="bf16")
+    assert half["images"] == 256 and half["step_flops"] > 0
     for name in ("cvae", "vae-gan"):  # a conditional model and one with three optimizers
         tiny = {"hidden_dims": [8]} if name == "cvae" else {"arch": "mlp", "hidden_dims": [8], "dis_hidden_dims": [8]}
         assert bench.run_plain(name, tiny, epochs=1, n_train=256, n_test=128)["images"] == 256
@@ -279,6 +281,18 @@ def test_benchmark_functions_on_a_tiny_configuration(synthetic_mnist):
     text = bench.report(results)
     assert "Speed-up" in text and "| vae |" in text and "| broken | error" in text
     assert "| 2.00x |" in text  # vaelab / plain, from the two loops' train seconds
+    assert "bf16 autocast (`--precision bf16`)" not in text  # no bf16 runs, no bf16 table
+    # With bf16 runs: vaelab bf16 at 1/4 of plain fp32's seconds and 1/3 of plain bf16's.
+    t = fast["train_seconds"]
+    bf16_curve = [{**fast["curve"][0], "test_loss": fast["curve"][0]["test_loss"] + 0.25}]
+    results["models"][0].update(
+        vaelab_bf16={**fast, "train_seconds": t / 2, "curve": bf16_curve},
+        plain_bf16={**plain, "train_seconds": 1.5 * t}, rounds=1,
+        train_seconds_each={"vaelab_bf16": [t / 2], "plain_bf16": [1.5 * t]})
+    text = bench.report(results)
+    row = next(line for line in text.splitlines() if line.startswith("| vae |") and line.count("x |") == 3)
+    assert [c.strip() for c in row.split("|")[5:8]] == ["4.00x", "3.00x", "2.00x"], row
+    assert row.endswith(f"| {fast['curve'][0]['test_loss']:.1f} / {bf16_curve[0]['test_loss']:.1f} |"), row
     from vaelab.models import MODELS
 
     assert {name for _, name, _ in bench.model_variants()} == set(MODELS)
