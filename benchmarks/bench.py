@@ -23,13 +23,14 @@ one run never leak into the next):
 3. The learning curves: per-epoch test loss of both runs (and of bf16 autocast).
 4. Peak memory (max RSS) of the vaelab training subprocess.
 5. For every registered model (and `arch` variant): training images/s, sampling images/s and
-   seconds per epoch, through the same `train` entry point.
+   seconds per epoch, through the same `train` entry point, against a plain PyTorch loop of the
+   same model; with fast bf16, both loops again under bf16 autocast.
 
 Timings are wall clock; on a shared machine they are only as good as the machine is quiet, so
 the load average is recorded before and after each phase. `--busy` measures the other case on
 purpose: a process spinning on one core for the whole run, as another user's job would (each
 vaelab run picks its threads as `vaelab train` does; the baseline keeps PyTorch's default).
-On a CPU without fast bf16 (`vaelab.devices.bf16_slow`) the bf16 curve is skipped and the report
+On a CPU without fast bf16 (`vaelab.devices.bf16_slow`) the bf16 runs are skipped and the report
 says so: there it is emulated and takes several times as long as everything else together.
 """
 
@@ -546,7 +547,7 @@ def run_all(args) -> dict:
 
     if args.bf16 and bf16_slow(torch.device("cpu")):
         results["settings"]["bf16_skipped"] = "this CPU has no fast bf16 (oneDNN's bf16 kernels need AVX-512)"
-        say(f"[bench] no bf16 curve: {results['settings']['bf16_skipped']}")
+        say(f"[bench] no bf16 runs: {results['settings']['bf16_skipped']}")
     elif args.bf16:
         say(f"[bench] vaelab vae 784-400-20 bf16 autocast, {epochs} epoch(s) ...")
         extra["bf16"] = in_subprocess("vaelab", model="vae", overrides=mlp, epochs=epochs, n_train=n_train,
@@ -575,7 +576,7 @@ def run_all(args) -> dict:
                         precision = precision or "fp32"
                         what = ({"vaelab": f"{model_epochs} epoch + {sample_n} samples",
                                  "plain": "the same epoch in a plain PyTorch loop"}[loop]
-                                + ("" if precision == "fp32" else ", bf16 autocast"))
+                                if precision == "fp32" else f"{model_epochs} epoch in bf16 autocast, {loop}'s loop")
                         say(f"[bench] model {label}: {what} (round {k}/{rounds}) ...")
                         extra_args = {"sample_n": sample_n} if kind == "vaelab" else {}
                         runs[kind].append(in_subprocess(loop, model=name, overrides=overrides, epochs=model_epochs,
@@ -640,7 +641,7 @@ def report(results: dict) -> str:
            f"{m['date']}; load average {m['load_at_start']:.2f} at start, {m['load_at_end']:.2f} at end"
            f"{' (QUICK run: data subset, not the targets)' if st['quick'] else ''}"
            f"{'; another process kept one core busy throughout (`--busy`)' if st.get('busy') else ''}."
-           + (f" No bf16 curve: {st['bf16_skipped']}." if st.get("bf16_skipped") else "")]
+           + (f" No bf16 runs: {st['bf16_skipped']}." if st.get("bf16_skipped") else "")]
     n = f"{base['n_train']} train / {base['n_test']} test images" + (" (subset)" if st["quick"] else "")
     out.append(f"## Throughput: MLP 784-400-20, batch {BATCH}, {st['epochs']} epoch(s), {n}, test pass each epoch\n\n"
                + table(["loop", "images/s", "wall s", "train-loop s", "process CPU s", "threads", "max RSS MB",
@@ -768,7 +769,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=None, help="epochs of the learning curves (default 10)")
     p.add_argument("--n-train", type=int, default=None, help="training images used (default all)")
     p.add_argument("--n-test", type=int, default=None, help="test images used (default all)")
-    p.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip the bf16 autocast curve")
+    p.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip the bf16 autocast runs")
     p.add_argument("--compile", action="store_true", help="also run vaelab with torch.compile")
     p.add_argument("--no-models", action="store_true", help="skip the per-model table")
     p.add_argument("--model-rounds", type=int, default=None,
