@@ -31,6 +31,7 @@ import csv
 import io
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import re
 import socket
@@ -422,7 +423,8 @@ def run_workers(study: Study, workers: int, threads: int, progress: bool = True)
     bar = trials_bar(study.name, optuna_study, progress)
     try:
         while any(p.is_alive() for p in procs):
-            time.sleep(1.0)
+            # Wakes at least once a second to refresh the bar, and at once when a worker ends.
+            multiprocessing.connection.wait([p.sentinel for p in procs if p.is_alive()], timeout=1.0)
             bar.n = finished_count(optuna_study)
             bar.set_postfix_str(running_epochs(study, optuna_study), refresh=False)
             bar.refresh()
