@@ -714,13 +714,13 @@ def report(results: dict) -> str:
                    + rounds_note(results["models"]))
     bf16_rows = [r for r in results["models"] if "vaelab_bf16" in r]
     if bf16_rows:
-        out.append(bf16_table(bf16_rows, results["models"][0].get("rounds", 1)))
+        out.append(bf16_table(bf16_rows))
     out.append("## Targets\n\n" + table(["target", "met"], [[k, "yes" if v else "NO"]
                                                              for k, v in s["targets"].items()]))
     return "\n\n".join(out) + "\n"
 
 
-def bf16_table(models: list[dict], rounds: int) -> str:
+def bf16_table(models: list[dict]) -> str:
     """The models in bf16 autocast: each loop against the plain fp32 loop and against the same plain
     loop in bf16, and the test loss after the epoch beside fp32's."""
     def rate(r: dict) -> float:
@@ -733,16 +733,13 @@ def bf16_table(models: list[dict], rounds: int) -> str:
         rows.append([r["model"], fmt(plain), fmt(plain_bf16), fmt(ours), f"{ours / plain:.2f}x",
                      f"{ours / plain_bf16:.2f}x", f"{ours / rate(r):.2f}x",
                      f"{r['curve'][-1]['test_loss']:.1f} / {r['vaelab_bf16']['curve'][-1]['test_loss']:.1f}"])
-    each = "; ".join(f"{r['model']} " + " vs ".join(
-        "/".join(f"{t:.1f}" for t in r["train_seconds_each"][kind]) for kind in ("vaelab_bf16", "plain_bf16"))
-        for r in models)
     return (f"## Every registered model in bf16 autocast (`--precision bf16`), batch {BATCH}, 1 epoch\n\n"
             + table(["model", "plain loop fp32 images/s", "plain loop bf16 images/s", "vaelab bf16 images/s",
                      "vaelab bf16 / plain fp32", "vaelab bf16 / plain bf16", "vaelab bf16 / vaelab fp32",
                      "test loss after 1 epoch, fp32 / bf16"], rows)
-            + f"\n\nTrain images/s, each loop's fastest of {rounds} turn(s); the plain loop in bf16 is the "
-              f"same loop with each step under `torch.autocast(\"cpu\", torch.bfloat16)`. Training seconds of "
-              f"every turn, vaelab bf16 vs plain bf16: {each}.")
+            + f"\n\nTrain images/s, each loop's fastest of {models[0].get('rounds', 1)} turn(s); the plain loop in "
+              f"bf16 is the same loop with each step under `torch.autocast(\"cpu\", torch.bfloat16)`. Training "
+              f"seconds of every turn, vaelab bf16 vs plain bf16: {turn_seconds(models, ('vaelab_bf16', 'plain_bf16'))}.")
 
 
 def rounds_note(models: list[dict]) -> str:
@@ -751,11 +748,15 @@ def rounds_note(models: list[dict]) -> str:
     timed = [r for r in models if r.get("rounds", 1) > 1]
     if not timed:
         return ""
-    each = "; ".join(f"{r['model']} " + " vs ".join(
-        "/".join(f"{t:.1f}" for t in r["train_seconds_each"][kind]) for kind in ("vaelab", "plain"))
-        for r in timed)
     return (f" Each loop ran {timed[0]['rounds']} times per model, taking turns with the other; the table "
-            f"compares each loop's fastest epoch. Training seconds of every turn, vaelab vs plain: {each}.")
+            f"compares each loop's fastest epoch. Training seconds of every turn, vaelab vs plain: "
+            f"{turn_seconds(timed, ('vaelab', 'plain'))}.")
+
+
+def turn_seconds(models: list[dict], kinds: tuple[str, str]) -> str:
+    """'model a/b vs c/d; ...': the training seconds of each turn of the two loops `kinds`."""
+    return "; ".join(f"{r['model']} " + " vs ".join(
+        "/".join(f"{t:.1f}" for t in r["train_seconds_each"][kind]) for kind in kinds) for r in models)
 
 
 def busy_core() -> subprocess.Popen:
