@@ -574,9 +574,10 @@ def run_all(args) -> dict:
                     for kind in kinds:
                         loop, _, precision = kind.partition("_")
                         precision = precision or "fp32"
-                        what = ({"vaelab": f"{model_epochs} epoch + {sample_n} samples",
-                                 "plain": "the same epoch in a plain PyTorch loop"}[loop]
-                                if precision == "fp32" else f"{model_epochs} epoch in bf16 autocast, {loop}'s loop")
+                        what = {"vaelab": f"{model_epochs} epoch + {sample_n} samples",
+                                "plain": "the same epoch in a plain PyTorch loop",
+                                "vaelab_bf16": f"{model_epochs} epoch in bf16 autocast",
+                                "plain_bf16": "the same epoch in the plain loop, bf16 autocast"}[kind]
                         say(f"[bench] model {label}: {what} (round {k}/{rounds}) ...")
                         extra_args = {"sample_n": sample_n} if kind == "vaelab" else {}
                         runs[kind].append(in_subprocess(loop, model=name, overrides=overrides, epochs=model_epochs,
