@@ -585,7 +585,7 @@ def run_all(args) -> dict:
                                                         **extra_args))
                 best = {kind: min(rs, key=lambda r: r["train_seconds"]) for kind, rs in runs.items()}
                 models.append({"model": label, **best["vaelab"], "plain": best["plain"], "rounds": rounds,
-                               **{kind: best[kind] for kind in kinds[2:]},
+                               **{kind: best[kind] for kind in kinds if kind not in ("vaelab", "plain")},
                                "train_seconds_each": {kind: [r["train_seconds"] for r in rs] for kind, rs in runs.items()}})
             except (RuntimeError, subprocess.SubprocessError) as e:
                 models.append({"model": label, "error": str(e).splitlines()[-1]})
