@@ -272,6 +272,48 @@ def test_two_machines_sharing_a_database_run_each_trial_once(workspace):
     assert {t.state.name for t in trials} == {"COMPLETE"}
 
 
+def test_a_trial_is_taken_once_when_another_machine_takes_it_mid_claim(tmp_path):
+    """The race CI once lost: machine A reads the queued trial as WAITING, machine B takes it,
+    then A writes. SQLite ignores SELECT ... FOR UPDATE, so a read-then-write claim gives the
+    trial to both; the claim must be one conditional write that only B's succeeds."""
+    import sqlalchemy
+
+    from vaelab.sweep import open_storage, take_trial
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    optuna.create_study(study_name="s", storage=url).enqueue_trial({"x": 1})
+    machine_a, machine_b = (optuna.load_study(study_name="s", storage=open_storage(url)) for _ in "ab")
+    taken_by_b = []
+
+    def b_takes_it_first(conn, cursor, statement, *args):
+        if statement.lstrip().upper().startswith("UPDATE TRIALS") and not taken_by_b:
+            taken_by_b.append(take_trial(machine_b))
+
+    engine_a = machine_a._storage._backend.engine
+    sqlalchemy.event.listen(engine_a, "before_cursor_execute", b_takes_it_first)
+    taken_by_a = take_trial(machine_a)
+    sqlalchemy.event.remove(engine_a, "before_cursor_execute", b_takes_it_first)
+    assert taken_by_b and taken_by_b[0] is not None and taken_by_b[0].number == 0
+    assert taken_by_a is None
+    assert [t.state.name for t in machine_a.get_trials()] == ["RUNNING"]
+
+
+def test_a_journal_trial_taken_by_another_process_is_not_taken_again(tmp_path):
+    from optuna.storages.journal import JournalFileBackend
+
+    from vaelab.sweep import open_storage, take_trial
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    path = str(tmp_path / "study.journal")
+    optuna.create_study(study_name="s", storage=optuna.storages.JournalStorage(JournalFileBackend(path))
+                        ).enqueue_trial({"x": 1})
+    first, second = (optuna.load_study(study_name="s", storage=open_storage(path)) for _ in "ab")
+    assert [t.state.name for t in second.get_trials()] == ["WAITING"]  # second has read it as queued
+    assert take_trial(first).number == 0
+    assert take_trial(second) is None
+
+
 def test_a_sweep_killed_mid_trial_finishes_when_run_again(workspace):
     """SIGKILL in the second epoch of trial 0; the same command again marks trial 0 FAIL
     ("worker died"), queues its values again and ends with every grid point complete."""

@@ -10,8 +10,8 @@
 How trials are handed out: when the study is created, it is given every trial it will run as a
 queued (WAITING) Optuna trial: a grid's points with their values, a random or TPE search's
 trials empty (the sampler fills them when a worker takes them, from the trials finished by
-then). A worker takes a queued trial by moving it to RUNNING, which the storage grants to one
-worker only, so K workers on any number of machines run each trial once and the study ends with
+then). A worker takes a queued trial by moving it to RUNNING in one conditional write (`move_trial`),
+which only one worker wins, so K workers on any number of machines run each trial once and the study ends with
 exactly the trials asked for.
 
 An interrupted worker: on Ctrl-C or SIGTERM its trial saves its run folder, is marked FAIL
@@ -39,6 +39,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from . import runtime
@@ -260,14 +261,13 @@ def recover_lost(study) -> list[int]:
         pid = t.user_attrs.get("pid")
         if t.user_attrs.get("host") != host or not isinstance(pid, int) or pid_alive(pid):
             continue
-        storage = study._storage
-        try:
-            storage.set_trial_user_attr(t._trial_id, "error", f"worker died: process {pid} on {host} ended "
-                                                               f"during the trial (killed?)")
-            if not storage.set_trial_state_values(t._trial_id, state=FAIL):
-                continue
+        try:  # the error first: a finished trial's attributes can no longer be set
+            study._storage.set_trial_user_attr(t._trial_id, "error", f"worker died: process {pid} on {host} "
+                                                                      f"ended during the trial (killed?)")
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # another worker got there first
+        if not move_trial(study._storage, t._trial_id, RUNNING, FAIL):
+            continue
         requeue(study, t)
         lost.append(t.number)
     return lost
@@ -283,13 +283,43 @@ def requeue(study, trial) -> None:
 def take_trial(study):
     """A queued trial, now RUNNING and this worker's (None when the queue is empty)."""
     optuna = require_optuna()
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
-        try:
-            if study._storage.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.RUNNING):
-                return optuna.trial.Trial(study, t._trial_id)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue
+    WAITING, RUNNING = optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING
+    for t in study.get_trials(deepcopy=False, states=(WAITING,)):
+        if move_trial(study._storage, t._trial_id, WAITING, RUNNING):
+            return optuna.trial.Trial(study, t._trial_id)
     return None
+
+
+def move_trial(storage, trial_id: int, old, new) -> bool:
+    """Move a trial from state `old` to `new`; True for the one caller, of any number racing on
+    any number of machines, that did.
+
+    Optuna's RDB storage reads the state and then writes it, relying on SELECT ... FOR UPDATE,
+    which SQLite ignores: two processes on one SQLite file both read WAITING and both take the
+    trial. A single UPDATE ... WHERE state = old is atomic in every SQL database. The journal
+    storage checks and writes under its file lock, so its own call is already exact."""
+    optuna = require_optuna()
+    backend = getattr(storage, "_backend", storage)  # load_study wraps an RDBStorage in a cache
+    if isinstance(backend, optuna.storages.RDBStorage):
+        import sqlalchemy
+        from optuna.storages._rdb.models import TrialModel
+
+        values = {"state": new}
+        if new == optuna.trial.TrialState.RUNNING:
+            values["datetime_start"] = datetime.now()
+        if new.is_finished():
+            values["datetime_complete"] = datetime.now()
+        with backend.engine.begin() as connection:
+            moved = connection.execute(sqlalchemy.update(TrialModel)
+                                       .where(TrialModel.trial_id == trial_id, TrialModel.state == old)
+                                       .values(**values))
+        return moved.rowcount == 1
+    try:
+        if storage.get_trial(trial_id).state != old:
+            return False
+        return storage.set_trial_state_values(trial_id, state=new)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
 
 
 class PruneOnEpoch:
