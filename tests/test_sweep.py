@@ -314,6 +314,38 @@ def test_a_journal_trial_taken_by_another_process_is_not_taken_again(tmp_path):
     assert take_trial(second) is None
 
 
+def test_a_machine_joining_a_new_study_waits_for_its_trials_and_queues_none(tmp_path, monkeypatch):
+    """The joining machine finds the study created but its trials not yet queued: it waits for the
+    creator's target and queues nothing itself, so the study holds each grid point once. A creator
+    that never sets its target (stopped right after creating the study) is taken over instead."""
+    import threading
+
+    from vaelab import sweep
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    spec = write_spec(tmp_path, GRID.format(metric="test.loss", direction="minimize"))
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    creator = optuna.create_study(study_name="s", storage=url)
+    creator.set_user_attr("spec", sweep._comparable(sweep.load_spec(spec).raw))
+
+    def creator_queues_late():
+        time.sleep(0.5)
+        creator.set_user_attr("trials", 4)
+        sweep.queue_trials(creator, sweep.load_spec(spec), 4)
+
+    late = threading.Thread(target=creator_queues_late)
+    late.start()
+    sweep.prepare(spec, "s", tmp_path / "joiner", url, None)
+    late.join()
+    assert len(creator.trials) == 4
+
+    orphan = optuna.create_study(study_name="orphan", storage=url)
+    orphan.set_user_attr("spec", sweep._comparable(sweep.load_spec(spec).raw))
+    monkeypatch.setattr(sweep, "TARGET_WAIT_S", 0.3)
+    sweep.prepare(spec, "orphan", tmp_path / "rerun", url, None)
+    assert len(orphan.trials) == 4 and orphan.user_attrs["trials"] == 4
+
+
 def test_a_sweep_killed_mid_trial_finishes_when_run_again(workspace):
     """SIGKILL in the second epoch of trial 0; the same command again marks trial 0 FAIL
     ("worker died"), queues its values again and ends with every grid point complete."""

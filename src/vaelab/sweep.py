@@ -59,6 +59,7 @@ SPEC_COPY = "sweep.yaml"
 JOURNAL_FILE = "study.journal"
 TRIALS_FILE = "trials.csv"
 MAX_ATTEMPTS = 3  # a trial lost to an interruption runs again at most twice
+TARGET_WAIT_S = 30.0  # how long a machine joining a new study waits for its creator to queue the trials
 ERROR_CHARS = 500
 
 
@@ -190,13 +191,14 @@ def prepare(spec_path: Path, name: str | None, folder: Path | None, storage: str
                               f"was created with; restore it, or start another --study")
     if created:
         study.set_user_attr("spec", _comparable(spec.raw))
-        study.set_user_attr("trials", 0)
     if not study_file.exists():
         atomic_write(folder / SPEC_COPY, Path(spec_path).read_bytes())
         write_json(study_file, {"study": name, "storage": hide_password(url), "model": spec.model,
                                 "metric": spec.metric, "direction": spec.direction,
                                 "spec": _comparable(spec.raw)})
-    target = _target(study, created, url)
+    # The creator's target is set once, to what it queues: a machine joining the study reads it
+    # and queues nothing (an intermediate target of 0 would let both queue every trial).
+    target = 0 if created else _target(study, url)
     if wanted > target:
         # The target first, then the queue: a worker that loads the study meanwhile queues nothing.
         study.set_user_attr("trials", wanted)
@@ -209,12 +211,14 @@ def _comparable(raw: dict) -> dict:
     return json.loads(json.dumps({k: v for k, v in raw.items() if k != "trials"}, default=str))
 
 
-def _target(study, created: bool, url: str) -> int:
+def _target(study, url: str) -> int:
     """How many trials the study was asked for so far; a study another process has just created
     gets a moment to say so (it sets the target right after creating the study)."""
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + TARGET_WAIT_S
     while "trials" not in study.user_attrs:
         if time.monotonic() > deadline:
+            if "spec" in study.user_attrs:
+                return 0  # vaelab's creator stopped between creating the study and queueing its trials
             raise ConfigError(f"--storage {hide_password(url)}: the study {study.study_name} has no trial target "
                               f"(not made by vaelab sweep?)")
         time.sleep(0.2)
