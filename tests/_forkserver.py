@@ -128,7 +128,10 @@ class ForkedProcess:
         self._out, self._err, self._status = out, err, status_fd
         self._buffer = b""
         self.returncode: int | None = None
-        self.pid = int(self._read_line(timeout=60))
+        pid = self._read_line(timeout=300)
+        if pid is None:
+            raise RuntimeError("the fork server did not say the PID of the process it forked within 300 s")
+        self.pid = int(pid)
 
     def _read_line(self, timeout: float | None) -> str | None:
         deadline = None if timeout is None else time.monotonic() + timeout

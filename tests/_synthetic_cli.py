@@ -57,8 +57,12 @@ def pause(marker: Path, rank: int | None = None) -> None:
     partial = marker.with_name(marker.name + ".partial")
     partial.write_text(str(os.getpid()))
     os.replace(partial, marker)
-    deadline = time.monotonic() + 60
-    while marker.exists() and time.monotonic() < deadline:
+    # The test releases (or kills) the process; one that is never released fails loudly rather
+    # than going on as if the test had looked.
+    deadline = time.monotonic() + 600
+    while marker.exists():
+        if time.monotonic() > deadline:
+            sys.exit(f"_synthetic_cli: paused 600 s at {marker} and never released")
         time.sleep(0.01)
 
 
@@ -136,8 +140,10 @@ def trial_barrier(spec: str) -> None:
             waited["done"] = True
             Path(folder).mkdir(parents=True, exist_ok=True)
             (Path(folder) / str(os.getpid())).touch()
-            deadline = time.monotonic() + 60
-            while len(list(Path(folder).iterdir())) < int(n) and time.monotonic() < deadline:
+            deadline = time.monotonic() + 600
+            while len(list(Path(folder).iterdir())) < int(n):
+                if time.monotonic() > deadline:
+                    sys.exit(f"_synthetic_cli: {n} sweep workers never met at {folder}")
                 time.sleep(0.01)
         return original(*args, **kwargs)
 

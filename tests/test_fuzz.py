@@ -22,7 +22,7 @@ from vaelab.train import train
 
 from conftest import quick_config
 
-FUZZ = settings(max_examples=200, deadline=2000, derandomize=True,
+FUZZ = settings(max_examples=200, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 VALID_IDX = write_idx(np.arange(3 * 28 * 28, dtype=np.uint8).reshape(3, 28, 28))
@@ -169,7 +169,7 @@ def test_checkpoint_loader_only_raises_checkpoint_error(real_run, tmp_path, data
     assert peak < 4 * len(blob) + 2_000_000, f"{peak} bytes allocated for a {len(blob)}-byte file"
 
 
-@settings(max_examples=40, deadline=5000, derandomize=True,
+@settings(max_examples=40, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(data=st.data())
 def test_load_run_on_damaged_files_only_raises_vaelab_errors(real_run, tmp_path_factory, data):

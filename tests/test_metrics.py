@@ -239,24 +239,26 @@ def test_two_processes_at_once_train_the_classifier_once(fast_classifier, monkey
     to an open file description, so two threads opening the folder exclude each other as two
     processes would.)"""
     import threading
-    import time
 
     from vaelab.data import load
 
     data = load("mnist", quiet=True)
-    trainings, started = [], threading.Event()
+    trainings, started, second_waits = [], threading.Event(), threading.Event()
     real_train, real_lock = metrics.train_classifier, metrics.folder_lock
 
     def slow(*a, **k):
         trainings.append(threading.current_thread().name)
         started.set()
-        time.sleep(0.5)  # long enough for the other caller to reach the lock
+        second_waits.wait(60)  # the first trains only once the other caller waits at the lock
         return real_train(*a, **k)
+
+    def waiting():
+        waited.append(threading.current_thread().name)
+        second_waits.set()
 
     waited = []
     monkeypatch.setattr(metrics, "train_classifier", slow)
-    monkeypatch.setattr(metrics, "folder_lock", lambda folder, on_wait=None: real_lock(
-        folder, on_wait=lambda: waited.append(threading.current_thread().name)))
+    monkeypatch.setattr(metrics, "folder_lock", lambda folder, on_wait=None: real_lock(folder, on_wait=waiting))
     results = {}
     first = threading.Thread(name="first", target=lambda: results.update(
         first=metrics.load_or_train_classifier(data)[0]))

@@ -55,8 +55,10 @@ def execute(name: str, tmp_path: Path, monkeypatch, **parameters):
         *(f"{key} = {value!r}" for key, value in parameters.items()),
     ]
     nb.cells.insert(at, nbformat.v4.new_code_cell("\n".join(setup), metadata={"tags": ["injected-parameters"]}))
-    NotebookClient(nb, timeout=600, kernel_name="python3",
-                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    # nbclient waits 4 s by default for a cell's last outputs (figures) after its reply, then
+    # drops them with a log line; a busy machine needs longer, and a drop must fail loudly.
+    NotebookClient(nb, timeout=600, kernel_name="python3", startup_timeout=300, iopub_timeout=120,
+                   raise_on_iopub_timeout=True, resources={"metadata": {"path": str(tmp_path)}}).execute()
     return nb, at
 
 

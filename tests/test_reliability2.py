@@ -270,7 +270,7 @@ def test_a_run_with_only_its_config_resumes_from_step_0_like_a_straight_run(tmp_
 def test_a_run_another_process_trains_in_is_refused_naming_its_pid(run, synthetic_mnist, capsys):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from vaelab.checkpoint import RunLock; "
-         "RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(60)", str(run)],
+         "RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(3600)", str(run)],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
     try:
         assert holder.stdout.readline().strip() == "locked"

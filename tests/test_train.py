@@ -209,3 +209,26 @@ def test_a_run_saved_with_torch_adam_resumes_with_packed_adam_as_it_would_have_t
     assert all(type(o).__name__ == "PackedAdam" for o in resumed.optimizers.values())
     for k, v in straight.model.state_dict().items():
         assert torch.equal(v, resumed.model.state_dict()[k]), k
+
+
+def test_after_an_agreed_data_parallel_stop_sigterm_no_longer_ends_the_process():
+    """torchrun ends the other processes with SIGTERM once the first exits: a process that has
+    agreed to stop ignores it from then on, so process 0 lives to say where it saved; any other
+    stop gives the caller's handler back."""
+    import signal
+
+    from vaelab.signals import stop_on_signals
+
+    def callers(signum, frame):
+        pass
+
+    before = signal.signal(signal.SIGTERM, callers)
+    try:
+        with stop_on_signals() as flag:
+            assert signal.getsignal(signal.SIGTERM) is not callers
+        assert signal.getsignal(signal.SIGTERM) is callers
+        with stop_on_signals() as flag:
+            flag["outlive_sigterm"] = True
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, before)

@@ -28,3 +28,8 @@ def stop_on_signals():
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+        if flag.get("outlive_sigterm"):
+            # Processes of a data-parallel job that agreed to stop: torchrun sends SIGTERM to the
+            # others as soon as the first exits, which must not end process 0 before it has said
+            # where it saved. The process is about to exit; nothing else waits on the signal.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)

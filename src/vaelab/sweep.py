@@ -33,6 +33,7 @@ import json
 import multiprocessing
 import multiprocessing.connection
 import os
+import random
 import re
 import socket
 import sys
@@ -86,17 +87,21 @@ def open_storage(url: str):
     optuna = require_optuna()
     try:
         if "://" in url:
-            for attempt in range(3):
+            # SQLite waits 5 s for another process's write by default, then fails: too short for
+            # workers sharing a file on a busy disk.
+            engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
+            for attempt in range(5):
                 try:
-                    return optuna.storages.RDBStorage(url)
+                    return optuna.storages.RDBStorage(url, engine_kwargs=engine)
                 except ImportError:
                     raise
                 except Exception:
                     # Workers started together on a new database race to create its tables: the
-                    # loser's insert fails, and the tables are there when it looks again.
-                    if attempt == 2:
+                    # loser's insert fails, and the tables are there when it looks again (at a
+                    # moment of its own, so that two losers do not meet again).
+                    if attempt == 4:
                         raise
-                    time.sleep(1.0)
+                    time.sleep(random.SystemRandom().uniform(0.5, 1.5))
         Path(url).parent.mkdir(parents=True, exist_ok=True)
         from optuna.storages.journal import JournalFileBackend
 

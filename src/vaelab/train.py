@@ -230,6 +230,7 @@ class Trainer:
                 state = self.state_dict()
                 if dist.is_main():
                     ckpt.save_checkpoint(self.run_dir, state, self.stored_config)
+                signals["outlive_sigterm"] = self.distributed
                 raise TrainingInterrupted(
                     f"{stop}: saved {self.run_dir} in epoch {epoch} after "
                     f"{i + 1}/{len(self.batches)} batches; continue with "
@@ -239,6 +240,7 @@ class Trainer:
         self._finish_epoch(epoch)
         stop = dist.agree_stop(signals["stop"])
         if stop and epoch < self.config.epochs:  # after the last epoch there is nothing to resume
+            signals["outlive_sigterm"] = self.distributed
             raise TrainingInterrupted(
                 f"{stop}: saved {self.run_dir} after epoch {epoch}; continue with "
                 f"`{self.resume_command()}`", stop
