@@ -173,7 +173,8 @@ class Served:
     def __init__(self, space: LatentSpace):
         self.space = space
         self.server = make_server(space)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        # shutdown() waits for serve_forever's next poll: 0.5 s by default, per server.
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
         self.url = self.server.url
 
@@ -969,10 +970,51 @@ def test_browser_explorer_works_inside_the_report(browser, report_with_explorer,
     assert console_errors(browser) == []
 
 
+def test_closing_the_server_ends_open_connections_and_waits_for_their_threads(data):
+    """Ctrl-C: a connection a client left open (sending nothing) is ended, and no handler thread
+    outlives `server_close`: one still running at interpreter exit can free the model's tensors
+    during finalization and abort the process instead of exiting 0."""
+    import socket
+
+    served = Served(make_space("vae", data, n_points=50))
+    idle = socket.create_connection(("127.0.0.1", served.server.port), timeout=30)
+    try:
+        assert served.request("GET", "/api/info")[0] == 200
+        handlers = [t for t, _ in served.server._connections]
+        assert any(t.is_alive() for t in handlers)  # the idle connection's, waiting for a request
+        start = time.monotonic()
+        served.close()
+        assert time.monotonic() - start < 10
+        assert not any(t.is_alive() for t in handlers)
+        assert idle.recv(1) == b""  # the server ended it
+    finally:
+        idle.close()
+
+
+def test_a_client_gone_mid_answer_is_no_error(data, capsys):
+    """A closed tab or a cancelled fetch breaks the pipe mid-answer: nothing is printed (no
+    traceback in the user's terminal), while a real error still is."""
+    served = Served(make_space("vae", data, n_points=50))
+    try:
+        for gone in (BrokenPipeError(32, "Broken pipe"), ConnectionResetError(104, "reset")):
+            try:
+                raise gone
+            except ConnectionError:
+                served.server.handle_error(None, ("127.0.0.1", 1))
+        assert capsys.readouterr().err == ""
+        try:
+            raise ValueError("a bug")
+        except ValueError:
+            served.server.handle_error(None, ("127.0.0.1", 1))
+        assert "ValueError: a bug" in capsys.readouterr().err
+    finally:
+        served.close()
+
+
 def test_server_listens_on_ipv6_loopback_and_checks_its_host_header(data):
     space = make_space("vae", data, n_points=50)
     server = make_server(space, host="::1")
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
         assert server.url == f"http://[::1]:{server.port}/"

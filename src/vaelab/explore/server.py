@@ -22,6 +22,9 @@ import ipaddress
 import json
 import math
 import socket
+import sys
+import threading
+import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
@@ -97,10 +100,17 @@ def parse_encode(body: dict) -> torch.Tensor:
 
 
 class ExploreServer(ThreadingHTTPServer):
-    daemon_threads = True  # a browser's keep-alive connection must not hold up Ctrl-C
+    """One daemon thread per connection, each kept so that `server_close` ends and waits for
+    them: a handler thread still running when the interpreter exits can drop the last
+    reference to the model, and a tensor freed during finalization aborts the process
+    ("terminate called without an active exception") instead of exiting 0 after Ctrl-C."""
+
+    daemon_threads = True  # a connection left open must not hold up Ctrl-C
 
     def __init__(self, space: LatentSpace, host: str, port: int):
         self.space = space
+        self._connections: list[tuple[threading.Thread, socket.socket]] = []
+        self._connections_lock = threading.Lock()
         self.page = render_page(space.page_data()).encode("utf-8")
         self.info = json.dumps(space.page_data()).encode("utf-8")
         if ":" in host:  # an IPv6 address such as ::1 (the base class listens on IPv4 only)
@@ -113,6 +123,35 @@ class ExploreServer(ThreadingHTTPServer):
             raise ConfigError(f"{host}:{port}: cannot listen ({e.strerror or e})") from None
         self.port = self.server_address[1]
         self.allowed_hosts = _allowed_hosts(host, self.port)
+
+    def process_request(self, request, client_address):
+        thread = threading.Thread(target=self.process_request_thread, args=(request, client_address), daemon=True)
+        with self._connections_lock:
+            self._connections = [(t, c) for t, c in self._connections if t.is_alive()]
+            self._connections.append((thread, request))
+        thread.start()
+
+    def server_close(self):
+        super().server_close()
+        with self._connections_lock:
+            connections, self._connections = self._connections, []
+        grace = time.monotonic() + 2  # answers being sent are finished
+        for thread, _ in connections:
+            thread.join(timeout=max(0.0, grace - time.monotonic()))
+        for thread, connection in connections:
+            if thread.is_alive():
+                try:
+                    connection.shutdown(socket.SHUT_RDWR)  # a connection left open ends at once
+                except OSError:
+                    pass  # closed meanwhile by its handler
+        for thread, _ in connections:
+            thread.join(timeout=30)
+
+    def handle_error(self, request, client_address):
+        # A client that went away (a closed tab, a fetch the page cancelled) is no error; anything
+        # else has been answered as a 500 by the handler already.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
     @property
     def url(self) -> str:
@@ -173,6 +212,8 @@ class Handler(BaseHTTPRequestHandler):
             route()
         except RequestError as e:
             self._json({"error": str(e)}, e.status)
+        except ConnectionError:  # the client went away mid-answer: no one to tell
+            self.close_connection = True
         except Exception as e:  # a bug, not the client's fault: still one line, and the server lives on
             self._json({"error": f"internal error: {type(e).__name__}: {e}".splitlines()[0]},
                        HTTPStatus.INTERNAL_SERVER_ERROR)
