@@ -23,6 +23,17 @@ def pytest_configure(config):
     runtime.configure()
 
 
+def pytest_collection_finish(session):
+    # What exists once every test module is imported (torch, matplotlib, selenium, optuna, the
+    # tests themselves) lives to the end: out of the collector's sight, each full collection
+    # walks only what the tests make. Measured: 274-281 busy CPU-s for `make test` against
+    # 294-297 without, 149-152 s against 159-161 s.
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 def synthetic_arrays(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """n structured 28x28 uint8 images in 10 classes: class k is a bright bar at a k-dependent
     place and angle, plus noise, so a small model can learn something in a few steps."""
