@@ -27,7 +27,7 @@ def pytest_collection_finish(session):
     # What exists once every test module is imported (torch, matplotlib, selenium, optuna, the
     # tests themselves) lives to the end: out of the collector's sight, each full collection
     # walks only what the tests make. Measured: 274-281 busy CPU-s for `make test` against
-    # 294-297 without, 149-152 s against 159-161 s.
+    # 294-297 without, 147-152 s against 159-161 s.
     import gc
 
     gc.collect()
