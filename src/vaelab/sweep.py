@@ -10,9 +10,9 @@
 How trials are handed out: when the study is created, it is given every trial it will run as a
 queued (WAITING) Optuna trial: a grid's points with their values, a random or TPE search's
 trials empty (the sampler fills them when a worker takes them, from the trials finished by
-then). A worker takes a queued trial by moving it to RUNNING in one conditional write (`move_trial`),
-which only one worker wins, so K workers on any number of machines run each trial once and the study ends with
-exactly the trials asked for.
+then). A worker takes a queued trial by moving it to RUNNING in one conditional write
+(`move_trial`), which only one worker wins, so K workers on any number of machines run each trial
+once and the study ends with exactly the trials asked for.
 
 An interrupted worker: on Ctrl-C or SIGTERM its trial saves its run folder, is marked FAIL
 ("interrupted") and its values are queued again as a new trial. A worker killed outright (SIGKILL,
