@@ -125,7 +125,8 @@ class ExploreServer(ThreadingHTTPServer):
         self.allowed_hosts = _allowed_hosts(host, self.port)
 
     def process_request(self, request, client_address):
-        thread = threading.Thread(target=self.process_request_thread, args=(request, client_address), daemon=True)
+        thread = threading.Thread(target=self.process_request_thread, args=(request, client_address),
+                                  daemon=self.daemon_threads)
         with self._connections_lock:
             self._connections = [(t, c) for t, c in self._connections if t.is_alive()]
             self._connections.append((thread, request))
