@@ -16,7 +16,7 @@ from torch import nn
 from vaelab.data import Batcher
 from vaelab.fastpath import OneDNNLinearFunction, onednn_available, onednn_linear
 from vaelab.models import build_model, make_config
-from vaelab import runtime
+from vaelab import fastpath, runtime
 from vaelab.errors import ConfigError
 from vaelab.devices import autocast, wants_channels_last
 from vaelab.evaluate import evaluate_terms
@@ -65,6 +65,21 @@ def test_onednn_function_without_bias_passes_gradcheck_shapes():
     dx, dw = torch.autograd.grad(y.sum(), (x, w))
     torch.testing.assert_close(dx, torch.ones(4, 3) @ w, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dw, torch.ones(3, 4) @ x, rtol=1e-5, atol=1e-5)
+
+
+ZEN4_THEN_INTEL = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+                   "flags\t\t: fpu avx2 avx512f\n\nprocessor\t: 1\nvendor_id\t: GenuineIntel\ncpu family\t: 6\n")
+
+
+@pytest.mark.parametrize("cpuinfo, vendor, family, half_width", [
+    (ZEN4_THEN_INTEL, "AuthenticAMD", 25, True),  # Zen 4; the second block is not read
+    (ZEN4_THEN_INTEL.replace(": 25", ": 26"), "AuthenticAMD", 26, False),  # Zen 5: full-width AVX-512
+    ("vendor_id\t: GenuineIntel\ncpu family\t: 6\n", "GenuineIntel", 6, False),
+    ("", "", None, False),  # unreadable or another format: the instruction set alone decides
+])
+def test_onednn_is_not_chosen_where_avx512_runs_on_half_width_units(cpuinfo, vendor, family, half_width):
+    assert fastpath.cpu_vendor_family(cpuinfo) == (vendor, family)
+    assert fastpath.avx512_on_half_width_units(vendor, family) is half_width
 
 
 def test_channels_last_is_chosen_for_convolutions_unless_declared():
@@ -249,6 +264,7 @@ def test_benchmark_functions_on_a_tiny_configuration(synthetic_mnist):
     assert fast["sample_images_per_s"] > 0
     plain = bench.run_plain("vae", {"hidden_dims": [400], "latent_dim": 20}, epochs=1, n_train=256, n_test=128)
     assert plain["images"] == 256 and plain["train_seconds"] > 0
+    assert 0 < plain["kernel_fraction"] <= 1  # the step's share inside its multiplies
     # one step of the 784-400-20 VAE: the GEMMs counted by hand, plus the sampling layer's few
     assert 128 * bench.gemm_flops(bench.mlp_step_gemms(1)) <= plain["step_flops"] <= 1.01 * 128 * 3 * forward
     half = bench.run_plain("vae", {"hidden_dims": [8]}, epochs=1, n_train=256, n_test=128, precision="bf16")
@@ -281,6 +297,16 @@ def test_benchmark_functions_on_a_tiny_configuration(synthetic_mnist):
     text = bench.report(results)
     assert "Speed-up" in text and "| vae |" in text and "| broken | error" in text
     assert "| 2.00x |" in text  # vaelab / plain, from the two loops' train seconds
+    # The kernel bound: 90 % of the plain step in its kernels allows at most 1.11x, below the
+    # target, and the note names the model; at 50 % (2x) it names none.
+    results["models"][0]["plain"]["kernel_fraction"] = 0.9
+    text = bench.report(results)
+    assert "| 2.00x | 90% | 1.11x |" in text
+    assert "Below 1.3x for `vae`: there the target cannot be met" in text
+    results["models"][0]["plain"]["kernel_fraction"] = 0.5
+    text = bench.report(results)
+    assert "| 2.00x | 50% | 2.00x |" in text and "Below 1.3x" not in text
+    assert "For every model the bound is at least 1.3x." in text
     assert "bf16 autocast (`--precision bf16`)" not in text  # no bf16 runs, no bf16 table
     # With bf16 runs: vaelab bf16 at 1/4 of plain fp32's seconds and 1/3 of plain bf16's.
     t = fast["train_seconds"]

@@ -6,7 +6,11 @@ bf16 matmuls) picks its kernels by instruction set and runs AVX-512 there — ab
 at batch-128 shapes on the AVX-512 AMD EPYC of benchmarks/RESULTS.md, and on par with MKL on Intel.
 On a CPU without AVX-512 both libraries run AVX2 and oneDNN only adds its per-call overhead (on
 an AVX2 EPYC: a 128x20 @ 20x400 layer's forward and backward 524 vs 218 us, the MLP VAE-GAN's
-step 36-44 vs 28-30 ms), so it is used only where the CPU has AVX-512 (`onednn_faster`).
+step 36-44 vs 28-30 ms). Nor is AVX-512 faster on AMD's Zen 4, which executes it on its 256-bit
+units (`avx512_on_half_width_units`): on a Zen 4 EPYC oneDNN's multiplies alone were 5-10 %
+faster, but every model's training step was as fast or faster through MKL (the MLP VAE-GAN's 19.6
+against 23.0 ms, the conv VAE-GAN's 110.7 against 119.4 ms). So oneDNN is used where the CPU has
+AVX-512 on full-width units (`onednn_faster`).
 Same IEEE fp32 arithmetic; only the order of the additions inside a dot product differs, as it
 does between any two BLAS libraries.
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 import functools
 import types
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -65,11 +70,38 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def cpu_vendor_family(cpuinfo: str) -> tuple[str, int | None]:
+    """(vendor, family) of the first processor in the text of /proc/cpuinfo: ("AuthenticAMD", 25)
+    for a Zen 3 or Zen 4 EPYC; ("", None) for what it does not say."""
+    fields = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            if fields:
+                break  # the end of the first processor's block
+            continue
+        fields.setdefault(key.strip(), value.strip())
+    family = fields.get("cpu family", "")
+    return fields.get("vendor_id", ""), int(family) if family.isdigit() else None
+
+
+def avx512_on_half_width_units(vendor: str, family: int | None) -> bool:
+    """Whether the CPU runs AVX-512 as two halves on 256-bit units, so that it does no more
+    arithmetic per cycle than AVX2: AMD's family 25 (0x19), whose only AVX-512 CPUs are Zen 4."""
+    return vendor == "AuthenticAMD" and family == 0x19
+
+
 @functools.cache
 def onednn_faster() -> bool:
     """Whether fp32 multiplies on this CPU are faster through oneDNN than through PyTorch's own
-    path: where oneDNN can run AVX-512 (see the module's note)."""
-    return onednn_available() and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    path: where oneDNN can run AVX-512 on full-width units (see the module's note)."""
+    if not (onednn_available() and torch.backends.cpu.get_cpu_capability().startswith("AVX512")):
+        return False
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:  # not Linux: the instruction set alone decides
+        return True
+    return not avx512_on_half_width_units(*cpu_vendor_family(cpuinfo))
 
 
 def matmul(a: torch.Tensor, b_t: torch.Tensor, bias: torch.Tensor | None = None,

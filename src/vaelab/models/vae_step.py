@@ -4,7 +4,7 @@ Same loss, same gradients, same Adam update as the autograd step (up to rounding
 are computed differs. On a small MLP, autograd's bookkeeping, the separate element-wise passes of the loss and
 its derivative, and one Adam kernel per tensor take as long as the matrix multiplies themselves.
 Here every multiply runs through the faster library of the CPU (`fastpath.matmul`: oneDNN
-with the ReLU fused into the forward ones where it has AVX-512, MKL elsewhere), the loss
+with the ReLU fused into the forward ones where it runs AVX-512 at full width, MKL elsewhere), the loss
 derivatives are a few whole-batch passes, and `PackedAdam.update` takes the gradients straight
 from the multiplies. tests/test_fast_step.py checks the gradients against autograd's.
 
