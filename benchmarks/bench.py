@@ -374,19 +374,21 @@ KERNEL_OPS = frozenset({
     "aten::_convolution", "aten::mkldnn_convolution", "aten::convolution_backward",
     "aten::mkldnn_rnn_layer", "aten::mkldnn_rnn_layer_backward",
 })
-KERNEL_PROFILE_SECONDS, KERNEL_PROFILE_MIN_STEPS = 0.5, 5
+KERNEL_PROFILE_SECONDS, KERNEL_PROFILE_MIN_STEPS, KERNEL_PROFILE_MAX_STEPS = 0.5, 5, 50
 
 
 def kernel_fraction(step) -> float:
     """The share of a training step's wall time spent inside KERNEL_OPS, from profiling calls of
-    `step()` for KERNEL_PROFILE_SECONDS (at least KERNEL_PROFILE_MIN_STEPS). No loop that runs the
-    same kernels can take a step faster than 1 / this share times. The profiler's own overhead
-    counts as non-kernel time, so the bound errs high."""
+    `step()` for KERNEL_PROFILE_SECONDS (at least KERNEL_PROFILE_MIN_STEPS, at most
+    KERNEL_PROFILE_MAX_STEPS: the profiler's record of a tiny model's thousand steps takes longer
+    to sum than to make). No loop that runs the same kernels can take a step faster than 1 / this
+    share times. The profiler's own overhead counts as non-kernel time, so the bound errs high."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         n, start = 0, time.perf_counter()
-        while n < KERNEL_PROFILE_MIN_STEPS or time.perf_counter() - start < KERNEL_PROFILE_SECONDS:
+        while n < KERNEL_PROFILE_MIN_STEPS or (n < KERNEL_PROFILE_MAX_STEPS
+                                               and time.perf_counter() - start < KERNEL_PROFILE_SECONDS):
             step()
             n += 1
         wall = time.perf_counter() - start
