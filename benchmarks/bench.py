@@ -1,7 +1,7 @@
 """vaelab speed benchmark: one run, every number of issue 5, printed as markdown tables + JSON.
 
-    python benchmarks/bench.py                 # the full run (about 3 minutes on 2 cores)
-    python benchmarks/bench.py --quick         # a smoke run on a data subset (about a minute)
+    python benchmarks/bench.py                 # the full run (20-25 minutes on 2 cores, most of it the model tables)
+    python benchmarks/bench.py --quick         # a smoke run on a data subset (about 2 minutes)
     python benchmarks/bench.py --json out.json --compile --no-bf16
     python benchmarks/bench.py --busy          # the same with another process keeping one core busy
 
