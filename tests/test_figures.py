@@ -179,6 +179,10 @@ def test_the_plan_counts_each_classifier_the_cache_lacks_once_and_says_so(monkey
     monkeypatch.setattr(recipes, "idle_cores", lambda: 1)
     assert recipes.describe_time(60.0) == ("about 1 min on 2 idle CPU cores; other processes keep 1 of this "
                                            "machine's 2 cores busy, so expect about 2 min")
+    # on a GPU the CPU's minutes are an upper bound, however busy the CPU cores are
+    assert recipes.describe_time(60.0, device=torch.device("cuda:0")) == (
+        "about 1 min on 2 idle CPU cores; it trains on cuda:0, so expect less (the estimate is the CPU's)")
+    assert recipes.describe_time(60.0, device=torch.device("cpu")).endswith("so expect about 2 min")
 
 
 def test_drawing_figures_leaves_the_matplotlib_backend_alone(tmp_path):

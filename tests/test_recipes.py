@@ -404,3 +404,24 @@ def test_the_training_time_says_when_the_model_trained_on_a_gpu(tmp_path, device
     model = build_model("vae", make_config("vae", ["hidden_dims=[8]", "latent_dim=2"]))
     write_run_config(tmp_path, model, TrainConfig(device=device))
     assert recipes.trained_on(tmp_path) == said
+
+
+def test_a_step_is_drawn_and_measured_on_the_device_it_trained_on(tmp_path, tiny_data, monkeypatch):
+    """A recipe that trains on a GPU measures there too: loaded on the CPU, the IWAE estimate of
+    an LSTM VAE trained on an H100 ran for more than five minutes, against seconds on the card."""
+    asked, real_load = [], recipes.load_run
+
+    def load_run(run_dir, device="cpu"):
+        asked.append(device)
+        return real_load(run_dir)  # this machine has only its CPU to load onto
+
+    monkeypatch.setattr(recipes, "load_run", load_run)
+    monkeypatch.setattr(recipes, "resolve_device", lambda name: torch.device("cuda:3") if name == "cuda:3" else torch.device(name))
+    # the training itself runs on the CPU: only the recipe's own device lookup is told "cuda:3"
+    real_train = recipes.train
+    monkeypatch.setattr(recipes, "train", lambda model, model_config, config, *a, **k: real_train(
+        model, model_config, dataclasses.replace(config, device="cpu"), *a, **k))
+    cheap = recipes.EvalSettings(iw_samples=4, iw_images=20, n_samples=0, batch_size=50)
+    r = recipes.run_step("vae-2d-mnist", "vae-2d", tmp_path, tiny_data, epochs=1, settings=cheap,
+                         figures=["loss_curves"], device="cuda:3", progress=False)
+    assert asked == [torch.device("cuda:3")] and "iwae" in r.metrics

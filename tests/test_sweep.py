@@ -419,3 +419,22 @@ def test_the_progress_bar_says_which_epoch_each_running_trial_is_in(tmp_path):
     write_history(tmp_path / "trial-0002", rows, ("loss",))
     study.tell(done, 1.0)
     assert running_epochs(types.SimpleNamespace(folder=tmp_path), study) == "trial 0: epoch 3/10, trial 1: epoch 0/10"
+
+
+def test_a_metrics_objective_is_measured_on_the_device_the_trial_trained_on(tiny_data, tmp_path, monkeypatch):
+    """A sweep on a GPU evaluates its trials there, not on the CPU (where an IWAE estimate takes
+    many times as long): the run's stored device is resolved and the model moved to it."""
+    from types import SimpleNamespace
+
+    from vaelab import sweep
+    from vaelab.evaluate import EvalSettings
+    from vaelab.models import make_config
+
+    train("vae", make_config("vae", ["hidden_dims=[16]"]), quick_config(device="cpu"), tmp_path / "run",
+          progress=False, data=tiny_data)
+    asked = []
+    monkeypatch.setattr(sweep, "resolve_device", lambda name: asked.append(name) or __import__("torch").device("cpu"))
+    monkeypatch.setattr(sweep, "load_training_data", lambda config, quiet: tiny_data)
+    study = SimpleNamespace(spec=SimpleNamespace(evaluate=EvalSettings(iw_samples=4, iw_images=20, n_samples=0)))
+    value = sweep.metric_value(tmp_path / "run", "metrics.iwae.nll", study)
+    assert asked == ["cpu"] and value > 0

@@ -30,6 +30,7 @@ from . import plots
 from .checkpoint import (CHECKPOINT_FILE, CONFIG_FILE, RunSpec, config_differences, load_checkpoint, load_run,
                          load_tensors, parse_spec, read_json, read_run_config, save_tensors, write_json)
 from .data import ImageData, load
+from .devices import resolve_device
 from .errors import ConfigError, TrainingInterrupted, VaelabError, WriteError
 from .atomic import clean_stale_siblings, exchange, temp_path
 from .evaluate import (ACTIVE_UNIT_THRESHOLD, METRICS_FILE, EvalSettings, evaluate_run, generate, summary_rows,
@@ -885,9 +886,10 @@ def _run_steps(recipe: Recipe, configs, out: Path, quick: bool, progress: bool, 
     settings = recipe.quick_eval if quick else recipe.full_eval
     plan = resumed_plan(configs, out, quick, settings) if resume else [step_seconds(s, quick) for s in recipe.steps]
     classifiers = classifiers_to_train(recipe, settings, plan)
+    devices = {resolve_device(tc.device) for _, _, tc in configs}
     what = "; resumed, what is left takes" if resume else ";"
     # The plan is printed even without progress output (`--quiet`): what runs and for how long.
-    _log(f"recipe {name} ({mode}): {len(recipe.steps)} model(s){what} {describe_time(sum(plan), classifiers)}",
+    _log(f"recipe {name} ({mode}): {len(recipe.steps)} model(s){what} {describe_time(sum(plan), classifiers, devices.pop() if len(devices) == 1 else None)}",
          True)
     start = time.perf_counter()
     datasets: dict = {}
@@ -926,7 +928,9 @@ def _make_step(step: Step, model_config, train_config: TrainConfig, run_dir: Pat
         resume_run(run_dir, device=train_config.device, progress=progress, data=data)
     else:
         _log(f"[{step.key}] already trained for its {train_config.epochs} epoch(s): kept", progress)
-    run = load_run(run_dir)
+    # Drawn and measured where it trained: the IWAE estimate of a GPU-trained model takes seconds
+    # on the GPU and many minutes on the CPU.
+    run = load_run(run_dir, device=resolve_device(train_config.device))
     drawn = write_run_figures(run.path, run.model, data, n_scatter=SCATTER_IMAGES, keys=figures)
     kept = kept_measurements(run_dir, settings) if resume else None
     if kept is not None:
@@ -1103,11 +1107,14 @@ def write_report(result: RecipeResult) -> Path:
     return report.write(result.out / "report.html")
 
 
-def describe_time(quiet_seconds: float, classifiers: dict[str, float] | None = None) -> str:
+def describe_time(quiet_seconds: float, classifiers: dict[str, float] | None = None,
+                  device: torch.device | None = None) -> str:
     """The estimate in words, scaled to this machine's current load: the steps' seconds were
     measured on 2 idle cores, and with some of them busy training runs on the free ones only.
     `classifiers` {dataset: seconds}: the domain classifiers trained on the way (included in
-    `quiet_seconds`), said apart, as later runs take them from the cache."""
+    `quiet_seconds`), said apart, as later runs take them from the cache. On a GPU `device` the
+    CPU's figure is said as an upper bound: the models trained about 2 to 14 times faster on an H100
+    (benchmarks/RESULTS.md), by how much depends on the model and the card."""
     cores, free = physical_cores(), idle_cores()
     text = f"about {quiet_seconds / 60:.0f} min on 2 idle CPU cores"
     if classifiers:
@@ -1116,6 +1123,8 @@ def describe_time(quiet_seconds: float, classifiers: dict[str, float] | None = N
         text += (f" (about {sum(classifiers.values()) / 60:.0f} of them to train the {names} domain "
                  f"classifier{'s' if several else ''}, this once: later runs take {'them' if several else 'it'} "
                  f"from the cache)")
+    if device is not None and device.type != "cpu":
+        return text + f"; it trains on {device}, so expect less (the estimate is the CPU's)"
     if free < cores:
         text += (f"; other processes keep {cores - free} of this machine's {cores} cores busy, "
                  f"so expect about {quiet_seconds * cores / free / 60:.0f} min")

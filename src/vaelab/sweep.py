@@ -48,6 +48,7 @@ from .atomic import atomic_write, pid_alive
 from .checkpoint import load_run, write_json
 from .config import config_to_dict
 from .data import load_training_data
+from .devices import resolve_device
 from .errors import ConfigError, TrainingInterrupted, VaelabError
 from .evaluate import METRICS_FILE, evaluate_run
 from .history_files import read_history
@@ -356,6 +357,7 @@ def metric_value(run_dir: Path, metric: str, study: Study) -> float:
             raise ConfigError(f"{run_dir}: history.csv has no {metric}")
         return float(rows[-1][column])
     run = load_run(run_dir)
+    run.model.to(resolve_device(run.train_config.device))  # measured where it trained (a GPU's seconds, not the CPU's minutes)
     metrics = evaluate_run(run, load_training_data(run.train_config, quiet=True), study.spec.evaluate)
     value = metrics
     for key in metric[len("metrics."):].split("."):
