@@ -121,6 +121,7 @@ def test_fastest_threads_picks_the_fastest_probe_and_restores_the_thread_count(m
 
 def test_configure_takes_threads_then_the_environment_then_the_probe(monkeypatch):
     before = torch.get_num_threads()
+    monkeypatch.setattr(runtime._Tuning, "auto", False)  # configure() below sets it for the process
     monkeypatch.setattr(runtime, "default_threads", lambda: 1)
     try:
         assert runtime.configure(threads=2) == 2 == torch.get_num_threads()
@@ -132,6 +133,49 @@ def test_configure_takes_threads_then_the_environment_then_the_probe(monkeypatch
             runtime.configure(threads=0)
     finally:
         torch.set_num_threads(before)
+
+
+def test_retune_measures_again_only_where_configure_chose_the_threads(monkeypatch):
+    """A probe that saw a bad moment (or a neighbour that came later) is corrected at the next
+    retune, RETUNE_SECONDS on; the user's --threads or OMP_NUM_THREADS never changes."""
+    before = torch.get_num_threads()
+    clock = [100.0]
+    probes = []
+    monkeypatch.setattr(runtime.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(runtime, "physical_cores", lambda: 2)
+    monkeypatch.setattr(runtime, "default_threads", lambda: 1)  # the start's probe: a bad moment
+    monkeypatch.setattr(runtime, "fastest_threads", lambda candidates: probes.append(candidates) or 2)
+    monkeypatch.setattr(runtime._Tuning, "auto", False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        assert runtime.configure(threads=1) == 1
+        clock[0] += 60
+        assert runtime.retune() == 1 and probes == []  # --threads 1: the user's choice stays
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        runtime.configure()
+        clock[0] += 60
+        assert runtime.retune() == 1 and probes == []  # so does the environment's
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        assert runtime.configure() == 1  # vaelab's own choice, from the probe at the start
+        clock[0] += runtime.RETUNE_SECONDS - 1
+        assert runtime.retune() == 1 and probes == []  # not yet
+        clock[0] += 1
+        assert runtime.retune() == 2 == torch.get_num_threads() and probes == [[1, 1, 2]]
+        monkeypatch.setattr(runtime, "fastest_threads", lambda candidates: probes.append(candidates) or 1)
+        clock[0] += 5
+        assert runtime.retune() == 2 and len(probes) == 1  # measured 5 s ago
+        clock[0] += runtime.RETUNE_SECONDS
+        assert runtime.retune() == 1 and probes[-1] == [1, 2, 2]  # a neighbour came: back to one
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_trainer_retunes_the_threads_at_its_host_syncs(monkeypatch, tiny_data, tmp_path):
+    calls = []
+    monkeypatch.setattr(runtime, "retune", lambda: calls.append(1) or torch.get_num_threads())
+    train("vae", make_config("vae", ["hidden_dims=[16]"]), quick_config(epochs=2), tmp_path / "run",
+          progress=False, data=tiny_data)
+    assert len(calls) == 4  # 4 steps an epoch, a sync every 2 steps, 2 epochs
 
 
 # One process: `vaelab train` of two models (one optimizer, three optimizers) on a synthetic

@@ -110,6 +110,19 @@ def fastest_threads(candidates: list[int]) -> int:
     return best
 
 
+# How often a long computation measures again which thread count is fastest (`retune`): a probe
+# costs about 0.15 s, so at most 1 % of the time goes to it.
+RETUNE_SECONDS = 15.0
+
+
+class _Tuning:
+    """Whether this process's thread count is vaelab's own choice (`configure` picked it, so
+    `retune` may change it) and when it was last measured."""
+
+    auto = False
+    measured_at = 0.0
+
+
 @functools.cache
 def default_threads() -> int:
     """Intra-op threads for this process when nobody chose: 1, the cores the load average calls
@@ -204,4 +217,24 @@ def configure(threads: int | None = None) -> int:
         torch.set_num_threads(check_threads(threads))
     elif "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(default_threads())
+        _Tuning.auto, _Tuning.measured_at = True, time.monotonic()
+    return torch.get_num_threads()
+
+
+def retune(interval: float = RETUNE_SECONDS) -> int:
+    """Measure again, at most every `interval` seconds, which thread count is fastest now, and
+    switch to it: where `configure` chose the count itself, nowhere else (the user's `--threads`
+    or OMP_NUM_THREADS, and a program that never called `configure`, keep theirs). The first probe
+    sees a moment: a neighbour may start later, and on a VM the second core can be missing for a
+    second or two after a burst of load (a probe right after another process's 8 s of two-thread
+    work found two threads no faster than one, 2 times in 4; two seconds later, 0.55-0.63 of one
+    thread's time). The trainer calls this at its host syncs. The thread count does not change the
+    weights a run computes (tested), so switching mid-run keeps it reproducible. Returns the thread
+    count now in use."""
+    now = time.monotonic()
+    if _Tuning.auto and now - _Tuning.measured_at >= interval:
+        cores = physical_cores()
+        if cores > 1:
+            torch.set_num_threads(fastest_threads([1, torch.get_num_threads(), cores]))
+        _Tuning.measured_at = time.monotonic()
     return torch.get_num_threads()

@@ -22,7 +22,8 @@ and evaluation runs in large batches under inference mode. Fused Adam (models/ba
 linear layers through oneDNN on the CPU (fastpath.py), the MLP VAE's hand-derived step with
 PackedAdam (models/vae_step.py, optim.py), channels-last weights for convolutional models, and an
 optional `compile` (torch.compile of the model's forward and backward). Process-wide settings
-(threads, denormals, the allocator) are not changed here: see runtime.py.
+(threads, denormals, the allocator) are not changed here: see runtime.py; the loop only asks
+`runtime.retune()` at its host syncs to measure the thread count again where `configure` chose it.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import distributed as dist
+from . import runtime
 from .batch import StepState
 from .config import config_from_dict, config_to_dict
 from .data import Batcher, ImageData, load_training_data
@@ -222,6 +224,7 @@ class Trainer:
                 stop = dist.agree_stop(signals["stop"])
                 self._check_finite(recent, epoch, first_step)
                 self._check_weights(epoch, log.next_step)
+                runtime.retune()
                 self.tell("on_steps", recent, first_step)
             if stop and not last:
                 log.interrupt(i + 1, batches_at_start)
