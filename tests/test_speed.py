@@ -157,14 +157,14 @@ def test_retune_measures_again_only_where_configure_chose_the_threads(monkeypatc
         assert runtime.retune() == 1 and probes == []  # so does the environment's
         monkeypatch.delenv("OMP_NUM_THREADS")
         assert runtime.configure() == 1  # vaelab's own choice, from the probe at the start
-        clock[0] += runtime.RETUNE_SECONDS - 1
+        clock[0] += runtime.FIRST_RETUNE_SECONDS - 1
         assert runtime.retune() == 1 and probes == []  # not yet
         clock[0] += 1
         assert runtime.retune() == 2 == torch.get_num_threads() and probes == [[1, 1, 2]]
         monkeypatch.setattr(runtime, "fastest_threads", lambda candidates: probes.append(candidates) or 1)
-        clock[0] += 5
-        assert runtime.retune() == 2 and len(probes) == 1  # measured 5 s ago
-        clock[0] += runtime.RETUNE_SECONDS
+        clock[0] += runtime.RETUNE_SECONDS - 1
+        assert runtime.retune() == 2 and len(probes) == 1  # measured too recently
+        clock[0] += 1
         assert runtime.retune() == 1 and probes[-1] == [1, 2, 2]  # a neighbour came: back to one
     finally:
         torch.set_num_threads(before)

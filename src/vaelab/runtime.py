@@ -111,16 +111,17 @@ def fastest_threads(candidates: list[int]) -> int:
 
 
 # How often a long computation measures again which thread count is fastest (`retune`): a probe
-# costs about 0.15 s, so at most 1 % of the time goes to it.
-RETUNE_SECONDS = 15.0
+# costs about 0.15 s, so about 1 % of the time goes to it. The first time sooner, as what misleads
+# the probe at the start (a burst of load just before) passes within a second or two.
+FIRST_RETUNE_SECONDS, RETUNE_SECONDS = 5.0, 15.0
 
 
 class _Tuning:
     """Whether this process's thread count is vaelab's own choice (`configure` picked it, so
-    `retune` may change it) and when it was last measured."""
+    `retune` may change it), and when to measure it again."""
 
     auto = False
-    measured_at = 0.0
+    due = 0.0
 
 
 @functools.cache
@@ -217,13 +218,13 @@ def configure(threads: int | None = None) -> int:
         torch.set_num_threads(check_threads(threads))
     elif "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(default_threads())
-        _Tuning.auto, _Tuning.measured_at = True, time.monotonic()
+        _Tuning.auto, _Tuning.due = True, time.monotonic() + FIRST_RETUNE_SECONDS
     return torch.get_num_threads()
 
 
-def retune(interval: float = RETUNE_SECONDS) -> int:
-    """Measure again, at most every `interval` seconds, which thread count is fastest now, and
-    switch to it: where `configure` chose the count itself, nowhere else (the user's `--threads`
+def retune() -> int:
+    """Measure again which thread count is fastest now, FIRST_RETUNE_SECONDS after `configure`
+    and then at most every RETUNE_SECONDS, and switch to it: where `configure` chose the count itself, nowhere else (the user's `--threads`
     or OMP_NUM_THREADS, and a program that never called `configure`, keep theirs). The first probe
     sees a moment: a neighbour may start later, and on a VM the second core can be missing for a
     second or two after a burst of load (a probe right after another process's 8 s of two-thread
@@ -231,10 +232,9 @@ def retune(interval: float = RETUNE_SECONDS) -> int:
     thread's time). The trainer calls this at its host syncs. The thread count does not change the
     weights a run computes (tested), so switching mid-run keeps it reproducible. Returns the thread
     count now in use."""
-    now = time.monotonic()
-    if _Tuning.auto and now - _Tuning.measured_at >= interval:
+    if _Tuning.auto and time.monotonic() >= _Tuning.due:
         cores = physical_cores()
         if cores > 1:
             torch.set_num_threads(fastest_threads([1, torch.get_num_threads(), cores]))
-        _Tuning.measured_at = time.monotonic()
+        _Tuning.due = time.monotonic() + RETUNE_SECONDS
     return torch.get_num_threads()
