@@ -106,17 +106,18 @@ def cvae_run(cvae_trained, tmp_path, synthetic_mnist):
 
 
 def test_generate_draws_the_asked_class(cvae_run, tmp_path, capsys):
+    # on the CPU, as the expected images are drawn (a CUDA device's random stream is another)
     from vaelab.checkpoint import load_run
     from vaelab.evaluate import generate
 
     code, out, _ = run_cli(capsys, "generate", str(cvae_run), "-n", "12", "--class", "3", "--npy",
-                           str(tmp_path / "three.npy"), "--out", str(tmp_path / "three.png"))
+                           str(tmp_path / "three.npy"), "--out", str(tmp_path / "three.png"), "--device", "cpu")
     assert code == 0 and "12 samples of class 3" in out and (tmp_path / "three.png").is_file()
     model = load_run(cvae_run).model.eval()
     expected = generate(model, 12, seed=0, labels=torch.full((12,), 3))[:, 0].numpy()
     np.testing.assert_array_equal(np.load(tmp_path / "three.npy"), expected)
     # without --class: every class in turn, in order
-    run_cli(capsys, "generate", str(cvae_run), "-n", "20", "--npy", str(tmp_path / "all.npy"))
+    run_cli(capsys, "generate", str(cvae_run), "-n", "20", "--npy", str(tmp_path / "all.npy"), "--device", "cpu")
     expected = generate(model, 20, seed=0, labels=torch.arange(20) // 2)[:, 0].numpy()
     np.testing.assert_array_equal(np.load(tmp_path / "all.npy"), expected)
 

@@ -91,7 +91,7 @@ def test_idx_header_claiming_10_to_12_images_allocates_nothing():
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert peak < 2_000_000  # the gzip reader's 1 MB chunk; nothing near 10^12
+    assert peak < 4_000_000  # the gzip reader's 1 MB chunk (2.15 MB in all with Python 3.12's); nothing near 10^12
 
 
 def test_gzip_bomb_stops_at_the_bound():

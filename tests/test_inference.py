@@ -26,7 +26,9 @@ def test_chunks_concatenate_to_the_whole_computation_in_eval_mode_without_gradie
     model.train()
     model.calls.clear()
     out = batched(model, x, batch_size=10, model=model)
-    torch.testing.assert_close(out, whole, rtol=0, atol=0)
+    # equal up to rounding: a BLAS may sum a 10-row and a 25-row multiply differently (it did on
+    # a 16-core machine)
+    torch.testing.assert_close(out, whole)
     assert model.calls == [(10, False, False), (10, False, False), (5, False, False)]
     assert model.training  # its mode is given back
     assert out.device.type == "cpu"

@@ -15,9 +15,11 @@ import json
 import re
 from pathlib import Path
 
-import nbformat
 import pytest
-from nbclient import NotebookClient
+
+nbformat = pytest.importorskip("nbformat", reason="the notebook tests need the test extra (pip install -e '.[test]')")
+NotebookClient = pytest.importorskip("nbclient", reason="the notebook tests need the test extra "
+                                     "(pip install -e '.[test]')").NotebookClient
 
 from vaelab.prose import FD, with_uncertainty
 
