@@ -887,9 +887,10 @@ def _run_steps(recipe: Recipe, configs, out: Path, quick: bool, progress: bool, 
     plan = resumed_plan(configs, out, quick, settings) if resume else [step_seconds(s, quick) for s in recipe.steps]
     classifiers = classifiers_to_train(recipe, settings, plan)
     devices = {resolve_device(tc.device) for _, _, tc in configs}
+    device = devices.pop() if len(devices) == 1 else None
     what = "; resumed, what is left takes" if resume else ";"
     # The plan is printed even without progress output (`--quiet`): what runs and for how long.
-    _log(f"recipe {name} ({mode}): {len(recipe.steps)} model(s){what} {describe_time(sum(plan), classifiers, devices.pop() if len(devices) == 1 else None)}",
+    _log(f"recipe {name} ({mode}): {len(recipe.steps)} model(s){what} {describe_time(sum(plan), classifiers, device)}",
          True)
     start = time.perf_counter()
     datasets: dict = {}

@@ -224,14 +224,15 @@ def configure(threads: int | None = None) -> int:
 
 def retune() -> int:
     """Measure again which thread count is fastest now, FIRST_RETUNE_SECONDS after `configure`
-    and then at most every RETUNE_SECONDS, and switch to it: where `configure` chose the count itself, nowhere else (the user's `--threads`
-    or OMP_NUM_THREADS, and a program that never called `configure`, keep theirs). The first probe
-    sees a moment: a neighbour may start later, and on a VM the second core can be missing for a
-    second or two after a burst of load (a probe right after another process's 8 s of two-thread
-    work found two threads no faster than one, 2 times in 4; two seconds later, 0.55-0.63 of one
-    thread's time). The trainer calls this at its host syncs. The thread count does not change the
-    weights a run computes (tested), so switching mid-run keeps it reproducible. Returns the thread
-    count now in use."""
+    and then at most every RETUNE_SECONDS, and switch to it: where `configure` chose the count
+    itself, nowhere else (the user's `--threads` or OMP_NUM_THREADS, and a program that never
+    called `configure`, keep theirs). The first probe sees a moment: a neighbour may start later,
+    and on a VM the second core can be missing for a second or two after a burst of load (a probe
+    right after another process's 8 s of two-thread work found two threads no faster than one, 2
+    times in 4; two seconds later, 0.55-0.63 of one thread's time). The trainer calls this at its
+    host syncs when it trains on the CPU. The thread count changed no test loss of a run in the
+    last digit (`vae`, `ae`, `lstm-vae`, 1 against 2 threads: benchmarks/RESULTS.md), so a switch
+    mid-run keeps it reproducible. Returns the thread count now in use."""
     if _Tuning.auto and time.monotonic() >= _Tuning.due:
         cores = physical_cores()
         if cores > 1:

@@ -224,7 +224,8 @@ class Trainer:
                 stop = dist.agree_stop(signals["stop"])
                 self._check_finite(recent, epoch, first_step)
                 self._check_weights(epoch, log.next_step)
-                runtime.retune()
+                if self.device.type == "cpu":
+                    runtime.retune()
                 self.tell("on_steps", recent, first_step)
             if stop and not last:
                 log.interrupt(i + 1, batches_at_start)
