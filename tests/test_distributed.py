@@ -267,3 +267,19 @@ def test_the_mlp_vae_hand_step_yields_to_an_optimizer_step_hook():
     model.training_step(Batch(x), opt, StepState())
     assert calls == [opt["model"]]
     handle.remove()
+
+
+def test_the_launch_hands_the_whole_command_to_each_process(monkeypatch):
+    """`vaelab train --nproc 2 ...` as typed: torchrun's own parser must not read the command's
+    `--nproc` as an abbreviation of its `--nproc-per-node` (it did, and every launch failed)."""
+    import torch.distributed.run as torchrun
+
+    from vaelab import cli
+
+    seen = []
+    monkeypatch.setattr(torchrun, "run", seen.append)
+    argv = ["train", "vae", "--batch-size", "256", "--nproc", "2", "--epochs", "1", "--out", "runs/vae-dp"]
+    assert cli._launch(2, argv) == 0
+    (args,) = seen
+    assert (args.module, args.training_script, args.training_script_args) == (True, "vaelab", argv)
+    assert args.nproc_per_node == "2" and args.standalone

@@ -182,8 +182,9 @@ def _add_train(sub) -> None:
 
 
 # What `train --nproc N` has torchrun start N times, followed by the command's own arguments
-# (tests/_synthetic_cli.py points it at itself).
-LAUNCH_ENTRY = ["-m", "vaelab"]
+# (tests/_synthetic_cli.py points it at itself). The "--" ends torchrun's own options: without it
+# torchrun's parser reads the command's `--nproc` as an abbreviation of its `--nproc-per-node`.
+LAUNCH_ENTRY = ["-m", "vaelab", "--"]
 
 
 def cmd_train(args) -> int:
