@@ -230,9 +230,10 @@ def retune() -> int:
     and on a VM the second core can be missing for a second or two after a burst of load (a probe
     right after another process's 8 s of two-thread work found two threads no faster than one, 2
     times in 4; two seconds later, 0.55-0.63 of one thread's time). The trainer calls this at its
-    host syncs when it trains on the CPU. The thread count changed no test loss of a run in the
-    last digit (`vae`, `ae`, `lstm-vae`, 1 against 2 threads: benchmarks/RESULTS.md), so a switch
-    mid-run keeps it reproducible. Returns the thread count now in use."""
+    host syncs when it trains on the CPU. The thread count changed no weight and no test loss of a
+    run (`vae`, `ae`, `lstm-vae`, 1 against 2 threads: benchmarks/RESULTS.md); only a logged
+    training mean may differ in its last bits, a sum taken in another order. Returns the thread
+    count now in use."""
     if _Tuning.auto and time.monotonic() >= _Tuning.due:
         cores = physical_cores()
         if cores > 1:
