@@ -149,6 +149,7 @@ def test_evaluate_and_plot_a_conditional_run(cvae_run, capsys):
     assert len(share["per_class"]) == 10 and share["samples_per_class"] == [20.0] * 10
     assert share["mean"] == pytest.approx(np.mean(share["per_class"]))
     assert main(["plot", str(cvae_run), "--device", "cpu"]) == 0
+    assert "--grid" not in capsys.readouterr().out  # none asked for, none mentioned
     for name in ("class_grid", "samples", "latent_scatter", "interpolation", "reconstructions"):
         assert (cvae_run / "figures" / f"{name}.png").is_file(), name
     assert not (cvae_run / "figures" / "manifold.png").exists()

@@ -105,6 +105,9 @@ def test_evaluate_cli_writes_metrics_json(tmp_path, synthetic_mnist, capsys):
     assert q["real_train"]["fd"] < q["samples"]["fd"]
     assert main(["plot", str(run), "--device", "cpu", "--grid", "4"]) == 0
     assert (run / "figures" / "latent_scatter.png").is_file()
+    # a grid asked for where no manifold is drawn is said, not ignored
+    assert "(--grid 4 not used: the manifold is drawn for 2-D latents only, and this run's latent is 3-D)" \
+        in capsys.readouterr().out
 
 
 def test_metrics_of_a_loaded_run_are_reproducible(tmp_path, synthetic_mnist):

@@ -432,7 +432,8 @@ def _add_plot(sub) -> None:
                        description="Loss curves, latent scatter, manifold (2-D latents), per-class grid, "
                                    "samples, reconstructions and interpolations, as PNGs in RUN/figures/.")
     p.add_argument("run", type=Path)
-    p.add_argument("--grid", type=_grid_size, default=15, help=f"manifold grid side (default 15, at most {MAX_GRID})")
+    p.add_argument("--grid", type=_grid_size, default=None,
+                   help=f"manifold grid side (default 15, at most {MAX_GRID}; 2-D latents only)")
     p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_plot)
@@ -444,8 +445,11 @@ def cmd_plot(args) -> int:
 
     run, data = _run_and_data(args)
     with together():  # every figure or none
-        written = write_run_figures(run.path, run.model, data, seed=args.seed, grid_size=args.grid)
+        written = write_run_figures(run.path, run.model, data, seed=args.seed, grid_size=args.grid or 15)
     print(f"wrote {len(written)} figures into {run.path / 'figures'}/")
+    if args.grid is not None and "manifold" not in written:
+        print(f"  (--grid {args.grid} not used: the manifold is drawn for 2-D latents only, and this run's "
+              f"latent is {run.model.latent_dim}-D)")
     for name, path in written.items():
         print(f"  {path.name:<24} {name.replace('_', ' ')}")
     return 0
