@@ -252,6 +252,8 @@ def test_comment_on_samples_counts_and_flags_digits():
     assert "digit 1 (24) comes out more often" in text and "digit 8 (2) rarely" in text
     assert "digit 4 never" in text
     assert "Drawn poorly (fewer than half confident): 8 (2 of 8)" in text
+    # digit 4 (2 best guesses, none confident) is in neither list, and the text says why
+    assert "Too few samples to judge how cleanly (fewer than 3 whose best guess it is): 4 (0 of 2)." in text
     # Swap digits 1 and 4: the flags swap with them.
     p2, c2 = predicted[:], confident[:]
     p2[1], p2[4], c2[1], c2[4] = p2[4], p2[1], c2[4], c2[1]

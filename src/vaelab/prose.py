@@ -770,6 +770,10 @@ def comment_on_samples(predicted: Sequence[int], confident: Sequence[int], class
                              f"confident); the cleanest: {join(top)}.")
         if worst:
             parts.append(f"Drawn poorly (fewer than half confident): {join(worst)}.")
+        # the lists above leave these out; said, so that they do not read as complete
+        few = [f"{name} ({c} of {p})" for name, c, p in zip(class_names, confident, predicted) if 0 < p < 3]
+        if few:
+            parts.append(f"Too few samples to judge how cleanly (fewer than 3 whose best guess it is): {join(few)}.")
     return " ".join(parts)
 
 
