@@ -599,6 +599,8 @@ def test_vaelab_config_changes_a_generation_only_setting(ae_run, capsys):
     assert "gen_prior must be one of" in one_line(capsys, ["config", str(ae_run), "gen_prior=nonsense"])
     err = one_line(capsys, ["config", str(ae_run), "hidden_dims=[3]"])
     assert "hidden_dims: only gen_prior can change after training" in err, err
+    # the errors speak of what the user typed: `vaelab config` has no --set
+    assert "vaelab config 'gen_prior': expected key=value" in one_line(capsys, ["config", str(ae_run), "gen_prior"])
     assert json.loads((ae_run / "config.json").read_text())["model_config"]["gen_prior"] == "normal"
 
 

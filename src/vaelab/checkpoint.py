@@ -349,7 +349,7 @@ def update_config(run_dir: str | Path, assignments: list[str]) -> list[tuple[str
                 allowed = f"only {', '.join(free)} can" if free else f"no field of a {spec.model} can"
                 raise ConfigError(f"{key}: {allowed} change after training (the weights depend on the rest; "
                                   f"train a new run for other settings)")
-        new_config = apply_overrides(spec.model_config, assignments)
+        new_config = apply_overrides(spec.model_config, assignments, flag="vaelab config")
         before, after = config_to_dict(spec.model_config), config_to_dict(new_config)
         changed = [(k, before[k], after[k]) for k in after if before[k] != after[k]]
         if changed and weights_path.exists():  # the trained weights must support the new setting

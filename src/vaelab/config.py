@@ -39,21 +39,22 @@ def config_from_dict(cls: type, values: dict, where: str = "config") -> Any:
     return config
 
 
-def apply_overrides(config: Any, overrides: list[str]) -> Any:
-    """Return a copy of `config` with each "key=value" applied; values are Python literals."""
+def apply_overrides(config: Any, overrides: list[str], flag: str = "--set") -> Any:
+    """Return a copy of `config` with each "key=value" applied; values are Python literals.
+    `flag`: how the user gave them, for the errors (`vaelab config RUN key=value` has no --set)."""
     values = config_to_dict(config)
     names = [f.name for f in dataclasses.fields(config)]
     for item in overrides:
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ConfigError(f"--set {item!r}: expected key=value")
+            raise ConfigError(f"{flag} {item!r}: expected key=value")
         if key not in names:
             raise ConfigError(
-                f"--set {key}: unknown field of {type(config).__name__}; fields: {', '.join(names)}"
+                f"{flag} {key}: unknown field of {type(config).__name__}; fields: {', '.join(names)}"
             )
         values[key] = parse_literal(text.strip(), key)
-    return config_from_dict(type(config), values, where="--set")
+    return config_from_dict(type(config), values, where=flag)
 
 
 def parse_literal(text: str, key: str = "value") -> Any:
