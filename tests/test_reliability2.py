@@ -845,3 +845,24 @@ def test_no_traceback_escapes_main(trained_once, synthetic_mnist, tmp_path_facto
     left = [p for p in root.rglob(".*") if p.name != ckpt.LOCK_FILE]
     assert not left, f"temp files or folders left behind: {left}"
     shutil.rmtree(root, ignore_errors=True)
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """`vaelab score --json` used to compute its whole table (18 s on MNIST) and only then find
+    that its output could not be written; generate and reconstruct share the check."""
+    import numpy as np
+
+    import vaelab.metrics
+
+    monkeypatch.setattr(vaelab.metrics, "score_file", lambda *a, **k: pytest.fail("scored before checking --json"))
+    images = tmp_path / "s.npy"
+    np.save(images, np.zeros((4, 28, 28), dtype=np.float32))
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    err = one_line(capsys, ["score", str(images), "--dataset", "mnist", "--json", str(a_file / "x.json")])
+    assert err == (f"vaelab: error: {a_file / 'x.json'}: cannot write ({a_file} is a file, not a folder); "
+                   "nothing was written\n"), err
+    if Path("/proc").is_dir():  # not writable even by root
+        err = one_line(capsys, ["score", str(images), "--dataset", "mnist", "--json", "/proc/vaelab-x.json"])
+        assert err.startswith("vaelab: error: /proc/vaelab-x.json: cannot write (creating a file in /proc: "), err
+    assert a_file.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "s.npy"]

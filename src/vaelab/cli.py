@@ -97,11 +97,25 @@ def _grid_size(text: str) -> int:
 
 
 def _output_file(path: Path) -> Path:
-    """An output the command will write: refused before any work if a folder is in the way."""
-    from .errors import ConfigError
+    """An output the command will write: refused before any work if a folder is in the way, or if
+    it could not be written where it goes (a file where a folder should be, no permission, a
+    read-only file system): `vaelab score --json` computed for 18 s before finding out."""
+    import tempfile
+
+    from .errors import ConfigError, WriteError
 
     if path.is_dir():
         raise ConfigError(f"{path}: is a folder; name a file to write")
+    existing = path.absolute().parent
+    while not existing.exists():  # the folders still to be made are made when it is written
+        existing = existing.parent
+    if not existing.is_dir():
+        raise WriteError(path, f"{existing} is a file, not a folder", existed=False)
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".vaelab-write-check-"):
+            pass
+    except OSError as e:
+        raise WriteError(path, f"creating a file in {existing}: {e.strerror or e}", existed=path.exists()) from None
     return path
 
 
