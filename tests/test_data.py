@@ -49,6 +49,11 @@ def test_fetch_from_folder_verifies_and_caches(synthetic_mnist, tmp_path):
     assert files == sorted(synthetic_mnist.stems.values())
     # A second fetch uses the verified cache without any source.
     assert fetch("mnist", quiet=True) == cache
+    # but one from a folder reads that folder, full cache or not: an empty one is refused
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=f"{tmp_path / 'empty'}: no file "):
+        fetch("mnist", from_dir=tmp_path / "empty", quiet=True)
+    assert sorted(p.name for p in cache.iterdir()) == files  # the cache is as it was
 
 
 def test_fetch_accepts_gzip_files(synthetic_mnist, tmp_path):

