@@ -142,6 +142,7 @@ def test_a_trial_of_named_variants_is_labelled_with_its_variant(tmp_path):
     ("not a run", "not a run folder (no config.json) nor a study folder"),
     ("missing", "no such run folder"),
     ("no history", "no history"),
+    ("history deleted", "history.csv: missing (deleted?; `vaelab train --resume"),
 ])
 def test_mistakes_are_one_line_naming_the_path_and_nothing_is_written(tmp_path, capsys, case, expected):
     good = make_run(tmp_path / "good", [100.0])
@@ -151,6 +152,10 @@ def test_mistakes_are_one_line_naming_the_path_and_nothing_is_written(tmp_path, 
     elif case == "no history":
         write_config_dict(bad, {"model": "vae", "model_config": config_to_dict(make_config("vae")),
                                 "train": config_to_dict(TrainConfig())})
+    elif case == "history deleted":  # the checkpoint still holds it
+        make_run(bad, [100.0])
+        (bad / "history.csv").unlink()
+        (bad / "checkpoint.safetensors").write_bytes(b"")
     assert main(["compare", str(good), str(bad), "--out", str(tmp_path / "cmp")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{bad}" in err and expected in err, err

@@ -108,6 +108,11 @@ def test_evaluate_cli_writes_metrics_json(tmp_path, synthetic_mnist, capsys):
     # a grid asked for where no manifold is drawn is said, not ignored
     assert "(--grid 4 not used: the manifold is drawn for 2-D latents only, and this run's latent is 3-D)" \
         in capsys.readouterr().out
+    # loss curves it cannot draw are said, with the way back
+    (run / "history.csv").unlink()
+    assert main(["plot", str(run), "--device", "cpu"]) == 0
+    assert f"(no loss curves: {run / 'history.csv'}: missing (deleted?; `vaelab train --resume {run}`" \
+        in capsys.readouterr().out
 
 
 def test_metrics_of_a_loaded_run_are_reproducible(tmp_path, synthetic_mnist):

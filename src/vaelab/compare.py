@@ -23,7 +23,7 @@ from .checkpoint import CONFIG_FILE, parse_spec, read_run_config
 from .config import config_to_dict
 from .errors import ConfigError, VaelabError
 from .evaluate import METRICS_FILE
-from .history_files import read_history
+from .history_files import missing_history, read_history
 from .plots import plot_series
 from .reading import read_bytes, read_json
 from .report import Report, Table, table_text
@@ -122,7 +122,8 @@ def read_run(path: Path, label: str | None = None) -> RunSummary:
     spec = parse_spec(cfg, path / CONFIG_FILE)
     history = read_history(path)
     if not any(r["split"] == "test" for r in history):
-        raise ConfigError(f"{path}: no history (history.csv has no test rows: has it trained an epoch?)")
+        raise ConfigError(missing_history(path)
+                          or f"{path}: no history (history.csv has no test rows: has it trained an epoch?)")
     metrics = read_json(path / METRICS_FILE, finite=False) if (path / METRICS_FILE).is_file() else {}
     settings = {**config_to_dict(spec.model_config), **config_to_dict(spec.train)}
     return RunSummary(path, label or path.name, spec.model, settings, history, metrics)

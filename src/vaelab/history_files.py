@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .atomic import atomic_write
+from .checkpoint import CHECKPOINT_FILE
 from .errors import CheckpointError
 from .reading import read_bytes
 
@@ -106,5 +107,14 @@ def _read_table(path: Path) -> str | None:
         raise CheckpointError(f"{path}: not UTF-8 text{_repair(path.parent)}") from None
 
 
-def _repair(run_dir: Path) -> str:
-    return f" (damaged; `vaelab train --resume {run_dir}` rewrites it from the checkpoint)"
+def _repair(run_dir: Path, what: str = "damaged") -> str:
+    return f" ({what}; `vaelab train --resume {run_dir}` rewrites it from the checkpoint)"
+
+
+def missing_history(run_dir: Path) -> str | None:
+    """Why a run folder has no history to show, where its history.csv is gone but its checkpoint
+    holds it; None otherwise (a run that never finished an epoch has none to show either)."""
+    run_dir = Path(run_dir)
+    if (run_dir / HISTORY_FILE).exists() or not (run_dir / CHECKPOINT_FILE).exists():
+        return None
+    return f"{run_dir / HISTORY_FILE}: missing{_repair(run_dir, 'deleted?')}"
