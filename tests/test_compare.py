@@ -74,6 +74,11 @@ def test_different_models_show_the_fields_only_one_has(tmp_path):
     assert rows["vae"]["batch_norm"] == "—" and rows["lstm"]["batch_norm"] is True
     assert rows["vae"]["hidden_dims"] == "[512]" and rows["lstm"]["best epoch (test loss)"] == 1
     assert "The runs are of 2 models (vae, lstm-vae): each loss is its model's own objective" in table.caption
+    # both ran 2 epochs, so no epochs setting column; a 3-epoch run adds one beside "epochs trained"
+    runs.append(make_run(tmp_path / "long", [99.0, 98.0, 97.0]))
+    table = comparison_table(load_runs(runs))
+    assert "epochs" in table.headers and "epochs trained" in table.headers
+    assert "Columns between model and epochs trained: the settings that differ" in table.caption
 
 
 def test_compare_writes_the_page_and_the_curves_and_prints_the_table(three_runs, tmp_path, capsys):
