@@ -462,8 +462,9 @@ def cmd_plot(args) -> int:
     with together():  # every figure or none
         written = write_run_figures(run.path, run.model, data, seed=args.seed, grid_size=args.grid or 15)
     print(f"wrote {len(written)} figures into {run.path / 'figures'}/")
-    if "loss_curves" not in written and missing_history(run.path):
-        print(f"  (no loss curves: {missing_history(run.path)})")
+    missing = None if "loss_curves" in written else missing_history(run.path)
+    if missing:
+        print(f"  (no loss curves: {missing})")
     if args.grid is not None and "manifold" not in written:
         print(f"  (--grid {args.grid} not used: the manifold is drawn for 2-D latents only, and this run's "
               f"latent is {run.model.latent_dim}-D)")

@@ -178,16 +178,16 @@ def comparison_table(runs: list[RunSummary]) -> Table:
                                if k not in ("epoch", "split", "seconds")))
     metrics = [(h, p) for h, p in METRIC_COLUMNS if any(_metric(r.metrics, p) != MISSING for r in runs)]
     # "epochs trained", not "epochs": runs that differ in their epochs setting show that column too
-    headers = ["run", "model", *settings, "epochs trained", *(f"train {t}" for t in terms), *(f"test {t}" for t in terms),
-               "best epoch (test loss)", *(h for h, _ in metrics), "seconds"]
+    headers = ["run", "model", *settings, "epochs trained", *(f"train {t}" for t in terms),
+               *(f"test {t}" for t in terms), "best epoch (test loss)", *(h for h, _ in metrics), "seconds"]
     rows = []
     for r in runs:
         train, test = r.last("train"), r.last("test")
         rows.append([r.label, r.model, *(_cell(r.settings.get(k)) for k in settings), test.get("epoch", MISSING),
                      *(_number(train, t) for t in terms), *(_number(test, t) for t in terms), r.best_epoch(),
                      *(_metric(r.metrics, p) for _, p in metrics), round(r.seconds, 1)])
-    same = "" if len(runs) == 1 else (" Columns between model and epochs trained: the settings that differ between the "
-                                      "runs" + ("" if settings else " (none)") + ".")
+    same = "" if len(runs) == 1 else (" Columns between model and epochs trained: the settings that differ "
+                                      "between the runs" + ("" if settings else " (none)") + ".")
     return Table(headers, rows, f"{len(runs)} run{'s' if len(runs) > 1 else ''}: losses of the last epoch, "
                                 f"seconds of training and evaluation.{same}{models_note(runs)}")
 
