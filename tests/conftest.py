@@ -19,8 +19,11 @@ from vaelab.train import TrainConfig
 
 
 def pytest_configure(config):
-    # The tests compute as the command line does; the library itself changes no process setting.
-    runtime.configure()
+    # The tests compute as the command line does (the library itself changes no process setting),
+    # at a fixed thread count: torch's own (OMP_NUM_THREADS under `make test`), not the probe's,
+    # which `runtime.retune` may change mid-test, and a straight and a resumed run compare bit for
+    # bit only at one thread count.
+    runtime.configure(threads=torch.get_num_threads())
 
 
 def pytest_collection_finish(session):
